@@ -1,0 +1,119 @@
+// TurboQuant KV-cache block layouts: the one place that defines the bytes.
+// The NumPy reference (pytools/layout.py) writes the same bytes; tests compare them.
+//
+// Every type quantizes blocks of QK_TQ = 64 consecutive values of a cache row. 64 divides every
+// head size llama.cpp models use with power-of-two heads (64, 128, 256), so a block never crosses
+// a head and the rotation stays inside one head.
+//
+// Quantizing one block x[64] (float32 arithmetic, no fused multiply-add, in this order):
+//   1. s = sum_j (double) x_j * x_j, accumulated in double from j = 0 to 63; n = (float) sqrt(s).
+//      If s is not finite (NaN or Inf in x): d = NaN, all other bytes 0; the block decodes to NaN,
+//      as a NaN would travel through an f16 cache. If n == 0: every byte 0 (decodes to zeros).
+//   2. y = rotate(x) (below), then u_j = y_j / n (float32 division).
+//   3. MSE index: idx_j = number of boundaries B_k (tq-codebooks.h, dimension 64) with u_j > B_k,
+//      so a value exactly on a boundary takes the lower cell.
+//   4. MSE types (tq2, tq3, tq4): with norm correction (default), cn = sqrt(sum_j (double) C[idx_j]^2),
+//      d = fp16((float)((double) n / cn)); without, d = fp16(n). fp16 rounding is round-to-nearest-even
+//      from float32.
+//      QJL types (tqN_qjl): the MSE part has N-1 bits, d = fp16(n); r_j = u_j - C[idx_j] (float32);
+//      gamma = ||r|| = (float) sqrt(sum_j (double) r_j^2); g = min(255, rint(gamma * 256)) (float32,
+//      round half to even); p_i = sum_j S[i][j] * r_j (float32, j ascending) for i < TQ_QJL_M; sign
+//      bit i = (p_i >= 0).
+//
+// rotate(x): two rounds of a randomized Walsh-Hadamard transform with independent signs. Round r
+// (r = 0, then 1): negate x_j where bit j of tq_rotation_signs[r] is set; apply the unnormalised
+// FWHT (butterflies with h = 1, 2, 4, 8, 16, 32: for each pair (i, i + h) inside a block of 2h,
+// (a, b) -> (a + b, a - b)); multiply by 0.125f. The inverse runs the rounds in reverse order:
+// FWHT, times 0.125f, then the signs. One round maps a one-hot row (an outlier channel) to a flat
+// +-1/8 row, far from the coordinate law the codebook assumes; two rounds bring it back.
+//
+// Decoding in the rotated domain (what attention uses): y~_j = d * C[idx_j] for MSE types, and for
+// QJL types y~_j = d * (C[idx_j] + (g / 256) * sqrt(pi/2) / TQ_QJL_M * sum_i S[i][j] * (+1 or -1)).
+// The decoded row is inverse_rotate(y~).
+//
+// Bit packing (element j = 0..63 of the block):
+//   2-bit plane qs[16]: byte (j % 16), bits 2*(j / 16) .. 2*(j / 16) + 1.
+//   1-bit plane qh[8]:  byte (j % 8), bit (j / 8).
+//   4-bit plane qs[32]: byte (j % 32), low nibble for j < 32, high nibble for j >= 32.
+//   A 3-bit index is qs-plane | (qh-plane << 2). QJL sign i (i < 56): byte i / 8, bit i % 8 of signs.
+#pragma once
+
+#include <stdint.h>
+
+#define QK_TQ 64
+#define TQ_QJL_M 56
+
+#ifndef TQ_HALF_T
+#define TQ_HALF_T uint16_t
+#endif
+
+typedef struct {
+    TQ_HALF_T d;        // norm (corrected) as fp16
+    uint8_t   qs[16];   // 2-bit indices
+} block_tq2;            // 18 bytes: 2.25 bits per value
+
+typedef struct {
+    TQ_HALF_T d;
+    uint8_t   qs[16];   // low 2 bits of the indices
+    uint8_t   qh[8];    // high bit
+} block_tq3;            // 26 bytes: 3.25 bits per value
+
+typedef struct {
+    TQ_HALF_T d;
+    uint8_t   qs[32];   // 4-bit indices
+} block_tq4;            // 34 bytes: 4.25 bits per value
+
+typedef struct {
+    TQ_HALF_T d;        // plain norm (no correction: the sketch needs the true scale)
+    uint8_t   qh[8];    // 1-bit MSE indices
+    uint8_t   signs[7]; // QJL signs of S r
+    uint8_t   gamma;    // ||r|| in units of 1/256
+} block_tq2_qjl;        // 18 bytes: 2.25 bits per value
+
+typedef struct {
+    TQ_HALF_T d;
+    uint8_t   qs[16];   // 2-bit MSE indices
+    uint8_t   signs[7];
+    uint8_t   gamma;
+} block_tq3_qjl;        // 26 bytes: 3.25 bits per value
+
+typedef struct {
+    TQ_HALF_T d;
+    uint8_t   qs[16];   // 3-bit MSE indices: low 2 bits
+    uint8_t   qh[8];    //                    high bit
+    uint8_t   signs[7];
+    uint8_t   gamma;
+} block_tq4_qjl;        // 34 bytes: 4.25 bits per value
+
+// The query side of a TQ key dot product: the query rotated once per row (block_tq_q), plus its
+// QJL projections for the _qjl types (block_tq_qjl_q, fp16 so that it fits the 4 bytes per value
+// that the CPU flash-attention scratch gives the converted query).
+typedef struct {
+    float y[QK_TQ];
+} block_tq_q;           // 256 bytes
+
+typedef struct {
+    TQ_HALF_T y[QK_TQ];
+    TQ_HALF_T sy[TQ_QJL_M];
+    TQ_HALF_T pad[QK_TQ - TQ_QJL_M];
+} block_tq_qjl_q;       // 256 bytes
+
+#ifdef __cplusplus
+static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
+static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
+static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
+static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
+static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
+static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");
+static_assert(sizeof(block_tq_q) == 256, "block_tq_q size");
+static_assert(sizeof(block_tq_qjl_q) == 256, "block_tq_qjl_q size");
+#else
+_Static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
+_Static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
+_Static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
+_Static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
+_Static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
+_Static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");
+_Static_assert(sizeof(block_tq_q) == 256, "block_tq_q size");
+_Static_assert(sizeof(block_tq_qjl_q) == 256, "block_tq_qjl_q size");
+#endif

@@ -1,0 +1,352 @@
+// TurboQuant KV-cache types: CPU kernels. Each SIMD path is a faster copy of the scalar reference
+// in tq.c and is chosen at run time from what the processor supports (x86: AVX2+FMA; AVX-512
+// machines run the AVX2 path for now).
+// Quantization goes through the reference itself: it runs once per cached token and its bytes
+// must equal the NumPy reference's.
+#include "tq.h"
+#include "tq-codebooks.h"
+
+#include "ggml-impl.h"
+
+#include <assert.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#    define TQ_X86 1
+#    include <immintrin.h>
+#endif
+
+// --- run-time dispatch ---------------------------------------------------------------------------
+
+enum { TQ_SIMD_SCALAR = 0, TQ_SIMD_AVX2 = 1 };
+
+static int tq_simd_supported(void) {
+#if defined(TQ_X86) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        return TQ_SIMD_AVX2;
+    }
+#endif
+    return TQ_SIMD_SCALAR;
+}
+
+static int tq_simd_level = -1;
+
+static int tq_simd(void) {
+    if (tq_simd_level < 0) {
+        int level = tq_simd_supported();
+        const char * env = getenv("TQ_CPU_SIMD");
+        if (env != NULL) {
+            const int cap = strcmp(env, "scalar") == 0 ? TQ_SIMD_SCALAR : TQ_SIMD_AVX2;
+            level = level < cap ? level : cap;
+        }
+        tq_simd_level = level;
+    }
+    return tq_simd_level;
+}
+
+int tq_cpu_set_simd_level(int level) {
+    const int supported = tq_simd_supported();
+    tq_simd_level = level < supported ? level : supported;
+    return tq_simd_level;
+}
+
+const char * tq_cpu_simd_name(void) {
+    switch (tq_simd()) {
+        case TQ_SIMD_AVX2:   return "avx2";
+        default:             return "scalar";
+    }
+}
+
+// --- quantize: the reference ---------------------------------------------------------------------
+
+void tq_cpu_quantize_row_tq2(const float * x, void * y, int64_t k) { quantize_row_tq2_ref(x, y, k); }
+void tq_cpu_quantize_row_tq3(const float * x, void * y, int64_t k) { quantize_row_tq3_ref(x, y, k); }
+void tq_cpu_quantize_row_tq4(const float * x, void * y, int64_t k) { quantize_row_tq4_ref(x, y, k); }
+void tq_cpu_quantize_row_tq2_qjl(const float * x, void * y, int64_t k) { quantize_row_tq2_qjl_ref(x, y, k); }
+void tq_cpu_quantize_row_tq3_qjl(const float * x, void * y, int64_t k) { quantize_row_tq3_qjl_ref(x, y, k); }
+void tq_cpu_quantize_row_tq4_qjl(const float * x, void * y, int64_t k) { quantize_row_tq4_qjl_ref(x, y, k); }
+void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k) { quantize_row_tq_q_ref(x, y, k); }
+void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k) { quantize_row_tq_qjl_q_ref(x, y, k); }
+
+void tq_cpu_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
+    quantize_tq(type, x, y, 1, k, NULL);
+}
+
+// --- index unpacking shared by the scalar paths --------------------------------------------------
+
+static inline void tq_unpack_block(enum ggml_type type, const void * blocks, int64_t b, float * d, uint8_t * idx) {
+    switch (type) {
+        case GGML_TYPE_TQ2: {
+            const block_tq2 * x = (const block_tq2 *) blocks + b;
+            *d = GGML_FP16_TO_FP32(x->d);
+            for (int j = 0; j < QK_TQ; ++j) idx[j] = (x->qs[j % 16] >> (2*(j / 16))) & 3;
+        } break;
+        case GGML_TYPE_TQ3: {
+            const block_tq3 * x = (const block_tq3 *) blocks + b;
+            *d = GGML_FP16_TO_FP32(x->d);
+            for (int j = 0; j < QK_TQ; ++j) idx[j] = ((x->qs[j % 16] >> (2*(j / 16))) & 3) | (((x->qh[j % 8] >> (j / 8)) & 1) << 2);
+        } break;
+        default: {
+            const block_tq4 * x = (const block_tq4 *) blocks + b;
+            *d = GGML_FP16_TO_FP32(x->d);
+            for (int j = 0; j < QK_TQ; ++j) idx[j] = j < 32 ? x->qs[j] & 15 : x->qs[j - 32] >> 4;
+        } break;
+    }
+}
+
+static inline const float * tq_type_centroids(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_TQ2: return tq_centroids_2;
+        case GGML_TYPE_TQ3: return tq_centroids_3;
+        default:            return tq_centroids_4;
+    }
+}
+
+static float tq_vec_dot_mse_scalar(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
+    const float * c = tq_type_centroids(type);
+    float sum = 0.0f;
+    uint8_t idx[QK_TQ];
+    for (int b = 0; b < n / QK_TQ; ++b) {
+        float d;
+        tq_unpack_block(type, x, b, &d, idx);
+        float s = 0.0f;
+        for (int j = 0; j < QK_TQ; ++j) {
+            s += c[idx[j]] * q[b].y[j];
+        }
+        sum += d * s;
+    }
+    return sum;
+}
+
+static void tq_mad_rotated_mse_scalar(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    const float * c = tq_type_centroids(type);
+    uint8_t idx[QK_TQ];
+    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
+        float d;
+        tq_unpack_block(type, x, b, &d, idx);
+        const float ds = d * scale;
+        for (int j = 0; j < QK_TQ; ++j) {
+            acc[j] += ds * c[idx[j]];
+        }
+    }
+}
+
+// --- AVX2 ----------------------------------------------------------------------------------------
+#if defined(TQ_X86) && defined(__GNUC__)
+
+// 16 indices of one quarter (elements 16g .. 16g+15) as bytes. The 2-bit plane holds them at
+// shift 2g of bytes 0..15; the 1-bit plane at bit 2g of bytes 0..7 (elements 16g..16g+7) and at
+// bit 2g+1 of the same bytes (elements 16g+8..16g+15).
+__attribute__((target("avx2,fma")))
+static inline __m128i tq_avx2_idx16(enum ggml_type type, const void * blocks, int64_t b, int g, float * d) {
+    const __m128i m3 = _mm_set1_epi8(3);
+    if (type == GGML_TYPE_TQ2) {
+        const block_tq2 * x = (const block_tq2 *) blocks + b;
+        *d = GGML_FP16_TO_FP32(x->d);
+        const __m128i qs = _mm_loadu_si128((const __m128i *) x->qs);
+        return _mm_and_si128(_mm_srl_epi16(qs, _mm_cvtsi32_si128(2*g)), m3);
+    }
+    if (type == GGML_TYPE_TQ3) {
+        const block_tq3 * x = (const block_tq3 *) blocks + b;
+        *d = GGML_FP16_TO_FP32(x->d);
+        const __m128i qs = _mm_loadu_si128((const __m128i *) x->qs);
+        const __m128i lo = _mm_and_si128(_mm_srl_epi16(qs, _mm_cvtsi32_si128(2*g)), m3);
+        const __m128i qh8 = _mm_loadl_epi64((const __m128i *) x->qh);
+        // bytes 0..7: qh >> 2g, bytes 8..15: qh >> (2g+1)
+        const __m128i h0 = _mm_srl_epi16(qh8, _mm_cvtsi32_si128(2*g));
+        const __m128i h1 = _mm_srl_epi16(qh8, _mm_cvtsi32_si128(2*g + 1));
+        const __m128i hi = _mm_and_si128(_mm_unpacklo_epi64(h0, h1), _mm_set1_epi8(1));
+        return _mm_or_si128(lo, _mm_slli_epi16(hi, 2));
+    }
+    // tq4: elements 16g..16g+15 are bytes (16g mod 32).., low nibble for g < 2
+    const block_tq4 * x = (const block_tq4 *) blocks + b;
+    *d = GGML_FP16_TO_FP32(x->d);
+    const __m128i qs = _mm_loadu_si128((const __m128i *) (x->qs + 16*(g & 1)));
+    const __m128i sh = g < 2 ? qs : _mm_srli_epi16(qs, 4);
+    return _mm_and_si128(sh, _mm_set1_epi8(15));
+}
+
+// Centroid values of 8 byte indices: a register lookup (8 entries; 16 entries take two and a blend).
+__attribute__((target("avx2,fma")))
+static inline __m256 tq_avx2_lookup8(__m128i idx8, __m256 c_lo, __m256 c_hi, int wide) {
+    const __m256i i32 = _mm256_cvtepu8_epi32(idx8);
+    const __m256 v_lo = _mm256_permutevar8x32_ps(c_lo, i32);
+    if (!wide) {
+        return v_lo;
+    }
+    const __m256 v_hi = _mm256_permutevar8x32_ps(c_hi, i32);
+    const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(i32, 28)); // bit 3 -> sign bit
+    return _mm256_blendv_ps(v_lo, v_hi, sel);
+}
+
+__attribute__((target("avx2,fma")))
+static float tq_vec_dot_mse_avx2(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
+    const float * c = tq_type_centroids(type);
+    const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
+    float ctab[16] = {0};
+    memcpy(ctab, c, ncent*sizeof(float));
+    const __m256 c_lo = _mm256_loadu_ps(ctab);
+    const __m256 c_hi = _mm256_loadu_ps(ctab + 8);
+    const int wide = ncent == 16;
+    __m256 total = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK_TQ; ++b) {
+        __m256 acc0 = _mm256_setzero_ps();
+        __m256 acc1 = _mm256_setzero_ps();
+        float d = 0.0f;
+        for (int g = 0; g < 4; ++g) {
+            const __m128i idx = tq_avx2_idx16(type, x, b, g, &d);
+            const __m256 v0 = tq_avx2_lookup8(idx, c_lo, c_hi, wide);
+            const __m256 v1 = tq_avx2_lookup8(_mm_unpackhi_epi64(idx, idx), c_lo, c_hi, wide);
+            acc0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(q[b].y + 16*g), acc0);
+            acc1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(q[b].y + 16*g + 8), acc1);
+        }
+        total = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_add_ps(acc0, acc1), total);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma")))
+static void tq_mad_rotated_mse_avx2(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    const float * c = tq_type_centroids(type);
+    const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
+    float ctab[16] = {0};
+    memcpy(ctab, c, ncent*sizeof(float));
+    const __m256 c_lo = _mm256_loadu_ps(ctab);
+    const __m256 c_hi = _mm256_loadu_ps(ctab + 8);
+    const int wide = ncent == 16;
+    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
+        float d = 0.0f;
+        __m128i idx[4];
+        for (int g = 0; g < 4; ++g) {
+            idx[g] = tq_avx2_idx16(type, x, b, g, &d);
+        }
+        const __m256 ds = _mm256_set1_ps(d * scale);
+        for (int g = 0; g < 4; ++g) {
+            const __m256 v0 = tq_avx2_lookup8(idx[g], c_lo, c_hi, wide);
+            const __m256 v1 = tq_avx2_lookup8(_mm_unpackhi_epi64(idx[g], idx[g]), c_lo, c_hi, wide);
+            _mm256_storeu_ps(acc + 16*g,     _mm256_fmadd_ps(ds, v0, _mm256_loadu_ps(acc + 16*g)));
+            _mm256_storeu_ps(acc + 16*g + 8, _mm256_fmadd_ps(ds, v1, _mm256_loadu_ps(acc + 16*g + 8)));
+        }
+    }
+}
+
+// The inverse rotation of an accumulator row: FWHT stages with h >= 8 are whole-register
+// butterflies; h = 1, 2, 4 happen inside each register.
+__attribute__((target("avx2,fma")))
+static inline __m256 tq_avx2_fwht8(__m256 v) {
+    const __m256 neg1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, (int) 0x80000000, 0, (int) 0x80000000, 0, (int) 0x80000000, 0, (int) 0x80000000));
+    const __m256 neg2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, (int) 0x80000000, (int) 0x80000000, 0, 0, (int) 0x80000000, (int) 0x80000000));
+    const __m256 neg4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, (int) 0x80000000, (int) 0x80000000, (int) 0x80000000, (int) 0x80000000));
+    // h = 1: (a, b) -> (a + b, a - b) computed as swap(v) + (v with odd lanes negated)... written
+    // as p + (q xor sign) with p = pairs' first element broadcast, q = second.
+    __m256 p = _mm256_permute_ps(v, 0xA0);           // a a c c ...
+    __m256 s = _mm256_permute_ps(v, 0xF5);           // b b d d ...
+    v = _mm256_add_ps(p, _mm256_xor_ps(s, neg1));
+    p = _mm256_permute_ps(v, 0x44);                  // x0 x1 x0 x1 | ...
+    s = _mm256_permute_ps(v, 0xEE);                  // x2 x3 x2 x3 | ...
+    v = _mm256_add_ps(p, _mm256_xor_ps(s, neg2));
+    p = _mm256_permute2f128_ps(v, v, 0x00);
+    s = _mm256_permute2f128_ps(v, v, 0x11);
+    return _mm256_add_ps(p, _mm256_xor_ps(s, neg4));
+}
+
+__attribute__((target("avx2,fma")))
+static void tq_unrotate_block_avx2(float * x) {
+    const __m256 eighth = _mm256_set1_ps(0.125f);
+    for (int r = 1; r >= 0; --r) {
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i) {
+            v[i] = tq_avx2_fwht8(_mm256_loadu_ps(x + 8*i));
+        }
+        for (int h = 1; h < 8; h <<= 1) {
+            for (int i = 0; i < 8; i += 2*h) {
+                for (int j = i; j < i + h; ++j) {
+                    const __m256 a = v[j];
+                    const __m256 b = v[j + h];
+                    v[j]     = _mm256_add_ps(a, b);
+                    v[j + h] = _mm256_sub_ps(a, b);
+                }
+            }
+        }
+        const uint64_t signs = tq_rotation_signs[r];
+        for (int i = 0; i < 8; ++i) {
+            const uint32_t m = (uint32_t) (signs >> (8*i)) & 0xFF;
+            const __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int) m), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+            const __m256i flip = _mm256_slli_epi32(_mm256_cmpeq_epi32(bits, _mm256_setzero_si256()), 31);
+            // flip has the sign bit where the sign bit is clear; we need it where set
+            const __m256 sign = _mm256_xor_ps(_mm256_castsi256_ps(flip), _mm256_castsi256_ps(_mm256_set1_epi32((int) 0x80000000)));
+            _mm256_storeu_ps(x + 8*i, _mm256_xor_ps(_mm256_mul_ps(v[i], eighth), sign));
+        }
+    }
+}
+
+#endif // TQ_X86
+
+// --- entry points --------------------------------------------------------------------------------
+
+static inline void tq_vec_dot_dispatch(enum ggml_type type, int n, float * s, const void * x, const void * y) {
+    if (tq_is_qjl_type(type)) {
+        *s = tq_vec_dot_ref(type, n, x, y);
+        return;
+    }
+#if defined(TQ_X86) && defined(__GNUC__)
+    if (tq_simd() >= TQ_SIMD_AVX2) {
+        *s = tq_vec_dot_mse_avx2(type, n, x, (const block_tq_q *) y);
+        return;
+    }
+#endif
+    *s = tq_vec_dot_mse_scalar(type, n, x, (const block_tq_q *) y);
+}
+
+#define TQ_VEC_DOT(name, type)                                                                          \
+    void tq_cpu_vec_dot_##name(int n, float * s, size_t bs, const void * x, size_t bx, const void * y,  \
+                               size_t by, int nrc) {                                                    \
+        assert(nrc == 1);                                                                               \
+        (void) bs; (void) bx; (void) by; (void) nrc;                                                    \
+        tq_vec_dot_dispatch(type, n, s, x, y);                                                          \
+    }
+
+TQ_VEC_DOT(tq2, GGML_TYPE_TQ2)
+TQ_VEC_DOT(tq3, GGML_TYPE_TQ3)
+TQ_VEC_DOT(tq4, GGML_TYPE_TQ4)
+TQ_VEC_DOT(tq2_qjl, GGML_TYPE_TQ2_QJL)
+TQ_VEC_DOT(tq3_qjl, GGML_TYPE_TQ3_QJL)
+TQ_VEC_DOT(tq4_qjl, GGML_TYPE_TQ4_QJL)
+
+void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    if (tq_is_qjl_type(type)) {
+        float tmp[QK_TQ];
+        const size_t bsz = ggml_type_size(type);
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            tq_dequantize_row_rotated_ref(type, (const char *) x + b*bsz, tmp, QK_TQ);
+            for (int j = 0; j < QK_TQ; ++j) {
+                acc[b*QK_TQ + j] += scale * tmp[j];
+            }
+        }
+        return;
+    }
+#if defined(TQ_X86) && defined(__GNUC__)
+    if (tq_simd() >= TQ_SIMD_AVX2) {
+        tq_mad_rotated_mse_avx2(type, n, acc, x, scale);
+        return;
+    }
+#endif
+    tq_mad_rotated_mse_scalar(type, n, acc, x, scale);
+}
+
+void tq_cpu_unrotate_row(float * x, int64_t n) {
+    for (int64_t b = 0; b < n / QK_TQ; ++b) {
+#if defined(TQ_X86) && defined(__GNUC__)
+        if (tq_simd() >= TQ_SIMD_AVX2) {
+            tq_unrotate_block_avx2(x + b*QK_TQ);
+            continue;
+        }
+#endif
+        tq_unrotate_block(x + b*QK_TQ);
+    }
+}

@@ -1,0 +1,453 @@
+// TurboQuant KV-cache types: the scalar reference. Compiled with -ffp-contract=off so that its
+// bytes equal the NumPy reference's (pytools/layout.py); the arithmetic order is tq-blocks.h's.
+#include "tq.h"
+#include "tq-codebooks.h"
+
+#include "ggml-impl.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TQ_SQRT_HALF_PI 1.2533141373155003f
+
+static const float * tq_centroids(int bits) {
+    switch (bits) {
+        case 1: return tq_centroids_1;
+        case 2: return tq_centroids_2;
+        case 3: return tq_centroids_3;
+        default: return tq_centroids_4;
+    }
+}
+
+static const float * tq_boundaries(int bits) {
+    switch (bits) {
+        case 1: return tq_boundaries_1;
+        case 2: return tq_boundaries_2;
+        case 3: return tq_boundaries_3;
+        default: return tq_boundaries_4;
+    }
+}
+
+bool tq_norm_correction_enabled(void) {
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char * env = getenv("TQ_NORM_CORRECTION");
+        enabled = env == NULL || atoi(env) != 0;
+    }
+    return enabled != 0;
+}
+
+bool tq_is_kv_type(enum ggml_type type) {
+    return type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL;
+}
+
+bool tq_is_qjl_type(enum ggml_type type) {
+    return type >= GGML_TYPE_TQ2_QJL && type <= GGML_TYPE_TQ4_QJL;
+}
+
+// --- rotation ------------------------------------------------------------------------------------
+
+static void tq_fwht64(float * x) {
+    for (int h = 1; h < QK_TQ; h <<= 1) {
+        for (int i = 0; i < QK_TQ; i += 2*h) {
+            for (int j = i; j < i + h; ++j) {
+                const float a = x[j];
+                const float b = x[j + h];
+                x[j]     = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+}
+
+static void tq_apply_signs(float * x, uint64_t signs) {
+    for (int j = 0; j < QK_TQ; ++j) {
+        if ((signs >> j) & 1) {
+            x[j] = -x[j];
+        }
+    }
+}
+
+void tq_rotate_block(float * x) {
+    for (int r = 0; r < 2; ++r) {
+        tq_apply_signs(x, tq_rotation_signs[r]);
+        tq_fwht64(x);
+        for (int j = 0; j < QK_TQ; ++j) {
+            x[j] *= 0.125f;
+        }
+    }
+}
+
+void tq_unrotate_block(float * x) {
+    for (int r = 1; r >= 0; --r) {
+        tq_fwht64(x);
+        for (int j = 0; j < QK_TQ; ++j) {
+            x[j] *= 0.125f;
+        }
+        tq_apply_signs(x, tq_rotation_signs[r]);
+    }
+}
+
+// --- bit planes ----------------------------------------------------------------------------------
+
+static void tq_pack2(const uint8_t * idx, uint8_t * qs) {
+    for (int i = 0; i < 16; ++i) {
+        qs[i] = (uint8_t) ((idx[i] & 3) | ((idx[i + 16] & 3) << 2) | ((idx[i + 32] & 3) << 4) | ((idx[i + 48] & 3) << 6));
+    }
+}
+
+static void tq_pack1(const uint8_t * idx, int shift, uint8_t * qh) {
+    for (int i = 0; i < 8; ++i) {
+        uint8_t b = 0;
+        for (int k = 0; k < 8; ++k) {
+            b |= (uint8_t) (((idx[i + 8*k] >> shift) & 1) << k);
+        }
+        qh[i] = b;
+    }
+}
+
+static void tq_pack4(const uint8_t * idx, uint8_t * qs) {
+    for (int i = 0; i < 32; ++i) {
+        qs[i] = (uint8_t) ((idx[i] & 15) | ((idx[i + 32] & 15) << 4));
+    }
+}
+
+static inline int tq_get2(const uint8_t * qs, int j) { return (qs[j % 16] >> (2*(j / 16))) & 3; }
+static inline int tq_get1(const uint8_t * qh, int j) { return (qh[j % 8] >> (j / 8)) & 1; }
+static inline int tq_get4(const uint8_t * qs, int j) { return j < 32 ? qs[j] & 15 : qs[j - 32] >> 4; }
+
+// --- one block -----------------------------------------------------------------------------------
+
+// Steps 1-3 of tq-blocks.h. Returns 0 for a zero block, -1 for a non-finite one, 1 otherwise;
+// u receives the rotated unit vector and idx the MSE indices.
+static int tq_quantize_block_mse(const float * x, int bits, float * n_out, float * u, uint8_t * idx) {
+    double s = 0.0;
+    for (int j = 0; j < QK_TQ; ++j) {
+        s += (double) x[j] * (double) x[j];
+    }
+    if (!isfinite(s)) {
+        return -1;
+    }
+    const float n = (float) sqrt(s);
+    *n_out = n;
+    if (n == 0.0f) {
+        return 0;
+    }
+    memcpy(u, x, QK_TQ*sizeof(float));
+    tq_rotate_block(u);
+    const float * bnd = tq_boundaries(bits);
+    const int nb = (1 << bits) - 1;
+    for (int j = 0; j < QK_TQ; ++j) {
+        u[j] = u[j] / n;
+        int c = 0;
+        for (int k = 0; k < nb; ++k) {
+            c += u[j] > bnd[k];
+        }
+        idx[j] = (uint8_t) c;
+    }
+    return 1;
+}
+
+static ggml_fp16_t tq_mse_scale(float n, int bits, const uint8_t * idx) {
+    if (!tq_norm_correction_enabled()) {
+        return GGML_FP32_TO_FP16(n);
+    }
+    const float * c = tq_centroids(bits);
+    double cs = 0.0;
+    for (int j = 0; j < QK_TQ; ++j) {
+        cs += (double) c[idx[j]] * (double) c[idx[j]];
+    }
+    return GGML_FP32_TO_FP16((float) ((double) n / sqrt(cs)));
+}
+
+static const ggml_fp16_t TQ_FP16_NAN = 0x7E00;
+
+// The QJL part: signs of S r and gamma = ||r|| in units of 1/256.
+static void tq_qjl_sketch(const float * u, const uint8_t * idx, int mse_bits, uint8_t * signs, uint8_t * gamma) {
+    const float * c = tq_centroids(mse_bits);
+    float r[QK_TQ];
+    double rs = 0.0;
+    for (int j = 0; j < QK_TQ; ++j) {
+        r[j] = u[j] - c[idx[j]];
+        rs += (double) r[j] * (double) r[j];
+    }
+    const float g = rintf((float) sqrt(rs) * 256.0f);
+    *gamma = (uint8_t) (g > 255.0f ? 255.0f : g);
+    memset(signs, 0, 7);
+    for (int i = 0; i < TQ_QJL_M; ++i) {
+        float p = 0.0f;
+        for (int j = 0; j < QK_TQ; ++j) {
+            p += tq_qjl_matrix[i*QK_TQ + j] * r[j];
+        }
+        if (p >= 0.0f) {
+            signs[i / 8] |= (uint8_t) (1 << (i % 8));
+        }
+    }
+}
+
+// --- quantize rows -------------------------------------------------------------------------------
+
+void quantize_row_tq2_ref(const float * x, block_tq2 * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 2, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack2(idx, y[b].qs);
+        y[b].d = tq_mse_scale(n, 2, idx);
+    }
+}
+
+void quantize_row_tq3_ref(const float * x, block_tq3 * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 3, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack2(idx, y[b].qs);
+        tq_pack1(idx, 2, y[b].qh);
+        y[b].d = tq_mse_scale(n, 3, idx);
+    }
+}
+
+void quantize_row_tq4_ref(const float * x, block_tq4 * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 4, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack4(idx, y[b].qs);
+        y[b].d = tq_mse_scale(n, 4, idx);
+    }
+}
+
+void quantize_row_tq2_qjl_ref(const float * x, block_tq2_qjl * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 1, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack1(idx, 0, y[b].qh);
+        tq_qjl_sketch(u, idx, 1, y[b].signs, &y[b].gamma);
+        y[b].d = GGML_FP32_TO_FP16(n);
+    }
+}
+
+void quantize_row_tq3_qjl_ref(const float * x, block_tq3_qjl * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 2, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack2(idx, y[b].qs);
+        tq_qjl_sketch(u, idx, 2, y[b].signs, &y[b].gamma);
+        y[b].d = GGML_FP32_TO_FP16(n);
+    }
+}
+
+void quantize_row_tq4_qjl_ref(const float * x, block_tq4_qjl * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memset(&y[b], 0, sizeof(y[b]));
+        const int st = tq_quantize_block_mse(x, 3, &n, u, idx);
+        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        if (st == 0) { continue; }
+        tq_pack2(idx, y[b].qs);
+        tq_pack1(idx, 2, y[b].qh);
+        tq_qjl_sketch(u, idx, 3, y[b].signs, &y[b].gamma);
+        y[b].d = GGML_FP32_TO_FP16(n);
+    }
+}
+
+void quantize_row_tq_q_ref(const float * x, block_tq_q * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memcpy(y[b].y, x, sizeof(y[b].y));
+        tq_rotate_block(y[b].y);
+    }
+}
+
+void quantize_row_tq_qjl_q_ref(const float * x, block_tq_qjl_q * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    float q[QK_TQ];
+    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
+        memcpy(q, x, sizeof(q));
+        tq_rotate_block(q);
+        for (int j = 0; j < QK_TQ; ++j) {
+            y[b].y[j] = GGML_FP32_TO_FP16(q[j]);
+        }
+        for (int i = 0; i < TQ_QJL_M; ++i) {
+            float p = 0.0f;
+            for (int j = 0; j < QK_TQ; ++j) {
+                p += tq_qjl_matrix[i*QK_TQ + j] * q[j];
+            }
+            y[b].sy[i] = GGML_FP32_TO_FP16(p);
+        }
+        memset(y[b].pad, 0, sizeof(y[b].pad));
+    }
+}
+
+size_t quantize_tq(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
+                   const float * imatrix) {
+    (void) imatrix;
+    const size_t row_size = ggml_row_size(type, n_per_row);
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float * x = src + r*n_per_row;
+        void * y = (char *) dst + r*row_size;
+        switch (type) {
+            case GGML_TYPE_TQ2:     quantize_row_tq2_ref(x, y, n_per_row); break;
+            case GGML_TYPE_TQ3:     quantize_row_tq3_ref(x, y, n_per_row); break;
+            case GGML_TYPE_TQ4:     quantize_row_tq4_ref(x, y, n_per_row); break;
+            case GGML_TYPE_TQ2_QJL: quantize_row_tq2_qjl_ref(x, y, n_per_row); break;
+            case GGML_TYPE_TQ3_QJL: quantize_row_tq3_qjl_ref(x, y, n_per_row); break;
+            case GGML_TYPE_TQ4_QJL: quantize_row_tq4_qjl_ref(x, y, n_per_row); break;
+            default: GGML_ABORT("quantize_tq: %s is not a TurboQuant cache type", ggml_type_name(type));
+        }
+    }
+    return nrows*row_size;
+}
+
+// --- decode --------------------------------------------------------------------------------------
+
+// Index j of one block of any TQ cache type, and the block's parts.
+typedef struct {
+    float d;
+    int mse_bits;
+    const uint8_t * qs;     // 2- or 4-bit plane (NULL for 1-bit MSE)
+    const uint8_t * qh;     // 1-bit plane (NULL if none)
+    const uint8_t * signs;  // QJL (NULL for MSE types)
+    float gamma;
+} tq_block_view;
+
+static tq_block_view tq_view(enum ggml_type type, const void * blocks, int64_t b) {
+    tq_block_view v = {0};
+    switch (type) {
+        case GGML_TYPE_TQ2: { const block_tq2 * x = (const block_tq2 *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 2; v.qs = x->qs; } break;
+        case GGML_TYPE_TQ3: { const block_tq3 * x = (const block_tq3 *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 3; v.qs = x->qs; v.qh = x->qh; } break;
+        case GGML_TYPE_TQ4: { const block_tq4 * x = (const block_tq4 *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 4; v.qs = x->qs; } break;
+        case GGML_TYPE_TQ2_QJL: { const block_tq2_qjl * x = (const block_tq2_qjl *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 1; v.qh = x->qh; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
+        case GGML_TYPE_TQ3_QJL: { const block_tq3_qjl * x = (const block_tq3_qjl *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 2; v.qs = x->qs; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
+        case GGML_TYPE_TQ4_QJL: { const block_tq4_qjl * x = (const block_tq4_qjl *) blocks + b;
+            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 3; v.qs = x->qs; v.qh = x->qh; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
+        default: GGML_ABORT("%s is not a TurboQuant cache type", ggml_type_name(type));
+    }
+    return v;
+}
+
+static inline int tq_view_index(const tq_block_view * v, int j) {
+    switch (v->mse_bits) {
+        case 1: return tq_get1(v->qh, j);
+        case 2: return tq_get2(v->qs, j);
+        case 3: return tq_get2(v->qs, j) | (tq_get1(v->qh, j) << 2);
+        default: return tq_get4(v->qs, j);
+    }
+}
+
+// One block in the rotated domain, without the norm: c[idx_j] (+ the QJL reconstruction).
+static void tq_decode_block_unit(const tq_block_view * v, float * y) {
+    const float * c = tq_centroids(v->mse_bits);
+    for (int j = 0; j < QK_TQ; ++j) {
+        y[j] = c[tq_view_index(v, j)];
+    }
+    if (v->signs) {
+        const float scale = v->gamma * TQ_SQRT_HALF_PI / TQ_QJL_M;
+        for (int j = 0; j < QK_TQ; ++j) {
+            float t = 0.0f;
+            for (int i = 0; i < TQ_QJL_M; ++i) {
+                const float s = (v->signs[i / 8] >> (i % 8)) & 1 ? 1.0f : -1.0f;
+                t += tq_qjl_matrix[i*QK_TQ + j] * s;
+            }
+            y[j] += scale * t;
+        }
+    }
+}
+
+void tq_dequantize_row_rotated_ref(enum ggml_type type, const void * x, float * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    for (int64_t b = 0; b < k / QK_TQ; ++b, y += QK_TQ) {
+        const tq_block_view v = tq_view(type, x, b);
+        tq_decode_block_unit(&v, y);
+        for (int j = 0; j < QK_TQ; ++j) {
+            y[j] = v.d * y[j];
+        }
+    }
+}
+
+static void tq_dequantize_row(enum ggml_type type, const void * x, float * y, int64_t k) {
+    tq_dequantize_row_rotated_ref(type, x, y, k);
+    for (int64_t b = 0; b < k / QK_TQ; ++b) {
+        tq_unrotate_block(y + b*QK_TQ);
+    }
+}
+
+void dequantize_row_tq2(const block_tq2 * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ2, x, y, k); }
+void dequantize_row_tq3(const block_tq3 * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ3, x, y, k); }
+void dequantize_row_tq4(const block_tq4 * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ4, x, y, k); }
+void dequantize_row_tq2_qjl(const block_tq2_qjl * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ2_QJL, x, y, k); }
+void dequantize_row_tq3_qjl(const block_tq3_qjl * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ3_QJL, x, y, k); }
+void dequantize_row_tq4_qjl(const block_tq4_qjl * x, float * y, int64_t k) { tq_dequantize_row(GGML_TYPE_TQ4_QJL, x, y, k); }
+
+void dequantize_row_tq_q(const block_tq_q * x, float * y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_TQ; ++b, y += QK_TQ) {
+        memcpy(y, x[b].y, sizeof(x[b].y));
+        tq_unrotate_block(y);
+    }
+}
+
+void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k) {
+    for (int64_t b = 0; b < k / QK_TQ; ++b, y += QK_TQ) {
+        for (int j = 0; j < QK_TQ; ++j) {
+            y[j] = GGML_FP16_TO_FP32(x[b].y[j]);
+        }
+        tq_unrotate_block(y);
+    }
+}
+
+// --- dot product ---------------------------------------------------------------------------------
+
+float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void * q) {
+    assert(n % QK_TQ == 0);
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n / QK_TQ; ++b) {
+        const tq_block_view v = tq_view(type, x, b);
+        const float * c = tq_centroids(v.mse_bits);
+        float s = 0.0f;
+        if (v.signs) {
+            const block_tq_qjl_q * qb = (const block_tq_qjl_q *) q + b;
+            for (int j = 0; j < QK_TQ; ++j) {
+                s += c[tq_view_index(&v, j)] * GGML_FP16_TO_FP32(qb->y[j]);
+            }
+            float t = 0.0f;
+            for (int i = 0; i < TQ_QJL_M; ++i) {
+                const float sy = GGML_FP16_TO_FP32(qb->sy[i]);
+                t += (v.signs[i / 8] >> (i % 8)) & 1 ? sy : -sy;
+            }
+            s += v.gamma * TQ_SQRT_HALF_PI / TQ_QJL_M * t;
+        } else {
+            const block_tq_q * qb = (const block_tq_q *) q + b;
+            for (int j = 0; j < QK_TQ; ++j) {
+                s += c[tq_view_index(&v, j)] * qb->y[j];
+            }
+        }
+        sum += v.d * s;
+    }
+    return sum;
+}

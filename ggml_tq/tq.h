@@ -1,0 +1,98 @@
+// TurboQuant KV-cache types for ggml: the functions the patched ggml calls.
+// Block layouts and the exact quantization arithmetic: tq-blocks.h.
+#pragma once
+
+#include "ggml.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TQ_HALF_T ggml_fp16_t
+#include "tq-blocks.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// --- scalar reference (ggml-base): everything else is tested against these ---------------------
+
+// One block of 64 in place: the randomized Hadamard rotation and its inverse.
+GGML_API void tq_rotate_block(float * x);
+GGML_API void tq_unrotate_block(float * x);
+
+GGML_API void quantize_row_tq2_ref(const float * x, block_tq2 * y, int64_t k);
+GGML_API void quantize_row_tq3_ref(const float * x, block_tq3 * y, int64_t k);
+GGML_API void quantize_row_tq4_ref(const float * x, block_tq4 * y, int64_t k);
+GGML_API void quantize_row_tq2_qjl_ref(const float * x, block_tq2_qjl * y, int64_t k);
+GGML_API void quantize_row_tq3_qjl_ref(const float * x, block_tq3_qjl * y, int64_t k);
+GGML_API void quantize_row_tq4_qjl_ref(const float * x, block_tq4_qjl * y, int64_t k);
+GGML_API void quantize_row_tq_q_ref(const float * x, block_tq_q * y, int64_t k);
+GGML_API void quantize_row_tq_qjl_q_ref(const float * x, block_tq_qjl_q * y, int64_t k);
+
+GGML_API void dequantize_row_tq2(const block_tq2 * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq3(const block_tq3 * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq4(const block_tq4 * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq2_qjl(const block_tq2_qjl * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq3_qjl(const block_tq3_qjl * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq4_qjl(const block_tq4_qjl * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq_q(const block_tq_q * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k);
+
+// ggml_quantize_chunk entry point for all TQ cache types (imatrix is not used: TurboQuant needs
+// no calibration).
+GGML_API size_t quantize_tq(enum ggml_type type, const float * src, void * dst, int64_t nrows,
+                            int64_t n_per_row, const float * imatrix);
+
+// Decode a row into the rotated domain (no inverse rotation): what attention accumulates.
+GGML_API void tq_dequantize_row_rotated_ref(enum ggml_type type, const void * x, float * y, int64_t k);
+
+// Dot product of a TQ key row with a query row already converted by quantize_row_tq_q_ref
+// (or quantize_row_tq_qjl_q_ref for the _qjl types).
+GGML_API float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void * q);
+
+GGML_API bool tq_is_kv_type(enum ggml_type type);    // tq2 .. tq4_qjl
+GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
+
+// Norm correction (store n / ||c[idx]||) is on unless TQ_NORM_CORRECTION=0 is set in the
+// environment: a switch kept for the measurements in results/.
+GGML_API bool tq_norm_correction_enabled(void);
+
+// --- CPU kernels (ggml-cpu): faster copies of the reference, chosen at run time ----------------
+// Exported from the CPU backend library so that the parity tests can call each SIMD path.
+#ifndef TQ_CPU_API
+#    include "ggml-backend.h"
+#    define TQ_CPU_API GGML_BACKEND_API
+#endif
+
+TQ_CPU_API void tq_cpu_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq2(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq3(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq4(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq2_qjl(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq3_qjl(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq4_qjl(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k);
+
+TQ_CPU_API void tq_cpu_vec_dot_tq2(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq3(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq4(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq2_qjl(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq3_qjl(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq4_qjl(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+
+// Flash attention, V side: acc[0..n) += scale * (row decoded in the rotated domain); after the
+// last row, tq_cpu_unrotate_row(acc, n) brings the accumulator back once per query row.
+TQ_CPU_API void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale);
+TQ_CPU_API void tq_cpu_unrotate_row(float * x, int64_t n);
+
+// Which SIMD path the CPU kernels use on this machine ("avx2" or "scalar").
+// TQ_CPU_SIMD=scalar in the environment caps it (for parity tests and benchmarks).
+TQ_CPU_API const char * tq_cpu_simd_name(void);
+// Cap the SIMD level at run time: 0 scalar, 1 AVX2. Returns the level in use.
+TQ_CPU_API int tq_cpu_set_simd_level(int level);
+
+#ifdef __cplusplus
+}
+#endif

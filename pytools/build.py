@@ -1,0 +1,106 @@
+"""`tq build`: configure and build the patched llama.cpp with ggml_tq/ (CPU, or CUDA on the GPU
+machine). The build folder lives in the cache, outside the clone, so rebuilds are incremental and
+ccache (used by ggml when installed) makes fresh build folders cheap.
+
+Standard library only (runs on the GPU machine too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import REPO_ROOT
+from .errors import UserError
+from .upstream import cache_dir, prepare_tree
+
+# What llama.cpp users run, the shared libraries llama-cpp-python loads, and the op tests.
+DEFAULT_TARGETS = ("llama", "llama-cli", "llama-completion", "llama-perplexity", "llama-bench", "llama-server",
+                   "test-backend-ops")
+CUDA_TARGETS = ("llama", "llama-completion", "llama-perplexity", "llama-bench", "test-backend-ops")
+
+
+def build_dir(cuda: bool = False) -> Path:
+    env = os.environ.get("TQ_BUILD_DIR")
+    if env:
+        return Path(env)
+    return cache_dir() / ("build-cuda" if cuda else "build-cpu")
+
+
+def bin_dir(cuda: bool = False) -> Path:
+    return build_dir(cuda) / "bin"
+
+
+def find_binary(name: str, cuda: bool = False) -> Path:
+    """A built llama.cpp program; a clear error if it has not been built."""
+    path = bin_dir(cuda) / name
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `tq build` first")
+    return path
+
+
+def _require(tool: str, hint: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise UserError(f"{tool} not found: {hint}")
+    return path
+
+
+def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
+    _require("cmake", "install CMake 3.14 or newer (e.g. `pip install cmake` or your package manager)")
+    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+        raise UserError("no C/C++ compiler found: install gcc and g++ (or clang)")
+    if cuda:
+        _require("nvcc", "the CUDA build needs the CUDA toolkit (nvcc) on PATH")
+    args = ["cmake", "-S", str(REPO_ROOT), "-B", str(build), f"-DTQ_UPSTREAM_DIR={tree}", "-DCMAKE_BUILD_TYPE=Release"]
+    if shutil.which("ninja"):
+        cache = build / "CMakeCache.txt"
+        if not cache.exists() or "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text():
+            args += ["-G", "Ninja"]
+    if cuda:
+        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + os.environ.get("TQ_CUDA_ARCH", "90"),
+                 "-DGGML_CUDA_FA_ALL_QUANTS=ON"]
+    args += extra
+    print("tq: " + " ".join(args), file=sys.stderr)
+    if subprocess.run(args).returncode != 0:
+        raise UserError(f"cmake configure failed (see above); build folder {build}")
+
+
+def build(targets: list[str], cuda: bool = False, jobs: int | None = None, upstream_tarball: Path | None = None,
+          cmake_args: list[str] | None = None) -> Path:
+    tree = prepare_tree(upstream_tarball)
+    out = build_dir(cuda)
+    out.mkdir(parents=True, exist_ok=True)
+    # configure again when our CMakeLists changes or the tree moves; cmake itself notices the rest
+    configure(tree, out, cuda, cmake_args or [])
+    cmd = ["cmake", "--build", str(out), "--config", "Release", "-j", str(jobs or os.cpu_count() or 2), "--target", *targets]
+    print("tq: " + " ".join(cmd), file=sys.stderr)
+    if subprocess.run(cmd).returncode != 0:
+        raise UserError("the build failed (see the compiler output above)")
+    return out / "bin"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="fetch the pinned llama.cpp, apply patches/ and build it with ggml_tq/")
+    p.add_argument("--cuda", action="store_true", help="CUDA build (GPU machine; sm_90 unless TQ_CUDA_ARCH is set)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated cmake targets (default: " + ",".join(DEFAULT_TARGETS) + ")")
+    p.add_argument("--jobs", "-j", type=int, default=None)
+    p.add_argument("--upstream-tarball", type=Path, default=None, help="a tarball from `tq pack-upstream` instead of the sdist")
+    p.add_argument("--cmake-arg", action="append", default=[], help="extra cmake configure argument (repeatable)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("bin-dir", help="print the folder of the built llama.cpp programs and libraries")
+    p.add_argument("--cuda", action="store_true")
+    p.set_defaults(func=lambda a: print(bin_dir(a.cuda)) or 0)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    targets = args.targets.split(",") if args.targets else list(CUDA_TARGETS if args.cuda else DEFAULT_TARGETS)
+    out = build(targets, cuda=args.cuda, jobs=args.jobs, upstream_tarball=args.upstream_tarball, cmake_args=args.cmake_arg)
+    print(out)
+    return 0

@@ -1,0 +1,29 @@
+"""Shared test helpers. Tests that need the built llama.cpp skip when it is missing, unless
+TQ_REQUIRE_BUILD=1 (set by .ci/run), where a missing build is a failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def require_build() -> None:
+    from turboquant_llama.build import bin_dir
+
+    if not (bin_dir() / "libggml-base.so").exists():
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(f"the patched llama.cpp is not built in {bin_dir()}: run `tq build`")
+        pytest.skip("the patched llama.cpp is not built (run `tq build`)")
+
+
+def require_model(name: str):
+    from turboquant_llama.errors import UserError
+    from turboquant_llama.models import model_path
+
+    try:
+        return model_path(name)
+    except UserError as exc:
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
