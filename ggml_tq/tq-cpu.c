@@ -258,7 +258,7 @@ static inline __m256 tq_avx2_fwht8(__m256 v) {
 __attribute__((target("avx2,fma")))
 static void tq_unrotate_block_avx2(float * x) {
     const __m256 eighth = _mm256_set1_ps(0.125f);
-    for (int r = 1; r >= 0; --r) {
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
         __m256 v[8];
         for (int i = 0; i < 8; ++i) {
             v[i] = tq_avx2_fwht8(_mm256_loadu_ps(x + 8*i));

@@ -10,8 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TQ_SQRT_HALF_PI 1.2533141373155003f
-
 static const float * tq_centroids(int bits) {
     switch (bits) {
         case 1: return tq_centroids_1;
@@ -71,7 +69,7 @@ static void tq_apply_signs(float * x, uint64_t signs) {
 }
 
 void tq_rotate_block(float * x) {
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
         tq_apply_signs(x, tq_rotation_signs[r]);
         tq_fwht64(x);
         for (int j = 0; j < QK_TQ; ++j) {
@@ -81,7 +79,7 @@ void tq_rotate_block(float * x) {
 }
 
 void tq_unrotate_block(float * x) {
-    for (int r = 1; r >= 0; --r) {
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
         tq_fwht64(x);
         for (int j = 0; j < QK_TQ; ++j) {
             x[j] *= 0.125f;

@@ -14,9 +14,12 @@ What the numbers mean (u: N uniform unit vectors, est: the variant's inner-produ
   ip_bias_correlated = mean(est - rho) (expected -D_mse / 2 for "mse", 0 for "prod") and
   ip_bias_relative = sum((est - rho) rho) / sum(rho^2), the least-squares slope of est on <y, u>
   minus 1 (expected -D_mse for "mse", 0 for "prod"). Each comes with a standard error.
+  Norm correction (u~ = c/|c|) only halves the shrinkage: the slope is E<u, c>/|c| ~ sqrt(1 - D).
+- *_theory: the values the codebook predicts (approximate for norm correction).
 
-TurboQuant_prod is unbiased over the draw of the Gaussian matrix S; for one fixed S it carries a
-small bias of order D_mse / sqrt(m d) that 20000 vectors can resolve. By default S is therefore
+TurboQuant_prod is unbiased over the draw of the Gaussian matrix S; one fixed S scales the QJL
+term by sum_i |s_i| / E sum_i |s_i|, a bias of about E gamma^2 / sqrt(2 m d) in the slope, as large
+as the standard error at 20000 vectors. By default S is therefore
 redrawn for every batch of qjl_batch vectors (numpy's generator seeded by seed), which measures
 the algorithm rather than one S. fresh_qjl=False uses the fixed gaussian_matrix(d, d, QJL_SEED).
 """
@@ -136,10 +139,16 @@ def measure_distortion(
     relative, relative_se = _slope_minus_one_and_stderr(error_correlated, rho, cluster)
 
     if variant == "mse":
-        d_mse_theory = lloyd_max_codebook(bits, dim).d_mse
+        codebook_mse = lloyd_max_codebook(bits, dim).d_mse
+        if norm_correction:
+            # u~ = c / |c|; approximate |c|^2 by its mean 1 - D: E<u, u~> ~ sqrt(1 - D)
+            relative_theory = math.sqrt(1.0 - codebook_mse) - 1.0
+            d_mse_theory = -2.0 * relative_theory
+        else:
+            relative_theory = -codebook_mse
+            d_mse_theory = codebook_mse
         # y independent and uniform: E<y, e>^2 = ||e||^2 / d
         d_prod_theory = d_mse_theory / dim
-        relative_theory = 0.0 if norm_correction else -d_mse_theory
     else:
         residual_mse = lloyd_max_codebook(bits - 1, dim).d_mse  # E gamma^2
         # Var of the sketch term: gamma^2 / m (pi/2 - <y, r/|r|>^2), averaged over y, m = d

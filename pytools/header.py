@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import REPO_ROOT
-from .layout import QK_TQ, ROTATION_ROUNDS, TQ_QJL_M, codebook_f32, qjl_matrix_f32
+from .layout import QK_TQ, ROTATION_ROUNDS, SQRT_HALF_PI_F32, TQ_QJL_M, codebook_f32, qjl_matrix_f32
 from .rotation import QJL_SEED, ROTATION_SEED, rotation_sign_words
 
 DEFAULT_HEADER_PATH = REPO_ROOT / "ggml_tq" / "tq-codebooks.h"
@@ -39,7 +39,7 @@ def render_codebook_header() -> str:
         FIRST_LINE,
         "// Lloyd-Max codebooks of one coordinate of a uniform point on the unit sphere in R^64",
         "// (pytools/codebook.py), centroids ascending, boundaries = midpoints, each rounded once",
-        "// from double to float; the sign words of the two randomized Hadamard rounds (bit j of word r",
+        "// from double to float; the sign words of the randomized Hadamard rounds (bit j of word r",
         "// set: negate x_j in round r); and the QJL matrix S (row-major S[i][j]). Both come from",
         "// splitmix64 streams with the seeds below (pytools/rotation.py).",
         "#pragma once",
@@ -49,6 +49,8 @@ def render_codebook_header() -> str:
         f"#define TQ_CODEBOOK_DIM {QK_TQ}",
         f"#define TQ_ROTATION_SEED 0x{ROTATION_SEED:016X}ULL",
         f"#define TQ_QJL_SEED 0x{QJL_SEED:016X}ULL",
+        f"#define TQ_ROTATION_ROUNDS {ROTATION_ROUNDS}",
+        f"#define TQ_SQRT_HALF_PI {float(SQRT_HALF_PI_F32):.9e}f",
         "",
     ]
     for bits in (1, 2, 3, 4):

@@ -5,8 +5,10 @@ Hadamard rotations, any d >= 3 for "haar"). layout.py is the byte-exact version 
 
 Rotations: "hadamard2" (default) is two randomized Hadamard rounds with independent signs, as the
 cache types use; "hadamard1" is one round (maps a one-hot vector to a flat +-1/sqrt(d) vector, far
-from the law the codebook assumes); "haar" is a dense uniformly random orthogonal matrix, the
-paper's choice and the one the guarantees are proven for.
+from the law the codebook assumes); "hadamard3" and "hadamard4" add rounds (two rounds still map a
+one-hot vector onto a lattice of multiples of 2/d: the d-point Walsh spectrum of the second sign
+vector); "haar" is a dense uniformly random orthogonal matrix, the paper's choice and the one the
+guarantees are proven for.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .rotation import (
     unrotate_randomized_hadamard,
 )
 
-ROTATIONS = ("hadamard2", "hadamard1", "haar")
+ROTATIONS = ("hadamard2", "hadamard1", "hadamard3", "hadamard4", "haar")
 
 
 # --- rotations ------------------------------------------------------------------------------------
@@ -47,6 +49,10 @@ def _haar(dim: int, seed: int) -> np.ndarray:
     return matrix
 
 
+def _hadamard_rounds(rotation: str) -> int:
+    return int(rotation.removeprefix("hadamard"))
+
+
 def _check_rotation(rotation: str, dim: int) -> None:
     if rotation not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
@@ -61,8 +67,7 @@ def rotate(x: np.ndarray, rotation: str, seed: int) -> np.ndarray:
     _check_rotation(rotation, dim)
     if rotation == "haar":
         return x @ _haar(dim, seed).T
-    rounds = 2 if rotation == "hadamard2" else 1
-    return rotate_randomized_hadamard(x, _hadamard_signs(dim, rounds, seed))
+    return rotate_randomized_hadamard(x, _hadamard_signs(dim, _hadamard_rounds(rotation), seed))
 
 
 def unrotate(y: np.ndarray, rotation: str, seed: int) -> np.ndarray:
@@ -72,8 +77,7 @@ def unrotate(y: np.ndarray, rotation: str, seed: int) -> np.ndarray:
     _check_rotation(rotation, dim)
     if rotation == "haar":
         return y @ _haar(dim, seed)
-    rounds = 2 if rotation == "hadamard2" else 1
-    return unrotate_randomized_hadamard(y, _hadamard_signs(dim, rounds, seed))
+    return unrotate_randomized_hadamard(y, _hadamard_signs(dim, _hadamard_rounds(rotation), seed))
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -181,8 +185,9 @@ def _apply_qjl(v: np.ndarray, qjl_matrix: np.ndarray, transpose: bool = False) -
     size = -(-rows // groups)
     padded = np.zeros((groups * size, v.shape[1]))
     padded[:rows] = v
-    # one stacked matmul: many small BLAS calls from Python are slow and thread-unfriendly
-    out = np.matmul(padded.reshape(groups, size, -1), qjl_matrix if transpose else qjl_matrix.transpose(0, 2, 1))
+    # einsum's own loops, not BLAS: many small multithreaded BLAS calls stall on a busy machine
+    spec = "gnm,gmd->gnd" if transpose else "gnd,gmd->gnm"
+    out = np.einsum(spec, padded.reshape(groups, size, -1), qjl_matrix, optimize=False)
     return out.reshape(groups * size, -1)[:rows]
 
 

@@ -1,0 +1,135 @@
+"""`tq bench`: decode and prompt speed of cache types with llama-bench, all pairs in one run on
+one build, written to results/ as JSON, a Markdown table with ratios, and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from . import REPO_ROOT
+from .build import find_binary
+from .errors import UserError
+from .generate import CACHE_TYPE_BITS, check_cache_type
+from .models import model_path
+from .upstream import UPSTREAM
+
+
+def parse_pairs(spec: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in spec.split(","):
+        k, _, v = item.strip().partition("/")
+        pairs.append((check_cache_type(k), check_cache_type(v or k)))
+    return pairs
+
+
+def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, n_prompt: int, threads: int,
+                    reps: int, cuda: bool, extra: list[str]) -> list[dict]:
+    exe = find_binary("llama-bench", cuda)
+    cmd = [str(exe), "-m", str(model), "-fa", "1", "-ctk", k, "-ctv", v, "-t", str(threads), "-r", str(reps),
+           "-n", str(n_gen), "-p", str(n_prompt), "-d", ",".join(map(str, depths)), "-o", "json"] + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+        raise UserError(f"llama-bench failed for {k}/{v} (exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout)
+
+
+def bench(model: str, pairs: list[tuple[str, str]], depths: list[int], n_gen: int, n_prompt: int, threads: int,
+          reps: int, cuda: bool, extra: list[str]) -> list[dict]:
+    from tqdm import tqdm
+
+    rows = []
+    path = model_path(model)
+    for k, v in tqdm(pairs, desc="llama-bench", unit="pair"):
+        for r in run_llama_bench(path, k, v, depths, n_gen, n_prompt, threads, reps, cuda, extra):
+            test = "tg" if r.get("n_gen", 0) > 0 else "pp"
+            rows.append({"k": k, "v": v, "test": test, "n": r["n_gen"] if test == "tg" else r["n_prompt"],
+                         "depth": r.get("n_depth", 0), "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"],
+                         "bpv": (CACHE_TYPE_BITS[k] + CACHE_TYPE_BITS[v]) / 2, "backend": r.get("backends", ""),
+                         "cpu": r.get("cpu_info", ""), "gpu": r.get("gpu_info", "")})
+    return rows
+
+
+def _ratio_table(rows: list[dict]) -> list[str]:
+    lines = ["| K/V | bits/value | test | depth | tokens/s | vs f16 | vs q8_0 | vs q4_0 |", "|---|---|---|---|---|---|---|---|"]
+    ref = {(r["k"], r["v"], r["test"], r["depth"]): r["tokens_per_s"] for r in rows}
+    for r in rows:
+        key = (r["test"], r["depth"])
+        ratios = []
+        for base in ("f16", "q8_0", "q4_0"):
+            b = ref.get((base, base) + key)
+            ratios.append(f"{r['tokens_per_s'] / b:.2f}x" if b else "-")
+        lines.append(f"| {r['k']}/{r['v']} | {r['bpv']:.2f} | {r['test']}{r['n']} | {r['depth']} | "
+                     f"{r['tokens_per_s']:.1f} ± {r['stddev']:.1f} | " + " | ".join(ratios) + " |")
+    return lines
+
+
+def _plot(rows: list[dict], title: str, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = sorted({(r["test"], r["depth"]) for r in rows})
+    pairs = list(dict.fromkeys(f"{r['k']}/{r['v']}" for r in rows))
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.2 * len(tests), 4), squeeze=False)
+    for ax, (test, depth) in zip(axes[0], tests):
+        vals = {f"{r['k']}/{r['v']}": r["tokens_per_s"] for r in rows if (r["test"], r["depth"]) == (test, depth)}
+        names = [p for p in pairs if p in vals]
+        colors = ["tab:orange" if p.startswith("tq") or "/tq" in p else "tab:gray" for p in names]
+        ax.bar(range(len(names)), [vals[p] for p in names], color=colors)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{'decode' if test == 'tg' else 'prompt'} at depth {depth}")
+        ax.set_ylabel("tokens/s")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{tag}-{model}"
+    meta = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "llama_cpp_commit": UPSTREAM.llama_cpp_commit, "machine": platform.platform(),
+            "cpu": rows[0]["cpu"] if rows else "", "gpu": rows[0]["gpu"] if rows else ""}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    md = [f"# llama-bench, {model}, {tag}", "", f"Made by `{command}` on {meta['date']}.", "",
+          f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    _plot(rows, f"{model} ({tag})", stem.with_suffix(".png"))
+    return stem
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="llama-bench speed of cache types against f16/q8_0/q4_0, written to results/")
+    p.add_argument("--model", "-m", default="smollm2")
+    p.add_argument("--types", default="f16,q8_0,q4_0,tq4,tq3,tq3/tq2", help="comma-separated K/V pairs")
+    p.add_argument("--depths", default="0,4096", help="comma-separated context depths")
+    p.add_argument("--n-gen", type=int, default=32)
+    p.add_argument("--n-prompt", type=int, default=0)
+    p.add_argument("--threads", "-t", type=int, default=min(os.cpu_count() or 2, 16))
+    p.add_argument("--reps", "-r", type=int, default=3)
+    p.add_argument("--cuda", action="store_true", help="use the CUDA build")
+    p.add_argument("--tag", default=None, help="name part of the results files (default cpu or cuda)")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-bench arguments")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    rows = bench(args.model, parse_pairs(args.types), [int(d) for d in args.depths.split(",")], args.n_gen,
+                 args.n_prompt, args.threads, args.reps, args.cuda, extra)
+    command = "tq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("tq") else "tq bench " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("model", "types", "depths", "threads"))
+    stem = write_results(rows, Path(args.model).stem, args.tag or ("cuda" if args.cuda else "cpu"), command, args.out_dir)
+    print("\n".join(_ratio_table(rows)))
+    print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
+    return 0

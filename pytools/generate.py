@@ -1,0 +1,99 @@
+"""`tq run`: generate text with the patched llama.cpp (llama-completion) and a TQ cache, and say
+how much KV memory the cache types save against f16."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .build import find_binary
+from .errors import UserError
+from .models import model_path
+
+# Bits per value of every cache type -ctk/-ctv accept (norms and scales included).
+CACHE_TYPE_BITS = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5,
+    "iq4_nl": 4.5, "tq4": 4.25, "tq3": 3.25, "tq2": 2.25, "tq4_qjl": 4.25, "tq3_qjl": 3.25, "tq2_qjl": 2.25,
+}
+
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
+
+
+def check_cache_type(name: str) -> str:
+    if name not in CACHE_TYPE_BITS:
+        raise UserError(f"unknown cache type '{name}'; valid: {', '.join(CACHE_TYPE_BITS)}")
+    return name
+
+
+@dataclass
+class KvMemory:
+    k_type: str
+    v_type: str
+    k_mib: float
+    v_mib: float
+
+    @property
+    def total_mib(self) -> float:
+        return self.k_mib + self.v_mib
+
+    @property
+    def f16_mib(self) -> float:
+        return (self.k_mib * 16.0 / CACHE_TYPE_BITS[self.k_type] + self.v_mib * 16.0 / CACHE_TYPE_BITS[self.v_type])
+
+    def summary(self) -> str:
+        return (f"KV cache {self.k_type}/{self.v_type}: {self.total_mib:.2f} MiB "
+                f"(K {self.k_mib:.2f} + V {self.v_mib:.2f}); an f16 cache would take {self.f16_mib:.2f} MiB: "
+                f"{self.f16_mib / self.total_mib:.2f}x smaller, {self.f16_mib - self.total_mib:.2f} MiB saved")
+
+
+def parse_kv_memory(log: str) -> KvMemory | None:
+    """The KV cache llama.cpp reports when it creates the context (it may create it more than once
+    while fitting memory: the last report is the one in use)."""
+    found = list(_KV_LINE.finditer(log))
+    if not found:
+        return None
+    m = found[-1]
+    return KvMemory(m.group(2), m.group(4), float(m.group(3)), float(m.group(5)))
+
+
+def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
+                   seed: int, extra: list[str]) -> tuple[str, KvMemory | None]:
+    exe = find_binary("llama-completion")
+    cmd = [str(exe), "-m", str(model_path(model)), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
+           "-fa", "on", "-ctk", check_cache_type(ctk), "-ctv", check_cache_type(ctv), "--temp", "0",
+           "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    cmd += extra
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise UserError(f"llama-completion failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout, parse_kv_memory(proc.stderr)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text with a TQ KV cache (llama-completion) and report the KV memory saved")
+    p.add_argument("--model", "-m", default="smollm2", help="model name from `tq models list`, or a .gguf path")
+    p.add_argument("--prompt", "-p", default="The capital of Germany is")
+    p.add_argument("--ctk", default="tq3", help="K cache type (default tq3)")
+    p.add_argument("--ctv", default="tq2", help="V cache type (default tq2)")
+    p.add_argument("--n-predict", "-n", type=int, default=48)
+    p.add_argument("--ctx", "-c", type=int, default=4096)
+    p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx, args.threads,
+                               args.seed, extra)
+    print(text.strip())
+    print()
+    print(mem.summary() if mem else "KV cache size: not reported by llama.cpp", file=sys.stderr)
+    return 0

@@ -1,0 +1,295 @@
+"""`tq eval quality`: type specs, bits per value, the llama-perplexity output parser (on output
+captured from this build), results files, and one short end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from turboquant_llama import evaluate as ev
+from turboquant_llama.errors import UserError
+
+# Captured from the patched build (CPU, 2 threads):
+#   llama-perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -c 512 --chunks 2 -fa on -t 2 \
+#       -ctk tq3 -ctv tq2 --kl-divergence-base base.kld --kl-divergence
+KLD_OUTPUT = """\
+0.05.207.624 I system_info: n_threads = 2 (n_threads_batch = 2) / 2 | CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |
+0.05.260.834 I kl_divergence: computing over 2 chunks, n_ctx=512, batch_size=2048, n_seq=4
+0.32.548.265 I kl_divergence: 27.29 seconds per pass - ETA 0.22 minutes
+
+chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p
+   1      20.1132 ±    3.8845       0.46794 ±    0.07601       0.44062 ±    0.04740    21.075 ±  1.859 %    71.373 ±  2.836 %
+   2      37.2642 ±    5.4286       0.56258 ±    0.06666       0.52378 ±    0.04027    21.879 ±  1.345 %    66.275 ±  2.096 %
+
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  37.264232 ±   5.428579
+Mean PPL(base)                :  21.230838 ±   3.106659
+Cor(ln(PPL(Q)), ln(PPL(base))):  89.58%
+Mean ln(PPL(Q)/PPL(base))     :   0.562579 ±   0.066659
+Mean PPL(Q)/PPL(base)         :   1.755194 ±   0.117000
+Mean PPL(Q)-PPL(base)         :  16.033394 ±   2.984359
+
+====== KL divergence statistics ======
+Mean    KLD:   0.523781 ±   0.040268
+Maximum KLD:   9.269712
+99.9%   KLD:   8.220356
+99.0%   KLD:   5.186872
+95.0%   KLD:   1.697591
+90.0%   KLD:   1.202784
+Median  KLD:   0.268455
+10.0%   KLD:   0.045669
+ 5.0%   KLD:   0.015516
+ 1.0%   KLD:   0.002193
+ 0.1%   KLD:   0.000869
+Minimum KLD:   0.000539
+
+====== Token probability statistics ======
+Mean    Δp: -10.020 ± 0.862 %
+Maximum Δp: 26.664%
+99.9%   Δp: 26.196%
+99.0%   Δp: 19.170%
+95.0%   Δp:  4.727%
+90.0%   Δp:  0.626%
+75.0%   Δp:  0.000%
+Median  Δp: -1.759%
+25.0%   Δp: -13.469%
+10.0%   Δp: -34.639%
+ 5.0%   Δp: -58.409%
+ 1.0%   Δp: -80.850%
+ 0.1%   Δp: -96.553%
+Minimum Δp: -98.719%
+RMS Δp    : 21.879 ± 1.345 %
+Same top p: 66.275 ± 2.096 %
+
+llama_perf_context_print:        load time =     290.17 ms
+"""
+
+# The f16 base run (same model; `-f wiki.test.raw -ctk f16 -ctv f16 --kl-divergence-base base.kld`)
+BASE_OUTPUT = """\
+0.04.452.096 I perplexity: calculating perplexity over 2 chunks, n_ctx=512, batch_size=2048, n_seq=4
+0.28.940.053 I perplexity: 24.43 seconds per pass - ETA 0.20 minutes
+[1]12.5967,[2]21.3334,
+0.29.555.112 I Final estimate: PPL = 21.3334 +/- 3.14125
+"""
+
+
+# --- type specs ---------------------------------------------------------------------------------------
+
+
+def test_parse_type_specs_symmetric_and_asymmetric():
+    assert ev.parse_type_specs("f16,q8_0,tq3/tq2, TQ4_QJL / tq3") == [
+        ("f16", "f16"), ("q8_0", "q8_0"), ("tq3", "tq2"), ("tq4_qjl", "tq3")]
+
+
+def test_parse_type_specs_drops_duplicates_and_empty_items():
+    assert ev.parse_type_specs("tq3,tq3/tq3,,f16/f16,f16") == [("tq3", "tq3"), ("f16", "f16")]
+
+
+@pytest.mark.parametrize("spec", ["tq5", "q4_0/tq9", "f32"])
+def test_parse_type_specs_unknown_name_lists_valid_ones(spec):
+    with pytest.raises(UserError) as exc:
+        ev.parse_type_specs(spec)
+    msg = str(exc.value)
+    assert "unknown cache type" in msg
+    for name in ("f16", "q8_0", "iq4_nl", "tq2", "tq4_qjl"):
+        assert name in msg
+
+
+@pytest.mark.parametrize("spec", ["", " , ", "tq3/tq2/tq2", "tq3/"])
+def test_parse_type_specs_malformed(spec):
+    with pytest.raises(UserError):
+        ev.parse_type_specs(spec)
+
+
+# --- sizes -----------------------------------------------------------------------------------------------
+
+
+def test_bits_per_value():
+    expected = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6, "q4_0": 4.5, "q4_1": 5,
+                "iq4_nl": 4.5, "tq2": 2.25, "tq3": 3.25, "tq4": 4.25, "tq2_qjl": 2.25, "tq3_qjl": 3.25,
+                "tq4_qjl": 4.25}
+    assert set(expected) == set(ev.VALID_TYPES)
+    for name, bpv in expected.items():
+        assert ev.bits_per_value(name) == pytest.approx(bpv), name
+    assert ev.pair_bpv("tq3", "tq2") == pytest.approx(2.75)
+    assert ev.pair_bpv("q8_0", "tq3") == pytest.approx(5.875)
+
+
+def test_kv_shape_and_bytes_per_token():
+    # SmolLM2-135M: 30 layers, 3 KV heads, no key_length key: 576 / 9 = 64
+    meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
+            "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
+    shape = ev.kv_shape(meta)
+    assert (shape.n_layer, shape.key_length, shape.value_length) == (30, 64, 64)
+    assert ev.kv_bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
+    # tq3 block: 26 bytes per 64 values, tq2: 18, q8_0: 34 per 32
+    assert ev.kv_bytes_per_token(shape, "tq3", "tq2") == 30 * 3 * (26 + 18)
+    assert ev.kv_bytes_per_token(shape, "q8_0", "q8_0") == 30 * 3 * 2 * 68
+    # explicit key/value lengths and per-layer KV head counts win
+    meta2 = {"general.architecture": "qwen2", "qwen2.block_count": 2, "qwen2.embedding_length": 1536,
+             "qwen2.attention.head_count": 12, "qwen2.attention.head_count_kv": [2, 4],
+             "qwen2.attention.key_length": 128, "qwen2.attention.value_length": 128}
+    shape2 = ev.kv_shape(meta2)
+    assert shape2.n_head_kv == (2, 4)
+    assert ev.kv_bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
+
+
+def test_gguf_header_reader(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(4)
+    w.add_embedding_length(256)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_token_list(["a", "bb", "ccc"] * 100)
+    w.add_array("test.numbers", [1, 2, 3])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta = ev.read_gguf_metadata(path)
+    assert meta["general.architecture"] == "llama"
+    assert meta["test.numbers"] == [1, 2, 3]
+    shape = ev.kv_shape(meta)
+    assert (shape.n_layer, shape.n_head_kv, shape.key_length) == (4, (2, 2, 2, 2), 64)
+
+
+# --- switches ----------------------------------------------------------------------------------------------
+
+
+def test_variant_of():
+    off = {"TQ_NORM_CORRECTION": "0", "TQ_GRAPH_ROTATION": None, "LLAMA_ATTN_ROT_DISABLE": None}
+    assert ev.variant_of("tq3", "tq2", off) == "norm_correction=off"
+    assert ev.variant_of("q8_0", "q8_0", off) == ""  # the switch cannot change this pair
+    assert ev.variant_of("tq3", "tq3", {"TQ_NORM_CORRECTION": "1"}) == ""  # the default
+    assert ev.variant_of("tq3", "tq3", {"TQ_GRAPH_ROTATION": "1"}) == "graph_rotation=on"
+    assert ev.variant_of("tq3", "tq3", {"TQ_GRAPH_ROTATION": "0"}) == ""
+    assert ev.variant_of("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
+    assert ev.variant_of("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
+    assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
+
+
+def test_env_switches_are_read(monkeypatch):
+    monkeypatch.setenv("TQ_NORM_CORRECTION", "0")
+    monkeypatch.delenv("TQ_GRAPH_ROTATION", raising=False)
+    assert ev.env_switches()["TQ_NORM_CORRECTION"] == "0"
+    assert ev.env_switches()["TQ_GRAPH_ROTATION"] is None
+
+
+# --- output parser -------------------------------------------------------------------------------------------
+
+
+def test_parse_kld_output_real_snippet():
+    r = ev.parse_kld_output(KLD_OUTPUT)
+    assert r["ppl"] == pytest.approx(37.264232)
+    assert r["ppl_stderr"] == pytest.approx(5.428579)
+    assert r["ppl_base"] == pytest.approx(21.230838)
+    assert r["ppl_ratio"] == pytest.approx(1.755194)
+    assert r["kld"] == pytest.approx(0.523781)
+    assert r["kld_stderr"] == pytest.approx(0.040268)
+    assert r["kld_p99"] == pytest.approx(5.186872)
+    assert r["kld_max"] == pytest.approx(9.269712)
+    assert r["top1"] == pytest.approx(66.275)
+    assert r["top1_stderr"] == pytest.approx(2.096)
+    assert r["rms_dp"] == pytest.approx(21.879)
+
+
+def test_parse_kld_output_missing_summary():
+    truncated = KLD_OUTPUT.split("====== Perplexity statistics")[0]
+    with pytest.raises(ValueError):
+        ev.parse_kld_output(truncated)
+
+
+def test_parse_kld_output_nan_becomes_none():
+    text = KLD_OUTPUT.replace("Mean    KLD:   0.523781", "Mean    KLD:        nan")
+    assert ev.parse_kld_output(text)["kld"] is None
+
+
+def test_parse_base_output():
+    assert ev.parse_base_output(BASE_OUTPUT) == {"ppl": pytest.approx(21.3334), "ppl_stderr": pytest.approx(3.14125)}
+    with pytest.raises(ValueError):
+        ev.parse_base_output("[1]12.5967,")
+
+
+def test_failure_messages():
+    # the patched llama-context.cpp's message for a head size the TQ block does not divide
+    head = ("llama_init_from_model: TurboQuant cache types (tq2, tq3, tq4, tq*_qjl) need a head size that is a "
+            "multiple of 64; for head size 80 use f16, q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl for K\n"
+            "common_init_from_params: failed to create context with model 'x.gguf'\n")
+    msg = ev.failure_message(head, 1, "tq3 on x", None)
+    assert "unsupported head size" in msg and "head size 80" in msg
+    crash = "line a\nline b\nGGML_ASSERT(x) failed\n"
+    msg = ev.failure_message(crash, -6, "tq3 on x", None)
+    assert "crashed (SIGABRT)" in msg and "GGML_ASSERT(x) failed" in msg
+    assert "exit 1" in ev.failure_message("oops\n", 1, "w", None)
+    assert "without a result" in ev.failure_message("oops\n", 0, "w", None)
+
+
+# --- results files -------------------------------------------------------------------------------------------
+
+
+def _row(k, v, kld, variant="", chunks=2):
+    return {"k": k, "v": v, "variant": variant, "bpv": ev.pair_bpv(k, v), "ppl": 20.0, "ppl_change_pct": 1.0,
+            "kld": kld, "top1": 90.0, "kv_bytes_per_token": 100, "chunks": chunks, "ctx": 512,
+            "tq_command": f"tq eval quality --model m --types {k}/{v}"}
+
+
+def test_merge_rows_by_pair_and_variant():
+    old = [_row("f16", "f16", 0.0), _row("tq3", "tq3", 0.1), _row("tq3", "tq3", 0.2, "norm_correction=off")]
+    new = [_row("tq3", "tq3", 0.05, chunks=20), _row("q4_0", "q4_0", 0.04)]
+    merged = ev.merge_rows(old, new)
+    assert [(r["k"], r["v"], r["variant"]) for r in merged] == [
+        ("f16", "f16", ""), ("tq3", "tq3", ""), ("tq3", "tq3", "norm_correction=off"), ("q4_0", "q4_0", "")]
+    assert merged[1]["kld"] == 0.05 and merged[1]["chunks"] == 20
+
+
+def test_write_results_accumulates(tmp_path):
+    meta = {"date": "d1", "tq_command": "tq eval quality", "llama_cpp_commit": "c" * 40}
+    info = {"file": "m.gguf", "n_layer": 1, "n_head_kv": 1, "key_length": 64, "value_length": 64}
+    ev.write_results(tmp_path, "m", [_row("f16", "f16", 0.0), _row("q4_0", "q4_0", 0.04)], meta, info)
+    ev.write_results(tmp_path, "m", [_row("tq3", "tq2", 0.3), _row("q4_0", "q4_0", 0.05)], dict(meta, date="d2"), info)
+    data = json.loads((tmp_path / "quality-m.json").read_text())
+    assert [(r["k"], r["v"], r["kld"]) for r in data["results"]] == [
+        ("f16", "f16", 0.0), ("q4_0", "q4_0", 0.05), ("tq3", "tq2", 0.3)]
+    assert [r["date"] for r in data["runs"]] == ["d1", "d2"]
+    md = (tmp_path / "quality-m.md").read_text()
+    assert "| tq3 | tq2 | default | 2.75 |" in md and "tq eval quality --model m" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "quality-m.png").stat().st_size > 1000
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
+    from tests.conftest import require_build, require_model
+
+    require_build()
+    require_model("smollm2")
+    from turboquant_llama.build import bin_dir
+
+    if not (bin_dir() / "llama-perplexity").exists():
+        pytest.skip("llama-perplexity is not built (run `tq build`)")
+    if ev.default_corpus() is None:
+        pytest.skip("no WikiText-2 raw test file (set TQ_CORPUS)")
+    for name in ev.ENV_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    from turboquant_llama.cli import main
+
+    rc = main(["eval", "quality", "--model", "smollm2", "--types", "f16,tq3/tq2", "--chunks", "2", "--threads", "2",
+               "--json", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["k"], r["v"]) for r in rows] == [("f16", "f16"), ("tq3", "tq2")]
+    for r in rows:
+        for key in ("k", "v", "bpv", "ppl", "kld", "top1", "kv_bytes_per_token"):
+            assert r[key] is not None, key
+    f16, tq = rows
+    assert f16["kld"] == 0 and f16["top1"] == 100 and f16["bpv"] == 16 and f16["kv_bytes_per_token"] == 23040
+    assert tq["bpv"] == pytest.approx(2.75) and tq["kv_bytes_per_token"] == 30 * 3 * (26 + 18)
+    assert tq["kld"] > 0 and tq["top1"] < 100 and tq["ppl"] > 1
+    assert tq["env"] == {name: None for name in ev.ENV_SWITCHES}
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"quality-smollm2.{ext}").exists()

@@ -1,0 +1,90 @@
+"""The TQ cache types end to end in the patched llama.cpp, as a user runs them: generation,
+context shift (K re-rotated with RoPE through a TQ cache), session files (state save and load),
+and the op tests of test-backend-ops."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from turboquant_llama.build import find_binary
+from turboquant_llama.generate import parse_kv_memory, run_completion
+
+from .conftest import require_build, require_model
+
+PROMPT = "The capital of Germany is"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    require_build()
+    return require_model("smollm2")
+
+
+@pytest.mark.parametrize("ctk,ctv", [("tq3", "tq2"), ("tq4", "tq4"), ("tq3", "f16"), ("q8_0", "tq3"), ("tq3_qjl", "tq2")])
+def test_generation_answers_and_saves_memory(smollm2, ctk, ctv):
+    text, mem = run_completion("smollm2", PROMPT, ctk, ctv, 12, 512, 2, 1, [])
+    assert "Berlin" in text
+    assert mem is not None and (mem.k_type, mem.v_type) == (ctk, ctv)
+    assert mem.f16_mib / mem.total_mib > 1.0
+
+
+def test_kv_memory_matches_block_sizes(smollm2):
+    # SmolLM2: 30 layers, 3 kv heads of 64 -> 192 values per token per layer for K and for V
+    _, mem = run_completion("smollm2", PROMPT, "tq3", "tq2", 4, 1024, 2, 1, [])
+    per_token_layer = 192 // 64
+    assert mem.k_mib == pytest.approx(30 * 1024 * per_token_layer * 26 / 2**20, abs=0.01)
+    assert mem.v_mib == pytest.approx(30 * 1024 * per_token_layer * 18 / 2**20, abs=0.01)
+
+
+def _completion(args: list[str]) -> subprocess.CompletedProcess:
+    exe = find_binary("llama-completion")
+    return subprocess.run([str(exe), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_context_shift_keeps_generating(smollm2):
+    """Generate past a 128-token context: llama.cpp drops half the cells and re-rotates the kept K
+    rows (dequantize, RoPE, quantize again) in the TQ cache."""
+    proc = _completion(["-m", str(smollm2), "-p", PROMPT, "-n", "300", "-c", "128", "-fa", "on",
+                        "-ctk", "tq3", "-ctv", "tq2", "--context-shift", "--ignore-eos"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "context shift" in proc.stderr.lower() or len(proc.stdout.split()) > 100
+
+
+def test_session_file_roundtrip(smollm2, tmp_path):
+    """State save and load through a session file (--prompt-cache): the second run loads the TQ
+    cache from disk and must continue exactly as the first one did."""
+    session = tmp_path / "session.bin"
+    args = ["-m", str(smollm2), "-p", PROMPT, "-n", "16", "-c", "256", "-fa", "on", "-ctk", "tq3", "-ctv", "tq2",
+            "--prompt-cache", str(session), "--seed", "1"]
+    first = _completion(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert session.exists() and session.stat().st_size > 0
+    second = _completion(args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "loaded a session" in second.stderr or "attempting to load saved session" in second.stderr
+    assert second.stdout == first.stdout
+
+
+def test_kv_log_parser():
+    line = ("0.00.434.150 I llama_kv_cache: size =    5.04 MiB (  1024 cells,  30 layers,  1/1 seqs), "
+            "K (tq3):    2.95 MiB, V (tq2):    2.04 MiB\n")
+    log = line.replace("5.04", "9.99").replace("2.95", "7.00") + line  # created twice: the last one counts
+    mem = parse_kv_memory(log)
+    assert (mem.k_type, mem.v_type) == ("tq3", "tq2")
+    assert mem.f16_mib == pytest.approx(2.95 * 16 / 3.25 + 2.04 * 16 / 2.25)
+
+
+def test_backend_ops_tq_cases():
+    """test-backend-ops on the CPU backend against the CPU reference mode (no split-KV, no tiling):
+    GET_ROWS, SET_ROWS, CPY, MUL_MAT and FLASH_ATTN_EXT with TQ types, mixed with f16/q8_0/q4_0."""
+    require_build()
+    exe = find_binary("test-backend-ops")
+    for op in ("GET_ROWS", "SET_ROWS", "CPY", "MUL_MAT", "FLASH_ATTN_EXT"):
+        proc = subprocess.run([str(exe), "test", "-b", "CPU", "-o", op, "-p", r"=tq[234](_qjl)?(,|\)|$)"], capture_output=True, text=True,
+                              timeout=900)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{op}:\n" + out[-3000:]
+        assert "FAIL" not in out, out[-3000:]
