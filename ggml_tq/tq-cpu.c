@@ -1,6 +1,14 @@
 // TurboQuant KV-cache types: CPU kernels. Each SIMD path is a faster copy of the scalar reference
-// in tq.c and is chosen at run time from what the processor supports (x86: AVX2+FMA; AVX-512
-// machines run the AVX2 path for now).
+// in tq.c and is chosen at run time from what the processor supports:
+//   x86-64:  level 2 AVX-512 (avx512f, with avx2 and fma), level 1 AVX2 (avx2 and fma), level 0 scalar;
+//            the AVX2 and AVX-512 functions carry target attributes, so the file needs no -mavx flags.
+//   aarch64: level 1 NEON (always present there), level 0 scalar.
+// The SIMD paths cover the MSE types (tq2, tq3, tq4): the key dot product against the rotated query
+// (block_tq_q), the V accumulation in the rotated domain and the inverse rotation of the
+// accumulator. Their dot products and sums may differ from the scalar ones by float32 accumulation
+// error (other summation order, fused multiply-add); the inverse rotation is bit-identical (the same
+// a + b / a - b butterflies, multiplication by 0.125f and sign flips). The _qjl types use the reference.
+// TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment, or tq_cpu_set_simd_level(), caps the level.
 // Quantization goes through the reference itself: it runs once per cached token and its bytes
 // must equal the NumPy reference's.
 #include "tq.h"
@@ -17,18 +25,39 @@
 #    include <immintrin.h>
 #endif
 
+// NEON path: AArch64 only (it uses A64 table lookups and vaddvq), little-endian (the centroid
+// table is read as float bytes).
+#if defined(__ARM_NEON) && defined(__aarch64__) && (!defined(__BYTE_ORDER__) || __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__)
+#    define TQ_NEON 1
+#    include <arm_neon.h>
+#endif
+
 // --- run-time dispatch ---------------------------------------------------------------------------
 
-enum { TQ_SIMD_SCALAR = 0, TQ_SIMD_AVX2 = 1 };
+// Levels: 0 scalar; x86: 1 AVX2, 2 AVX-512; aarch64: 1 NEON.
+enum { TQ_SIMD_SCALAR = 0, TQ_SIMD_AVX2 = 1, TQ_SIMD_AVX512 = 2, TQ_SIMD_NEON = 1, TQ_SIMD_MAX = 2 };
 
 static int tq_simd_supported(void) {
 #if defined(TQ_X86) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        if (__builtin_cpu_supports("avx512f")) {
+            return TQ_SIMD_AVX512;
+        }
         return TQ_SIMD_AVX2;
     }
+#elif defined(TQ_NEON)
+    return TQ_SIMD_NEON;
 #endif
     return TQ_SIMD_SCALAR;
+}
+
+// The cap that TQ_CPU_SIMD names; an unknown name caps nothing.
+static int tq_simd_cap(const char * name) {
+    if (strcmp(name, "scalar") == 0) return TQ_SIMD_SCALAR;
+    if (strcmp(name, "avx2") == 0)   return TQ_SIMD_AVX2;
+    if (strcmp(name, "neon") == 0)   return TQ_SIMD_NEON;
+    return TQ_SIMD_MAX;
 }
 
 static int tq_simd_level = -1;
@@ -38,7 +67,7 @@ static int tq_simd(void) {
         int level = tq_simd_supported();
         const char * env = getenv("TQ_CPU_SIMD");
         if (env != NULL) {
-            const int cap = strcmp(env, "scalar") == 0 ? TQ_SIMD_SCALAR : TQ_SIMD_AVX2;
+            const int cap = tq_simd_cap(env);
             level = level < cap ? level : cap;
         }
         tq_simd_level = level;
@@ -54,7 +83,12 @@ int tq_cpu_set_simd_level(int level) {
 
 const char * tq_cpu_simd_name(void) {
     switch (tq_simd()) {
+#if defined(TQ_NEON)
+        case TQ_SIMD_NEON:   return "neon";
+#else
         case TQ_SIMD_AVX2:   return "avx2";
+        case TQ_SIMD_AVX512: return "avx512";
+#endif
         default:             return "scalar";
     }
 }
@@ -102,6 +136,14 @@ static inline const float * tq_type_centroids(enum ggml_type type) {
         case GGML_TYPE_TQ3: return tq_centroids_3;
         default:            return tq_centroids_4;
     }
+}
+
+// The type's centroids in a 16-entry table, zero-padded (tq2 uses entries 0..3, tq3 0..7): one
+// register for the AVX-512 permute, four for the NEON byte-table lookup.
+static inline void tq_centroid_table16(enum ggml_type type, float * ctab) {
+    const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
+    memset(ctab, 0, 16*sizeof(float));
+    memcpy(ctab, tq_type_centroids(type), ncent*sizeof(float));
 }
 
 static float tq_vec_dot_mse_scalar(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
@@ -285,7 +327,234 @@ static void tq_unrotate_block_avx2(float * x) {
     }
 }
 
+// --- AVX-512 -------------------------------------------------------------------------------------
+// The AVX2 path 16 lanes wide: one _mm512_permutexvar_ps looks up 16 centroids at once from the
+// zero-padded 16-entry table (all three types); the indices come from the AVX2 helper above.
+// Only AVX-512F instructions are used.
+#define TQ_AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
+
+TQ_AVX512_TARGET
+static float tq_vec_dot_mse_avx512(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
+    float ctab[16];
+    tq_centroid_table16(type, ctab);
+    const __m512 c16 = _mm512_loadu_ps(ctab);
+    __m512 total = _mm512_setzero_ps();
+    for (int b = 0; b < n / QK_TQ; ++b) {
+        __m512 acc = _mm512_setzero_ps();
+        float d = 0.0f;
+        for (int g = 0; g < 4; ++g) {
+            const __m128i idx = tq_avx2_idx16(type, x, b, g, &d);
+            const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx), c16);
+            acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(q[b].y + 16*g), acc);
+        }
+        total = _mm512_fmadd_ps(_mm512_set1_ps(d), acc, total);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
+TQ_AVX512_TARGET
+static void tq_mad_rotated_mse_avx512(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    float ctab[16];
+    tq_centroid_table16(type, ctab);
+    const __m512 c16 = _mm512_loadu_ps(ctab);
+    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
+        float d = 0.0f;
+        __m128i idx[4];
+        for (int g = 0; g < 4; ++g) {
+            idx[g] = tq_avx2_idx16(type, x, b, g, &d);
+        }
+        const __m512 ds = _mm512_set1_ps(d * scale);
+        for (int g = 0; g < 4; ++g) {
+            const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx[g]), c16);
+            _mm512_storeu_ps(acc + 16*g, _mm512_fmadd_ps(ds, v, _mm512_loadu_ps(acc + 16*g)));
+        }
+    }
+}
+
+// One FWHT stage inside a register: p holds each pair's first element, s its second (both
+// broadcast over the pair); lanes in `minus` (the pairs' second halves) get p - s, the others p + s.
+TQ_AVX512_TARGET
+static inline __m512 tq_avx512_butterfly(__m512 p, __m512 s, __mmask16 minus) {
+    return _mm512_mask_sub_ps(_mm512_add_ps(p, s), minus, p, s);
+}
+
+// FWHT stages h = 1, 2 (inside each 128-bit lane) and h = 4, 8 (across 128-bit lanes) of 16 values.
+TQ_AVX512_TARGET
+static inline __m512 tq_avx512_fwht16(__m512 v) {
+    v = tq_avx512_butterfly(_mm512_permute_ps(v, 0xA0), _mm512_permute_ps(v, 0xF5), 0xAAAA);             // h = 1
+    v = tq_avx512_butterfly(_mm512_permute_ps(v, 0x44), _mm512_permute_ps(v, 0xEE), 0xCCCC);             // h = 2
+    v = tq_avx512_butterfly(_mm512_shuffle_f32x4(v, v, 0xA0), _mm512_shuffle_f32x4(v, v, 0xF5), 0xF0F0); // h = 4
+    v = tq_avx512_butterfly(_mm512_shuffle_f32x4(v, v, 0x44), _mm512_shuffle_f32x4(v, v, 0xEE), 0xFF00); // h = 8
+    return v;
+}
+
+TQ_AVX512_TARGET
+static void tq_unrotate_block_avx512(float * x) {
+    const __m512 eighth = _mm512_set1_ps(0.125f);
+    const __m512i sign_bit = _mm512_set1_epi32((int) 0x80000000);
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
+        __m512 v[4];
+        for (int i = 0; i < 4; ++i) {
+            v[i] = tq_avx512_fwht16(_mm512_loadu_ps(x + 16*i));
+        }
+        // h = 16, 32: whole-register butterflies
+        for (int h = 1; h < 4; h <<= 1) {
+            for (int i = 0; i < 4; i += 2*h) {
+                for (int j = i; j < i + h; ++j) {
+                    const __m512 a = v[j];
+                    const __m512 b = v[j + h];
+                    v[j]     = _mm512_add_ps(a, b);
+                    v[j + h] = _mm512_sub_ps(a, b);
+                }
+            }
+        }
+        const uint64_t signs = tq_rotation_signs[r];
+        for (int i = 0; i < 4; ++i) {
+            const __mmask16 neg = (__mmask16) (signs >> (16*i)); // elements 16i .. 16i+15
+            const __m512i y = _mm512_castps_si512(_mm512_mul_ps(v[i], eighth));
+            _mm512_storeu_ps(x + 16*i, _mm512_castsi512_ps(_mm512_mask_xor_epi32(y, neg, y, sign_bit)));
+        }
+    }
+}
+
 #endif // TQ_X86
+
+// --- NEON (AArch64) ------------------------------------------------------------------------------
+#if defined(TQ_NEON)
+
+// 16 indices of one quarter (elements 16g .. 16g+15) as bytes: the same unpacking as
+// tq_avx2_idx16 (vshlq by a negative count shifts right).
+static inline uint8x16_t tq_neon_idx16(enum ggml_type type, const void * blocks, int64_t b, int g, float * d) {
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    if (type == GGML_TYPE_TQ2) {
+        const block_tq2 * x = (const block_tq2 *) blocks + b;
+        *d = GGML_FP16_TO_FP32(x->d);
+        return vandq_u8(vshlq_u8(vld1q_u8(x->qs), vdupq_n_s8((int8_t) (-2*g))), m3);
+    }
+    if (type == GGML_TYPE_TQ3) {
+        const block_tq3 * x = (const block_tq3 *) blocks + b;
+        *d = GGML_FP16_TO_FP32(x->d);
+        const uint8x16_t lo = vandq_u8(vshlq_u8(vld1q_u8(x->qs), vdupq_n_s8((int8_t) (-2*g))), m3);
+        const uint8x8_t qh = vld1_u8(x->qh);
+        // bytes 0..7: qh >> 2g, bytes 8..15: qh >> (2g+1)
+        const uint8x16_t hi = vcombine_u8(vshl_u8(qh, vdup_n_s8((int8_t) (-2*g))), vshl_u8(qh, vdup_n_s8((int8_t) (-2*g - 1))));
+        return vorrq_u8(lo, vshlq_n_u8(vandq_u8(hi, vdupq_n_u8(1)), 2));
+    }
+    // tq4: elements 16g..16g+15 are bytes (16g mod 32).., low nibble for g < 2
+    const block_tq4 * x = (const block_tq4 *) blocks + b;
+    *d = GGML_FP16_TO_FP32(x->d);
+    const uint8x16_t qs = vld1q_u8(x->qs + 16*(g & 1));
+    const uint8x16_t sh = g < 2 ? qs : vshrq_n_u8(qs, 4);
+    return vandq_u8(sh, vdupq_n_u8(15));
+}
+
+// The 16-entry centroid table as 64 bytes, for vqtbl4q_u8.
+static inline uint8x16x4_t tq_neon_table(enum ggml_type type) {
+    float ctab[16];
+    tq_centroid_table16(type, ctab);
+    uint8x16x4_t tab;
+    for (int k = 0; k < 4; ++k) {
+        tab.val[k] = vld1q_u8((const uint8_t *) ctab + 16*k);
+    }
+    return tab;
+}
+
+// Centroid values of 16 byte indices, as 4 registers of 4 floats: index i of a 32-bit lane becomes
+// the byte indices 4i, 4i+1, 4i+2, 4i+3 (i * 0x04040404 + 0x03020100) of its float in the table.
+static inline void tq_neon_lookup16(uint8x16x4_t tab, uint8x16_t idx, float32x4_t * v) {
+    const uint16x8_t i16[2] = { vmovl_u8(vget_low_u8(idx)), vmovl_u8(vget_high_u8(idx)) };
+    for (int k = 0; k < 4; ++k) {
+        const uint32x4_t i32 = vmovl_u16(k % 2 == 0 ? vget_low_u16(i16[k / 2]) : vget_high_u16(i16[k / 2]));
+        const uint32x4_t bytes = vmlaq_n_u32(vdupq_n_u32(0x03020100u), i32, 0x04040404u);
+        v[k] = vreinterpretq_f32_u8(vqtbl4q_u8(tab, vreinterpretq_u8_u32(bytes)));
+    }
+}
+
+static float tq_vec_dot_mse_neon(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
+    const uint8x16x4_t tab = tq_neon_table(type);
+    float32x4_t total = vdupq_n_f32(0.0f);
+    for (int b = 0; b < n / QK_TQ; ++b) {
+        float32x4_t acc[4];
+        for (int k = 0; k < 4; ++k) {
+            acc[k] = vdupq_n_f32(0.0f);
+        }
+        float d = 0.0f;
+        for (int g = 0; g < 4; ++g) {
+            float32x4_t v[4];
+            tq_neon_lookup16(tab, tq_neon_idx16(type, x, b, g, &d), v);
+            for (int k = 0; k < 4; ++k) {
+                acc[k] = vfmaq_f32(acc[k], v[k], vld1q_f32(q[b].y + 16*g + 4*k));
+            }
+        }
+        const float32x4_t s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        total = vfmaq_n_f32(total, s, d);
+    }
+    return vaddvq_f32(total);
+}
+
+static void tq_mad_rotated_mse_neon(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    const uint8x16x4_t tab = tq_neon_table(type);
+    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
+        float d = 0.0f;
+        uint8x16_t idx[4];
+        for (int g = 0; g < 4; ++g) {
+            idx[g] = tq_neon_idx16(type, x, b, g, &d);
+        }
+        const float ds = d * scale;
+        for (int g = 0; g < 4; ++g) {
+            float32x4_t v[4];
+            tq_neon_lookup16(tab, idx[g], v);
+            for (int k = 0; k < 4; ++k) {
+                float * a = acc + 16*g + 4*k;
+                vst1q_f32(a, vfmaq_n_f32(vld1q_f32(a), v[k], ds));
+            }
+        }
+    }
+}
+
+// FWHT stages h = 1, 2 of 4 values: (x0, x1, x2, x3) -> (x0 + x1, x0 - x1, x2 + x3, x2 - x3), then
+// (y0, y1, y2, y3) -> (y0 + y2, y1 + y3, y0 - y2, y1 - y3).
+static inline float32x4_t tq_neon_fwht4(float32x4_t v) {
+    const float32x4_t p = vtrn1q_f32(v, v); // x0 x0 x2 x2
+    const float32x4_t s = vtrn2q_f32(v, v); // x1 x1 x3 x3
+    v = vtrn1q_f32(vaddq_f32(p, s), vsubq_f32(p, s));
+    const float32x2_t lo = vget_low_f32(v);
+    const float32x2_t hi = vget_high_f32(v);
+    return vcombine_f32(vadd_f32(lo, hi), vsub_f32(lo, hi));
+}
+
+static void tq_unrotate_block_neon(float * x) {
+    static const uint32_t lane_bit[4] = { 1, 2, 4, 8 };
+    const uint32x4_t bit = vld1q_u32(lane_bit);
+    const uint32x4_t sign_bit = vdupq_n_u32(0x80000000u);
+    const float32x4_t eighth = vdupq_n_f32(0.125f);
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
+        float32x4_t v[16];
+        for (int i = 0; i < 16; ++i) {
+            v[i] = tq_neon_fwht4(vld1q_f32(x + 4*i));
+        }
+        // h = 4 .. 32: whole-register butterflies
+        for (int h = 1; h < 16; h <<= 1) {
+            for (int i = 0; i < 16; i += 2*h) {
+                for (int j = i; j < i + h; ++j) {
+                    const float32x4_t a = v[j];
+                    const float32x4_t b = v[j + h];
+                    v[j]     = vaddq_f32(a, b);
+                    v[j + h] = vsubq_f32(a, b);
+                }
+            }
+        }
+        const uint64_t signs = tq_rotation_signs[r];
+        for (int i = 0; i < 16; ++i) {
+            const uint32_t m = (uint32_t) (signs >> (4*i)) & 0xF; // elements 4i .. 4i+3
+            const uint32x4_t neg = vandq_u32(vtstq_u32(vdupq_n_u32(m), bit), sign_bit);
+            const uint32x4_t y = vreinterpretq_u32_f32(vmulq_f32(v[i], eighth));
+            vst1q_f32(x + 4*i, vreinterpretq_f32_u32(veorq_u32(y, neg)));
+        }
+    }
+}
+
+#endif // TQ_NEON
 
 // --- entry points --------------------------------------------------------------------------------
 
@@ -295,8 +564,17 @@ static inline void tq_vec_dot_dispatch(enum ggml_type type, int n, float * s, co
         return;
     }
 #if defined(TQ_X86) && defined(__GNUC__)
+    if (tq_simd() >= TQ_SIMD_AVX512) {
+        *s = tq_vec_dot_mse_avx512(type, n, x, (const block_tq_q *) y);
+        return;
+    }
     if (tq_simd() >= TQ_SIMD_AVX2) {
         *s = tq_vec_dot_mse_avx2(type, n, x, (const block_tq_q *) y);
+        return;
+    }
+#elif defined(TQ_NEON)
+    if (tq_simd() >= TQ_SIMD_NEON) {
+        *s = tq_vec_dot_mse_neon(type, n, x, (const block_tq_q *) y);
         return;
     }
 #endif
@@ -331,8 +609,17 @@ void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void 
         return;
     }
 #if defined(TQ_X86) && defined(__GNUC__)
+    if (tq_simd() >= TQ_SIMD_AVX512) {
+        tq_mad_rotated_mse_avx512(type, n, acc, x, scale);
+        return;
+    }
     if (tq_simd() >= TQ_SIMD_AVX2) {
         tq_mad_rotated_mse_avx2(type, n, acc, x, scale);
+        return;
+    }
+#elif defined(TQ_NEON)
+    if (tq_simd() >= TQ_SIMD_NEON) {
+        tq_mad_rotated_mse_neon(type, n, acc, x, scale);
         return;
     }
 #endif
@@ -342,8 +629,17 @@ void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void 
 void tq_cpu_unrotate_row(float * x, int64_t n) {
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
 #if defined(TQ_X86) && defined(__GNUC__)
+        if (tq_simd() >= TQ_SIMD_AVX512) {
+            tq_unrotate_block_avx512(x + b*QK_TQ);
+            continue;
+        }
         if (tq_simd() >= TQ_SIMD_AVX2) {
             tq_unrotate_block_avx2(x + b*QK_TQ);
+            continue;
+        }
+#elif defined(TQ_NEON)
+        if (tq_simd() >= TQ_SIMD_NEON) {
+            tq_unrotate_block_neon(x + b*QK_TQ);
             continue;
         }
 #endif

@@ -87,10 +87,12 @@ TQ_CPU_API void tq_cpu_vec_dot_tq4_qjl(int n, float * s, size_t bs, const void *
 TQ_CPU_API void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale);
 TQ_CPU_API void tq_cpu_unrotate_row(float * x, int64_t n);
 
-// Which SIMD path the CPU kernels use on this machine ("avx2" or "scalar").
-// TQ_CPU_SIMD=scalar in the environment caps it (for parity tests and benchmarks).
+// Which SIMD path the CPU kernels use on this machine: "avx512", "avx2" or "scalar" on x86-64,
+// "neon" or "scalar" on aarch64. TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment caps it
+// (for parity tests and benchmarks; a name caps at its level number below).
 TQ_CPU_API const char * tq_cpu_simd_name(void);
-// Cap the SIMD level at run time: 0 scalar, 1 AVX2. Returns the level in use.
+// Cap the SIMD level at run time: 0 scalar; x86-64: 1 AVX2, 2 AVX-512; aarch64: 1 NEON. Levels
+// above what the processor supports give the highest supported one. Returns the level in use.
 TQ_CPU_API int tq_cpu_set_simd_level(int level);
 
 #ifdef __cplusplus

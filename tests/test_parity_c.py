@@ -116,14 +116,14 @@ def test_vec_dot_simd_and_scalar_within_float_error(lib, type_name, kind):
     raw = layout.quantize_rows(x, type_name)
     exact = layout.vec_dot_rows(raw, q, type_name)
     bound = _dot_bound(type_name, raw, q)
-    level = lib.set_simd_level(1)
+    top = lib.set_simd_level(99)  # every level this processor has: scalar, AVX2/NEON, AVX-512
     try:
-        for simd in sorted({0, level}):
+        for simd in range(top + 1):
             lib.set_simd_level(simd)
             got = lib.vec_dot_rows(raw, q, type_name).astype(np.float64)
             assert np.all(np.abs(got - exact) <= bound), f"simd level {simd}"
     finally:
-        lib.set_simd_level(1)
+        lib.set_simd_level(99)
 
 
 @pytest.mark.parametrize("type_name", sorted(TQ_TYPES))
@@ -136,13 +136,13 @@ def test_v_accumulation_in_rotated_domain(lib, type_name):
     raw = layout.quantize_rows(x, type_name)
     ref = (w[:, None].astype(np.float64) * layout.dequantize_rows(raw, type_name)).sum(axis=0)
     mag = (np.abs(w[:, None]) * np.abs(layout.dequantize_rows_rotated(raw, type_name))).sum(axis=0)
-    level = lib.set_simd_level(1)
+    top = lib.set_simd_level(99)
     try:
-        for simd in sorted({0, level}):
+        for simd in range(top + 1):
             lib.set_simd_level(simd)
             got = lib.mad_rotated(raw, type_name, x.shape[1], w).astype(np.float64)
-            # accumulation over rows plus the 2 x 6 butterfly stages of the inverse rotation
-            bound = (x.shape[0] + 16) * EPS32 * np.sqrt(QK_TQ) * mag.max() + 1e-30
+            # accumulation over rows plus the 3 x 6 butterfly stages of the inverse rotation
+            bound = (x.shape[0] + 18) * EPS32 * np.sqrt(QK_TQ) * mag.max() + 1e-30
             assert np.all(np.abs(got - ref) <= bound), f"simd level {simd}"
     finally:
-        lib.set_simd_level(1)
+        lib.set_simd_level(99)

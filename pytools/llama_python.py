@@ -1,0 +1,314 @@
+"""llama-cpp-python 0.3.36 on the patched llama.cpp: TQ cache types from Python.
+
+    from turboquant_llama.llama_python import load_llama
+    llm = load_llama("smollm2", ctk="tq3", ctv="tq2", n_ctx=4096)
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], stream=True)
+
+`tq install-python` installs the Python part of the pinned llama-cpp-python sdist (no native
+build: -DLLAMA_BUILD=OFF), and `import_llama_cpp()` points it at the library `tq build` made
+(LLAMA_CPP_LIB_PATH) before importing it. Type names are validated here because llama.cpp
+crashes on a type id it does not know, and head sizes are checked against the types' block
+sizes from the GGUF metadata before llama.cpp is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import REPO_ROOT
+from .build import bin_dir
+from .errors import UserError
+from .generate import CACHE_TYPE_BITS
+from .ggml_lib import GGML_TYPE_IDS
+from .mem import TYPE_BLOCKS, model_kv_shape, types_for_head_size
+from .upstream import UPSTREAM, fetch_sdist
+
+TQ2 = GGML_TYPE_IDS["tq2"]
+TQ3 = GGML_TYPE_IDS["tq3"]
+TQ4 = GGML_TYPE_IDS["tq4"]
+TQ2_QJL = GGML_TYPE_IDS["tq2_qjl"]
+TQ3_QJL = GGML_TYPE_IDS["tq3_qjl"]
+TQ4_QJL = GGML_TYPE_IDS["tq4_qjl"]
+
+# Every cache type name -ctk/-ctv accept -> its ggml type id (what Llama(type_k=, type_v=) takes).
+CACHE_TYPE_IDS: dict[str, int] = {name: GGML_TYPE_IDS[name] for name in CACHE_TYPE_BITS}
+TQ_TYPES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl")
+TQ_BLOCK = 64
+
+_CUDA_ENV = "TQ_CUDA"   # TQ_CUDA=1 prefers build-cuda, 0 forces build-cpu
+
+
+def cache_type_id(name: str) -> int:
+    """The ggml type id of a cache type name; ValueError listing the valid names otherwise."""
+    if not isinstance(name, str) or name.lower() not in CACHE_TYPE_IDS:
+        raise ValueError(f"unknown KV cache type {name!r}; valid: {', '.join(CACHE_TYPE_IDS)}")
+    return CACHE_TYPE_IDS[name.lower()]
+
+
+def check_head_size(ctk: str, ctv: str, head_k: int | list[int], head_v: int | list[int] | None = None) -> None:
+    """ValueError when a cache type's block (64 values for the TQ types, 32 for q8_0/q4_0, ...)
+    does not divide the model's K or V head size; the message names the head size and the types
+    that can serve it."""
+    cache_type_id(ctk)
+    cache_type_id(ctv)
+    heads_k = [head_k] if isinstance(head_k, int) else list(head_k)
+    heads_v = heads_k if head_v is None else ([head_v] if isinstance(head_v, int) else list(head_v))
+    for which, t, heads in (("K", ctk.lower(), heads_k), ("V", ctv.lower(), heads_v)):
+        blck = TYPE_BLOCKS[t][0]
+        for h in sorted(set(heads)):
+            if h % blck:
+                kind = "TurboQuant types store blocks" if t in TQ_TYPES else f"{t} stores blocks"
+                raise ValueError(f"{which} cache type {t} cannot serve head size {h}: {kind} of {blck} values, "
+                                 f"so the head size must be a multiple of {blck}; for head size {h} use "
+                                 f"{', '.join(types_for_head_size(h))}")
+
+
+def _lib_dir(cuda: bool | None) -> Path:
+    if cuda is None:
+        env = os.environ.get(_CUDA_ENV)
+        if env is not None:
+            cuda = env == "1"
+        else:
+            cuda = (bin_dir(True) / "libllama.so").exists()
+    return bin_dir(bool(cuda))
+
+
+def import_llama_cpp(cuda: bool | None = None):
+    """Import llama_cpp (llama-cpp-python) bound to the patched library in bin_dir().
+
+    cuda: None picks build-cuda when it holds libllama.so (TQ_CUDA=0/1 overrides), else build-cpu.
+    """
+    lib = _lib_dir(cuda)
+    if not (lib / "libllama.so").exists() and not (lib / "libllama.dylib").exists():
+        raise UserError(f"the patched llama.cpp library is not built ({lib}/libllama.so missing): run "
+                        "`tq build --targets llama` (add --cuda on a GPU machine)")
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None:
+        base = Path(getattr(loaded, "_base_path", "")).resolve()
+        if base != lib.resolve():
+            raise UserError(f"llama_cpp was already imported with the library in {base}, not the patched one in {lib}; "
+                            "import turboquant_llama.llama_python (or call import_llama_cpp()) before llama_cpp")
+        return sys.modules["llama_cpp"]
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        if exc.name == "llama_cpp":
+            raise UserError("llama-cpp-python is not installed: run `tq install-python` (installs "
+                            f"{UPSTREAM.package}=={UPSTREAM.version} without its native build)") from None
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"llama-cpp-python could not load {lib}/libllama.so: {exc}") from None
+    version = getattr(llama_cpp, "__version__", "?")
+    if version != UPSTREAM.version:
+        print(f"tq: warning: llama-cpp-python {version} is installed; the library is built from "
+              f"{UPSTREAM.version}'s llama.cpp (run `tq install-python` to match)", file=sys.stderr)
+    _check_tq_types(llama_cpp)
+    return llama_cpp
+
+
+def _check_tq_types(llama_cpp) -> None:
+    """The library must be the patched one: ggml_type_name(44) == 'tq3'."""
+    import ctypes
+
+    lib_path = Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    try:
+        base = ctypes.CDLL(str(lib_path / "libggml-base.so"))
+        base.ggml_type_name.restype = ctypes.c_char_p
+        base.ggml_type_name.argtypes = [ctypes.c_int]
+        name = base.ggml_type_name(TQ3)
+    except OSError:
+        return  # another layout (static ggml): cannot check, context creation will tell
+    if name != b"tq3":
+        raise UserError(f"{lib_path} is not the patched llama.cpp (ggml type {TQ3} is {name!r}, not 'tq3'): run `tq build`")
+
+
+def head_sizes(model: str | Path) -> tuple[list[int], list[int]]:
+    """K and V head sizes of every layer with a KV cache, from the GGUF metadata."""
+    shape = model_kv_shape(model)
+    return [l.head_k for l in shape.layers], [l.head_v for l in shape.layers]
+
+
+def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int = 4096, n_gpu_layers: int = 0,
+               cuda: bool | None = None, **kw):
+    """A llama_cpp.Llama with TQ (or any) cache types, flash attention on.
+
+    model: a manifest name (`tq models list`) or a .gguf path. Unknown type names and head sizes
+    a type cannot serve raise ValueError before llama.cpp sees them. Other keyword arguments go
+    to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced).
+    """
+    from .models import model_path
+
+    type_k, type_v = cache_type_id(ctk), cache_type_id(ctv)
+    path = model_path(str(model))
+    hk, hv = head_sizes(path)
+    check_head_size(ctk, ctv, hk, hv)
+    llama_cpp = import_llama_cpp(cuda)
+    kw.setdefault("verbose", False)
+    if "n_threads" in kw and "n_threads_batch" not in kw:
+        # llama-cpp-python's n_threads_batch defaults to every core; on a busy machine ggml's
+        # spinning threads then slow prompt processing down by orders of magnitude
+        kw["n_threads_batch"] = kw["n_threads"]
+    if kw.pop("flash_attn", True) is not True:
+        raise ValueError("TQ caches (and any quantized V cache) need flash_attn=True")
+    return llama_cpp.Llama(model_path=str(path), flash_attn=True, type_k=type_k, type_v=type_v, n_ctx=n_ctx,
+                           n_gpu_layers=n_gpu_layers, **kw)
+
+
+# --------------------------------------------------------------------------- agreement with f16
+
+AGREEMENT_PROMPTS = (
+    "The capital of Germany is",
+    "Water boils at a temperature of",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+    "To make a cup of tea, first",
+    "The largest planet in the solar system is",
+    "In 1492, Christopher Columbus",
+)
+AGREEMENT_PAIRS = (("tq4", "tq4"), ("tq3", "tq3"), ("tq3", "tq2"), ("tq2", "tq2"))
+# measured alongside as references (llama.cpp's own quantized caches, Hadamard-rotated at this commit)
+REFERENCE_PAIRS = (("q8_0", "q8_0"), ("q4_0", "q4_0"))
+
+
+def greedy_tokens(llm, prompt: str, n: int) -> list[int]:
+    """n greedy tokens after prompt from a fresh context (no prefix reuse), stopping at EOS."""
+    llm.reset()
+    toks = llm.tokenize(prompt.encode())
+    out = []
+    for t in llm.generate(toks, top_k=1, temp=0.0, reset=True, repeat_penalty=1.0):
+        if t == llm.token_eos() or len(out) >= n:
+            break
+        out.append(t)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def measure_agreement(model: str = "smollm2", pairs=AGREEMENT_PAIRS, prompts=AGREEMENT_PROMPTS, n_tokens: int = 8,
+                      n_ctx: int = 256, n_threads: int = 1) -> dict:
+    """Greedy generations with each K/V pair against the f16 cache: the fraction of prompts whose
+    first n_tokens are identical and the mean length of the common prefix."""
+    ref_llm = load_llama(model, "f16", "f16", n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
+    ref = [greedy_tokens(ref_llm, p, n_tokens) for p in prompts]
+    del ref_llm
+    result = {}
+    for k, v in pairs:
+        llm = load_llama(model, k, v, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
+        got = [greedy_tokens(llm, p, n_tokens) for p in prompts]
+        del llm
+        prefixes = [_prefix(a, b) for a, b in zip(got, ref)]
+        result[f"{k}/{v}"] = {
+            "identical_fraction": sum(a == b for a, b in zip(got, ref)) / len(prompts),
+            "mean_common_prefix": sum(prefixes) / len(prompts),
+            "common_prefix": prefixes,
+        }
+    return result
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    rates = measure_agreement(args.model, AGREEMENT_PAIRS + REFERENCE_PAIRS, n_tokens=args.n_tokens)
+    out = {
+        "command": f"tq python-agreement --model {args.model} --n-tokens {args.n_tokens} --output {args.output}",
+        "what": f"greedy decoding through llama-cpp-python {UPSTREAM.version} (CPU build), "
+                f"{len(AGREEMENT_PROMPTS)} prompts: fraction whose first {args.n_tokens} tokens equal the f16 cache's, "
+                "and the mean common prefix length (tokens)",
+        "model": args.model, "n_tokens": args.n_tokens, "prompts": list(AGREEMENT_PROMPTS),
+        "pairs": rates, "seconds": round(time.time() - t0, 1),
+    }
+    text = json.dumps(out, indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        for pair, r in rates.items():
+            print(f"{pair:8s} identical {r['identical_fraction']:.3f}  mean prefix {r['mean_common_prefix']:.2f}")
+        print(args.output)
+    return 0
+
+
+# --------------------------------------------------------------------------- install
+
+def install_python(extra_pip_args: list[str] | None = None, no_build_isolation: bool | None = None) -> None:
+    """pip install the pinned llama-cpp-python sdist, Python part only (the native library comes
+    from `tq build`). Retries without build isolation when the isolated build cannot get
+    scikit-build-core (offline), if scikit-build-core is installed here."""
+    sdist = fetch_sdist()
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
+    base = [sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(sdist)]
+    deps = [sys.executable, "-m", "pip", "install", "typing-extensions>=4.5.0", "numpy>=1.20.0", "diskcache>=5.6.1",
+            "jinja2>=2.11.3"]
+    attempts = []
+    if no_build_isolation is not True:
+        attempts.append(base)
+    if no_build_isolation is not False:
+        attempts.append(base + ["--no-build-isolation"])
+    for i, cmd in enumerate(attempts):
+        cmd = cmd + (extra_pip_args or [])
+        if "--no-build-isolation" in cmd:
+            try:
+                import scikit_build_core  # noqa: F401
+            except ImportError:
+                if i == 0 or no_build_isolation:
+                    raise UserError("--no-build-isolation needs scikit-build-core>=0.9.2 (and cmake>=3.21) installed "
+                                    "in this Python: `pip install scikit-build-core cmake`") from None
+                raise UserError("pip could not build llama-cpp-python (see above). Offline, install its build "
+                                "requirements first (scikit-build-core>=0.9.2, cmake>=3.21) and run "
+                                "`tq install-python --no-build-isolation`")
+        print("tq: CMAKE_ARGS='-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF' " + " ".join(cmd), file=sys.stderr)
+        if subprocess.run(cmd, env=env).returncode == 0:
+            break
+    else:
+        raise UserError("pip could not install llama-cpp-python (see above)")
+    r = subprocess.run(deps)
+    if r.returncode != 0:
+        raise UserError("pip could not install llama-cpp-python's dependencies (typing-extensions, numpy, diskcache, jinja2)")
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    nbi = True if args.no_build_isolation else None
+    install_python(no_build_isolation=nbi)
+    # check in a fresh interpreter: this one may hold an older llama_cpp
+    code = ("from turboquant_llama.llama_python import import_llama_cpp as f; m = f(); "
+            "import os; print('llama-cpp-python', m.__version__, 'on', os.environ['LLAMA_CPP_LIB_PATH'])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), capture_output=True, text=True)
+    if r.returncode == 0:
+        print(r.stdout.strip())
+    else:
+        print("tq: installed; it will load the patched library once `tq build` has built it:\n" +
+              (r.stderr.strip().splitlines() or [""])[-1], file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("install-python",
+                       help=f"install llama-cpp-python=={UPSTREAM.version} (Python part only) to run on the patched library")
+    p.add_argument("--no-build-isolation", action="store_true",
+                   help="use this Python's scikit-build-core and cmake (offline)")
+    p.set_defaults(func=_cmd_install)
+
+    p = sub.add_parser("python-agreement",
+                       help="greedy tokens through llama-cpp-python with TQ caches against f16 (results/llama-python-agreement.json)")
+    p.add_argument("--model", "-m", default="smollm2")
+    p.add_argument("--n-tokens", type=int, default=8)
+    p.add_argument("--output", "-o", default=str(Path("results") / "llama-python-agreement.json"))
+    p.set_defaults(func=_cmd_agreement)
