@@ -201,10 +201,22 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def agreement(ref: list[list[int]], got: list[list[int]], n_tokens: int) -> dict:
+    """How closely greedy generations follow the reference's, prompt by prompt."""
+    prefixes = [_prefix(a, b) for a, b in zip(got, ref)]
+    n = len(ref)
+    return {
+        "identical_fraction": sum(p >= min(n_tokens, len(r)) for p, r in zip(prefixes, ref)) / n,
+        "first_token_fraction": sum(p >= 1 for p in prefixes) / n,
+        "mean_common_prefix": sum(prefixes) / n,
+        "common_prefix": prefixes,
+    }
+
+
 def measure_agreement(model: str = "smollm2", pairs=AGREEMENT_PAIRS, prompts=AGREEMENT_PROMPTS, n_tokens: int = 8,
                       n_ctx: int = 256, n_threads: int = 1) -> dict:
     """Greedy generations with each K/V pair against the f16 cache: the fraction of prompts whose
-    first n_tokens are identical and the mean length of the common prefix."""
+    first n_tokens are identical, whose first token is, and the mean length of the common prefix."""
     ref_llm = load_llama(model, "f16", "f16", n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
     ref = [greedy_tokens(ref_llm, p, n_tokens) for p in prompts]
     del ref_llm
@@ -213,13 +225,13 @@ def measure_agreement(model: str = "smollm2", pairs=AGREEMENT_PAIRS, prompts=AGR
         llm = load_llama(model, k, v, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
         got = [greedy_tokens(llm, p, n_tokens) for p in prompts]
         del llm
-        prefixes = [_prefix(a, b) for a, b in zip(got, ref)]
-        result[f"{k}/{v}"] = {
-            "identical_fraction": sum(a == b for a, b in zip(got, ref)) / len(prompts),
-            "mean_common_prefix": sum(prefixes) / len(prompts),
-            "common_prefix": prefixes,
-        }
+        result[f"{k}/{v}"] = agreement(ref, got, n_tokens)
     return result
+
+
+def _git_describe() -> str | None:
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO_ROOT), capture_output=True, text=True)
+    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def _cmd_agreement(args: argparse.Namespace) -> int:
@@ -227,11 +239,12 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     rates = measure_agreement(args.model, AGREEMENT_PAIRS + REFERENCE_PAIRS, n_tokens=args.n_tokens)
     out = {
         "command": f"tq python-agreement --model {args.model} --n-tokens {args.n_tokens} --output {args.output}",
-        "what": f"greedy decoding through llama-cpp-python {UPSTREAM.version} (CPU build), "
+        "what": f"greedy decoding through llama-cpp-python {UPSTREAM.version} (CPU build, 1 thread, n_ctx 256), "
                 f"{len(AGREEMENT_PROMPTS)} prompts: fraction whose first {args.n_tokens} tokens equal the f16 cache's, "
-                "and the mean common prefix length (tokens)",
+                "fraction whose first token does, mean common prefix length (tokens); q8_0 and q4_0 "
+                "(Hadamard-rotated by llama.cpp at this commit) for reference",
         "model": args.model, "n_tokens": args.n_tokens, "prompts": list(AGREEMENT_PROMPTS),
-        "pairs": rates, "seconds": round(time.time() - t0, 1),
+        "pairs": rates, "seconds": round(time.time() - t0, 1), "repo_commit": _git_describe(),
     }
     text = json.dumps(out, indent=2) + "\n"
     if args.output == "-":
@@ -240,7 +253,8 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
         for pair, r in rates.items():
-            print(f"{pair:8s} identical {r['identical_fraction']:.3f}  mean prefix {r['mean_common_prefix']:.2f}")
+            print(f"{pair:10s} identical {r['identical_fraction']:.3f}  first token {r['first_token_fraction']:.3f}  "
+                  f"mean prefix {r['mean_common_prefix']:.2f}")
         print(args.output)
     return 0
 

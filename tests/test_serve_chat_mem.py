@@ -1,0 +1,191 @@
+"""`tq serve` (llama-server with a TQ cache) answers concurrent OpenAI-style requests; `tq chat`
+runs on piped stdin; `tq mem` gives exactly the K and V sizes llama.cpp reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import require_build, require_model
+
+TQ = [sys.executable, "-m", "turboquant_llama.cli"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    require_build()
+    return require_model("smollm2")
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("TQ_CACHE_DIR", os.path.expanduser("~/.cache/turboquant-llama"))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_serve_answers_concurrent_requests(smollm2, tmp_path):
+    from turboquant_llama.build import find_binary
+
+    find_binary("llama-server")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(TQ + ["serve", "--model", "smollm2", "--ctk", "tq3", "--ctv", "tq2", "--ctx", "1024",
+                                  "--parallel", "2", "--port", str(port), "--", "-t", "1", "--no-webui"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=_env())
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "llama-server did not become healthy in 60 s"
+            time.sleep(0.3)
+        results, errors = [], []
+
+        def worker(i: int):
+            for j in range(2):
+                try:
+                    r = _post(base + "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": f"Count to {i + j + 2}."}],
+                               "max_tokens": 8, "temperature": 0}, timeout=60)
+                    results.append(r)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert len(results) == 6
+        for r in results:
+            choice = r["choices"][0]
+            assert isinstance(choice["message"]["content"], str)
+            assert choice["finish_reason"] in ("stop", "length")
+            assert r["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert f"http://127.0.0.1:{port}" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_serve_refuses_remote_host(smollm2):
+    r = subprocess.run(TQ + ["serve", "--host", "0.0.0.0", "--port", "1"], capture_output=True, text=True,
+                       timeout=30, env=_env())
+    assert r.returncode == 2
+    assert "not a loopback address" in r.stderr and "--allow-remote" in r.stderr
+
+
+def test_chat_on_piped_stdin(smollm2):
+    from turboquant_llama.errors import UserError
+    from turboquant_llama.llama_python import import_llama_cpp
+
+    try:
+        import_llama_cpp()
+    except UserError as exc:
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    r = subprocess.run(TQ + ["chat", "--model", "smollm2", "--ctk", "tq3", "--ctv", "tq2", "--ctx", "512",
+                             "--temp", "0", "--max-tokens", "16", "--threads", "1"],
+                       input="What is the capital of France?\n/reset\nAnd of Germany?\n", capture_output=True,
+                       text=True, timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    assert r.stderr.count("[KV tq3/tq2:") == 2 and "f16:" in r.stderr and "[conversation reset]" in r.stderr
+
+
+@pytest.mark.parametrize("ctx", [1024, 4096])
+@pytest.mark.parametrize("ctk,ctv", [("tq3", "tq2"), ("q8_0", "q4_0")])
+def test_mem_equals_llama_cpp(smollm2, ctx, ctk, ctv):
+    from turboquant_llama.generate import run_completion
+    from turboquant_llama.mem import report
+
+    _, reported = run_completion("smollm2", "Hi", ctk, ctv, 1, ctx, 1, 1, [])
+    assert reported is not None and (reported.k_type, reported.v_type) == (ctk, ctv)
+    r = report("smollm2", ctx, ctk, ctv)
+    # llama.cpp prints MiB with two decimals
+    assert f"{r['k_mib']:.2f}" == f"{reported.k_mib:.2f}"
+    assert f"{r['v_mib']:.2f}" == f"{reported.v_mib:.2f}"
+    # and the exact bytes: 30 layers x 3 kv heads x 64 values, rows of ggml blocks
+    blocks = {"tq3": 26 * 3, "tq2": 18 * 3, "q8_0": 34 * 6, "q4_0": 18 * 6}
+    assert r["k_bytes_total"] == 30 * ctx * blocks[ctk]
+    assert r["v_bytes_total"] == 30 * ctx * blocks[ctv]
+
+
+def test_mem_json(smollm2):
+    r = subprocess.run(TQ + ["mem", "--model", "smollm2", "--ctx", "4096", "--ctk", "tq3", "--ctv", "tq2",
+                             "--budget-gib", "1", "--json"], capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["kv_bytes_per_token"] == 30 * (78 + 54)
+    assert d["kv_bytes_total"] == 4096 * d["kv_bytes_per_token"]
+    assert set(d["max_ctx"]) == {"f16", "q8_0", "q4_0", "tq3/tq2"}
+    # 1 GiB / (30 layers x 384 values x bytes per value), rounded down to a multiple of 256
+    assert d["max_ctx"]["f16"] == (2**30 // (30 * 2 * 192 * 2)) // 256 * 256
+    assert d["max_ctx"]["f16"] < d["max_ctx"]["q8_0"] < d["max_ctx"]["q4_0"] < d["max_ctx"]["tq3/tq2"]
+    assert d["layer_types"][0]["layers"] == 30 and d["layer_types"][0]["head_dim_k"] == 64
+    text = subprocess.run(TQ + ["mem", "--model", "smollm2", "--ctx", "1024"], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert text.returncode == 0 and "tq3/tq2" in text.stdout and "per token" in text.stdout
+
+
+def test_mem_per_layer_arrays_and_swa(tmp_path):
+    """Per-layer head_count_kv arrays (0: a layer without attention) and a sliding window with an
+    explicit per-layer pattern, from a metadata-only GGUF."""
+    gguf = pytest.importorskip("gguf")
+    from turboquant_llama.mem import kv_size, model_kv_shape
+
+    path = tmp_path / "hybrid.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_block_count(4)
+    w.add_embedding_length(512)
+    w.add_head_count(4)
+    w.add_head_count_kv([2, 0, 1, 2])
+    w.add_key_length(128)
+    w.add_value_length(128)
+    w.add_sliding_window(1024)
+    w.add_sliding_window_pattern([True, False, True, False])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shape = model_kv_shape(path)
+    assert [(l.n_head_kv, l.swa) for l in shape.layers] == [(2, True), (1, True), (2, False)]
+    s = kv_size(shape, "tq4", "tq2", 8192)
+    # SWA layers keep pad256(1024 + 512) = 1536 cells, the full layer 8192
+    k_row, v_row = 34 * 2, 18 * 2   # one head of 128 values = 2 TQ blocks
+    assert s.k_bytes == (2 * 1536 + 1 * 1536 + 2 * 8192) * k_row
+    assert s.v_bytes == (2 * 1536 + 1 * 1536 + 2 * 8192) * v_row
