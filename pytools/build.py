@@ -62,8 +62,7 @@ def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
         if not cache.exists() or "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text():
             args += ["-G", "Ninja"]
     if cuda:
-        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + os.environ.get("TQ_CUDA_ARCH", "90"),
-                 "-DGGML_CUDA_FA_ALL_QUANTS=ON"]
+        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + os.environ.get("TQ_CUDA_ARCH", "90")]
     args += extra
     print("tq: " + " ".join(args), file=sys.stderr)
     if subprocess.run(args).returncode != 0:

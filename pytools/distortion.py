@@ -101,6 +101,8 @@ def measure_distortion(
     norm_correction: bool = False,
     fresh_qjl: bool = True,
     qjl_batch: int = 64,
+    outlier_channels: int = 0,
+    outlier_scale: float = 40.0,
 ) -> dict:
     """Distortion of one TurboQuant variant on `vectors` random unit vectors; see the module doc."""
     if variant not in VARIANTS:
@@ -109,6 +111,10 @@ def measure_distortion(
         raise ValueError("need at least 2 vectors")
     rng = np.random.default_rng(seed)
     u = random_unit_vectors(rng, vectors, dim)
+    if outlier_channels:
+        # rows like real K caches: a few channels carry most of the energy; fixed channels, every row
+        u[:, :outlier_channels] *= outlier_scale
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
     y_independent = random_unit_vectors(rng, vectors, dim)
     y_correlated, rho = correlated_queries(rng, u)
 
@@ -208,7 +214,8 @@ def _cmd_distortion(args: argparse.Namespace) -> int:
     if args.vectors < 2:
         raise UserError("--vectors must be at least 2")
     result = measure_distortion(args.bits, args.dim, args.variant, args.vectors, args.seed, args.rotation,
-                                norm_correction=args.norm_correction, fresh_qjl=not args.fixed_qjl)
+                                norm_correction=args.norm_correction, fresh_qjl=not args.fixed_qjl,
+                                outlier_channels=args.outlier_channels, outlier_scale=args.outlier_scale)
     print(json.dumps(result) if args.json else _format_report(result))
     return 0
 
@@ -226,5 +233,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm-correction", action="store_true", help="mse: store n / ||c[idx]||")
     p.add_argument("--fixed-qjl", action="store_true",
                    help="prod: one fixed S (QJL_SEED) instead of a fresh S per 64 vectors")
+    p.add_argument("--outlier-channels", type=int, default=0,
+                   help="scale this many channels of every vector by --outlier-scale before normalising")
+    p.add_argument("--outlier-scale", type=float, default=40.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_distortion)

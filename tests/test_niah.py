@@ -1,0 +1,292 @@
+"""`tq eval niah`: prompt construction (needle at the requested depth, prompt sized to the target
+length, deterministic for a seed), recall aggregation, argument validation, and one short
+end-to-end run (f16 and tq4, 512 tokens, two depths) through the command line."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from turboquant_llama import niah
+from turboquant_llama.errors import UserError
+
+from .conftest import require_build, require_model
+
+WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+
+_WORDS = ("river", "castle", "album", "season", "village", "army", "ship", "species", "church", "election",
+          "railway", "novel", "battle", "temple", "harbour", "bridge", "festival", "museum", "county", "team")
+
+
+def _fake_tokenize(text: str, add_bos: bool) -> list[int]:
+    """Words, punctuation and the fake template's markers as tokens; long words split in two."""
+    toks: list[int] = [1] if add_bos else []
+    for piece in re.findall(r"<\|\w+\|>|\w+|[^\w\s]|\n", text):
+        toks += [hash(piece) & 0xFFFF] * (2 if len(piece) > 8 else 1)
+    return toks
+
+
+def _fake_render(user: str) -> str:
+    return f"<|system|>\nYou are helpful.\n<|user|>\n{user}\n<|assistant|>\n"
+
+
+CHAT = niah.PromptFormat(_fake_tokenize, _fake_render, add_bos=False, name="chat template")
+PLAIN = niah.PromptFormat(_fake_tokenize, None, add_bos=True)
+
+
+@pytest.fixture(scope="module")
+def filler(tmp_path_factory) -> list[str]:
+    """WikiText-like raw text: headings, blank lines, " @-@ " and " , " spacing."""
+    rng = random.Random(7)
+    out = []
+    for h in range(40):
+        out += ["", f" = Heading {h} = ", ""]
+        for _ in range(3):
+            sentences = []
+            for _ in range(rng.randint(2, 7)):
+                ws = [rng.choice(_WORDS) for _ in range(rng.randint(6, 24))]
+                ws[0] = ws[0].capitalize()
+                ws.insert(rng.randint(1, len(ws) - 1), ",")
+                sentences.append(" ".join(ws) + " .")
+            out.append(" " + " ".join(sentences) + " ")
+    path = tmp_path_factory.mktemp("filler") / "wiki.test.raw"
+    path.write_text("\n".join(out) + "\n")
+    return niah.load_filler(path)
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def test_parse_lengths_and_depths():
+    assert niah.parse_lengths("1k, 2K,512,1.5k,1k") == [1024, 2048, 512, 1536]
+    assert niah.parse_depths("0,0.25,50%,1.0,0") == [0.0, 0.25, 0.5, 1.0]
+    for bad in ("", "abc", "10", "1.3333k"):
+        with pytest.raises(UserError):
+            niah.parse_lengths(bad)
+    for bad in ("", "1.5", "-0.1", "x"):
+        with pytest.raises(UserError):
+            niah.parse_depths(bad)
+    assert [niah.fmt_length(n) for n in (512, 1024, 1536, 4096, 1000)] == ["512", "1k", "1.5k", "4k", "1000"]
+
+
+def test_parse_pairs_validates_type_names():
+    assert niah.parse_pairs("f16,q4_0,tq4,tq3/tq2,TQ4") == [("f16", "f16"), ("q4_0", "q4_0"), ("tq4", "tq4"),
+                                                             ("tq3", "tq2")]
+    with pytest.raises(UserError, match="unknown KV cache type 'tq5'.*valid:.*tq3"):
+        niah.parse_pairs("f16,tq5")
+    with pytest.raises(UserError, match="bad cache type spec"):
+        niah.parse_pairs("tq3/tq2/tq2")
+    with pytest.raises(UserError):
+        niah.parse_pairs(" , ")
+
+
+def test_clean_wikitext():
+    assert niah.clean_wikitext(" A well @-@ known ship , built in 1 @,@ 200 ( or so ) . ") == \
+        "A well-known ship, built in 1,200 (or so)."
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", [CHAT, PLAIN], ids=["chat", "plain"])
+@pytest.mark.parametrize("length", [300, 1024, 2048])
+def test_prompt_length_close_to_target(filler, fmt, length):
+    for depth in (0.0, 0.5, 1.0):
+        p = niah.build_prompt(fmt, filler, length, depth, seed=3)
+        assert p.n_tokens == len(p.tokens) == len(fmt.tokens(niah.user_message(p.haystack, p.key),
+                                                                niah.ANSWER_PREFIX.format(key=p.key)))
+        # trimmed word by word: at most a word (two fake tokens here) plus a comma short
+        assert length - 4 <= p.n_tokens <= length, (length, depth, p.n_tokens)
+        assert p.text.endswith(niah.ANSWER_PREFIX.format(key=p.key))
+        assert niah.QUESTION.format(key=p.key) in p.text
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_needle_at_depth_on_a_sentence_boundary(filler, depth):
+    p = niah.build_prompt(CHAT, filler, 2048, depth, seed=1)
+    needle = niah.NEEDLE.format(key=p.key, number=p.number)
+    assert p.haystack.count(needle) == 1 and p.haystack.count(p.number) == 1
+    at = p.haystack.index(needle)
+    assert at == p.needle_char
+    rest = len(p.haystack) - len(needle) - 1          # haystack characters without the needle
+    assert abs(at / rest - depth) < 0.03                # snapped to the nearest sentence (~150 chars)
+    assert abs(p.depth_actual - depth) < 0.03
+    before = p.haystack[:at]
+    if depth == 0.0:
+        assert at == 0
+    elif depth == 1.0:
+        assert p.haystack.endswith(needle)
+    else:
+        assert before.endswith((". ", ".\n")), before[-40:]
+    if at:
+        assert before[-1] in " \n"
+    assert p.haystack[at + len(needle):][:1] in ("", " ")
+
+
+def test_prompt_deterministic_with_seed(filler):
+    a = niah.build_prompt(CHAT, filler, 1024, 0.5, seed=11)
+    b = niah.build_prompt(CHAT, filler, 1024, 0.5, seed=11)
+    assert (a.text, a.tokens, a.number, a.key, a.offset) == (b.text, b.tokens, b.number, b.key, b.offset)
+    c = niah.build_prompt(CHAT, filler, 1024, 0.5, seed=12)
+    assert c.text != a.text
+    d = niah.build_prompt(CHAT, filler, 1024, 0.5, seed=11, trial=1)
+    assert d.text != a.text
+    assert 100_000 <= int(a.number) <= 9_999_999 and a.key in niah.CITIES
+
+
+def test_prompt_too_short_is_an_error(filler):
+    with pytest.raises(UserError, match="too short"):
+        niah.build_prompt(CHAT, filler, 64, 0.5)
+
+
+def test_insert_needle_edges():
+    words = [("One", " "), ("two.", " "), ("Three", " "), ("four.", "\n"), ("Five", " "), ("six.", "\n")]
+    text, at, actual = niah.insert_needle(words, 0.0, "N.")
+    assert text.startswith("N. One") and at == 0 and actual == 0
+    text, at, actual = niah.insert_needle(words, 1.0, "N.")
+    assert text.endswith("six. N.") and actual == 1.0
+    text, at, _ = niah.insert_needle(words, 0.6, "N.")
+    assert text == "One two. Three four.\nN. Five six." and at == text.index("N.")
+    text, at, _ = niah.insert_needle(words, 0.3, "N.")
+    assert text == "One two. N. Three four.\nFive six."
+
+
+@pytest.mark.skipif(not WIKI.is_file(), reason="WikiText-2 raw test not present")
+def test_real_filler_prompt(filler):
+    lines = niah.load_filler(WIKI)
+    assert not any(l.startswith("=") and l.endswith("=") for l in lines) and " @-@ " not in "".join(lines[:200])
+    p = niah.build_prompt(CHAT, lines, 4096, 0.25, seed=0)
+    assert 4096 - 4 <= p.n_tokens <= 4096
+    assert lines[p.offset].split()[-1] in p.haystack
+
+
+def test_is_found():
+    assert niah.is_found(" 4821937.", "4821937")
+    assert niah.is_found("The number is 4,821,937", "4821937")
+    assert niah.is_found("4821937", "4821937")
+    assert not niah.is_found("48219370", "4821937")
+    assert not niah.is_found("14821937", "4821937")
+    assert not niah.is_found("482193", "4821937")
+    assert not niah.is_found("", "4821937")
+
+
+# --- aggregation -------------------------------------------------------------------------------------
+
+
+def _case(k, v, length, depth, found):
+    return {"k": k, "v": v, "length": length, "depth": depth, "found": found, "answer": ""}
+
+
+def test_recall_aggregation():
+    cases = [_case("f16", "f16", 1024, 0.0, True), _case("f16", "f16", 1024, 1.0, True),
+             _case("f16", "f16", 2048, 0.0, True), _case("f16", "f16", 2048, 1.0, False),
+             _case("tq3", "tq2", 1024, 0.0, False), _case("tq3", "tq2", 1024, 1.0, True),
+             _case("tq3", "tq2", 1024, 1.0, True),   # a second needle in that cell
+             _case("tq3", "tq2", 2048, 0.0, False)]
+    assert niah.recall(cases) == {"f16/f16": 0.75, "tq3/tq2": 0.5}
+    assert list(niah.recall(cases)) == ["f16/f16", "tq3/tq2"]
+    assert niah.recall_grid(cases, "f16", "f16", [1024, 2048], [0.0, 1.0]) == [[1.0, 1.0], [1.0, 0.0]]
+    assert niah.recall_grid(cases, "tq3", "tq2", [1024, 2048, 4096], [0.0, 1.0]) == \
+        [[0.0, 0.0, None], [1.0, None, None]]
+    assert niah.recall_by_length(cases) == {"f16/f16": {"1k": 1.0, "2k": 0.5}, "tq3/tq2": {"1k": 2 / 3, "2k": 0.0}}
+    assert niah.recall([]) == {}
+
+
+def test_heatmap_renders(tmp_path):
+    pytest.importorskip("matplotlib")
+    cases = [_case(k, v, n, d, (n + int(d * 4)) % 3 != 0) for k, v in (("f16", "f16"), ("tq3", "tq2"))
+             for n in (1024, 2048) for d in (0.0, 0.5, 1.0)]
+    data = {"seed": 0, "n_ctx_train": 8192, "skipped_lengths": [16384], "recall": niah.recall(cases), "cases": cases,
+            "settings": {"pairs": ["f16/f16", "tq3/tq2"], "lengths_run": [1024, 2048], "depths": [0.0, 0.5, 1.0],
+                         "needles": 1, "prompt_format": "chat template"}}
+    path = tmp_path / "niah.png"
+    assert niah.render_heatmaps("m", data, path)
+    assert path.stat().st_size > 1000
+
+
+def test_cli_errors(tmp_path, capsys):
+    from turboquant_llama.cli import main
+
+    assert main(["eval", "niah", "--model", "smollm2", "--types", "f16,tq9"]) == 2
+    assert "unknown KV cache type 'tq9'" in capsys.readouterr().err
+    assert main(["eval", "niah", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "niah", "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_unsupported_head_size(monkeypatch, tmp_path, capsys):
+    from turboquant_llama import llama_python
+    from turboquant_llama.cli import main
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setattr(llama_python, "head_sizes", lambda path: ([80] * 4, [80] * 4))
+    assert main(["eval", "niah", "--model", str(model), "--types", "f16,tq3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot serve head size 80" in err and "multiple of 64" in err
+
+
+# --- with the built library and SmolLM2 ----------------------------------------------------------------
+
+
+def _require_llama_cpp():
+    require_build()
+    require_model("smollm2")
+    import os
+
+    from turboquant_llama.llama_python import import_llama_cpp
+
+    try:
+        import_llama_cpp()
+    except UserError as exc:
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.mark.skipif(not WIKI.is_file(), reason="WikiText-2 raw test not present")
+def test_model_tokenizer_prompt_length():
+    _require_llama_cpp()
+    tok = niah._VocabTokenizer(require_model("smollm2"))
+    try:
+        fmt = tok.prompt_format()
+        assert fmt.name == "chat template"
+        lines = niah.load_filler(WIKI)
+        for length, depth in ((512, 0.0), (1024, 0.5), (2048, 1.0)):
+            p = niah.build_prompt(fmt, lines, length, depth, seed=0)
+            assert length - 4 <= p.n_tokens <= length
+            assert p.text.startswith("<|im_start|>system") and "<|im_start|>assistant\n" in p.text
+            assert p.tokens == tok.tokenize(p.text, False)
+    finally:
+        tok.close()
+
+
+@pytest.mark.skipif(not WIKI.is_file(), reason="WikiText-2 raw test not present")
+def test_end_to_end_json(tmp_path, capsys):
+    _require_llama_cpp()
+    from turboquant_llama.cli import main
+
+    rc = main(["eval", "niah", "--model", "smollm2", "--types", "f16,tq4", "--lengths", "512", "--depths", "0,1",
+               "--threads", "1", "--out-dir", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = json.loads(captured.out)
+    assert set(out) == {"recall", "cases"}
+    assert set(out["recall"]) == {"f16/f16", "tq4/tq4"}
+    assert all(0.0 <= r <= 1.0 for r in out["recall"].values())
+    assert len(out["cases"]) == 4
+    for c in out["cases"]:
+        assert set(c) == {"k", "v", "length", "depth", "found", "answer"}
+        assert c["length"] == 512 and c["depth"] in (0.0, 1.0) and isinstance(c["found"], bool)
+        assert isinstance(c["answer"], str)
+    assert {(c["k"], c["v"]) for c in out["cases"]} == {("f16", "f16"), ("tq4", "tq4")}
+    data = json.loads((tmp_path / "niah-smollm2.json").read_text())
+    assert data["model"] == "smollm2" and data["seed"] == 0 and data["command"].startswith("tq eval niah")
+    assert data["settings"]["lengths_run"] == [512] and data["n_ctx_train"] == 8192
+    assert all(509 <= c["n_prompt_tokens"] <= 512 for c in data["cases"])
+    assert (tmp_path / "niah-smollm2.png").stat().st_size > 1000
