@@ -6,6 +6,7 @@
 #include "ggml-impl.h"
 
 #include <assert.h>
+#include <stddef.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,90 +186,68 @@ static void tq_qjl_sketch(const float * u, const uint8_t * idx, int mse_bits, ui
     }
 }
 
+// --- where the parts of each block type live ------------------------------------------------------
+
+#define TQ_NONE ((size_t) -1)
+
+typedef struct {
+    int    mse_bits;
+    size_t size;
+    size_t qs;     // 2-bit plane (mse_bits 2, 3) or 4-bit plane (mse_bits 4)
+    size_t qh;     // 1-bit plane: the index itself (mse_bits 1) or its high bit (mse_bits 3)
+    size_t signs;  // QJL types only
+    size_t gamma;
+} tq_block_layout;
+
+#define TQ_LAYOUT_MSE(T, bits, QS, QH) { bits, sizeof(T), QS, QH, TQ_NONE, TQ_NONE }
+#define TQ_LAYOUT_QJL(T, bits, QS, QH) { bits, sizeof(T), QS, QH, offsetof(T, signs), offsetof(T, gamma) }
+
+static tq_block_layout tq_layout(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_TQ2:     { const tq_block_layout l = TQ_LAYOUT_MSE(block_tq2, 2, offsetof(block_tq2, qs), TQ_NONE); return l; }
+        case GGML_TYPE_TQ3:     { const tq_block_layout l = TQ_LAYOUT_MSE(block_tq3, 3, offsetof(block_tq3, qs), offsetof(block_tq3, qh)); return l; }
+        case GGML_TYPE_TQ4:     { const tq_block_layout l = TQ_LAYOUT_MSE(block_tq4, 4, offsetof(block_tq4, qs), TQ_NONE); return l; }
+        case GGML_TYPE_TQ2_QJL: { const tq_block_layout l = TQ_LAYOUT_QJL(block_tq2_qjl, 1, TQ_NONE, offsetof(block_tq2_qjl, qh)); return l; }
+        case GGML_TYPE_TQ3_QJL: { const tq_block_layout l = TQ_LAYOUT_QJL(block_tq3_qjl, 2, offsetof(block_tq3_qjl, qs), TQ_NONE); return l; }
+        case GGML_TYPE_TQ4_QJL: { const tq_block_layout l = TQ_LAYOUT_QJL(block_tq4_qjl, 3, offsetof(block_tq4_qjl, qs), offsetof(block_tq4_qjl, qh)); return l; }
+        default: GGML_ABORT("%s is not a TurboQuant cache type", ggml_type_name(type));
+    }
+}
+
 // --- quantize rows -------------------------------------------------------------------------------
 
-void quantize_row_tq2_ref(const float * x, block_tq2 * y, int64_t k) {
+static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
     assert(k % QK_TQ == 0);
+    const tq_block_layout l = tq_layout(type);
     float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
     for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 2, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
+        uint8_t * blk = (uint8_t *) y + b*l.size;
+        ggml_fp16_t * d = (ggml_fp16_t *) blk; // d is the first member of every block
+        memset(blk, 0, l.size);
+        const int st = tq_quantize_block_mse(x, l.mse_bits, &n, u, idx);
+        if (st < 0) { *d = TQ_FP16_NAN; continue; }
         if (st == 0) { continue; }
-        tq_pack2(idx, y[b].qs);
-        y[b].d = tq_mse_scale(n, 2, idx);
+        if (l.qs != TQ_NONE) {
+            if (l.mse_bits == 4) { tq_pack4(idx, blk + l.qs); } else { tq_pack2(idx, blk + l.qs); }
+        }
+        if (l.qh != TQ_NONE) {
+            tq_pack1(idx, l.mse_bits == 1 ? 0 : 2, blk + l.qh);
+        }
+        if (l.signs != TQ_NONE) {
+            tq_qjl_sketch(u, idx, l.mse_bits, blk + l.signs, blk + l.gamma);
+            *d = GGML_FP32_TO_FP16(n);
+        } else {
+            *d = tq_mse_scale(n, l.mse_bits, idx);
+        }
     }
 }
 
-void quantize_row_tq3_ref(const float * x, block_tq3 * y, int64_t k) {
-    assert(k % QK_TQ == 0);
-    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
-    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 3, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
-        if (st == 0) { continue; }
-        tq_pack2(idx, y[b].qs);
-        tq_pack1(idx, 2, y[b].qh);
-        y[b].d = tq_mse_scale(n, 3, idx);
-    }
-}
-
-void quantize_row_tq4_ref(const float * x, block_tq4 * y, int64_t k) {
-    assert(k % QK_TQ == 0);
-    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
-    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 4, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
-        if (st == 0) { continue; }
-        tq_pack4(idx, y[b].qs);
-        y[b].d = tq_mse_scale(n, 4, idx);
-    }
-}
-
-void quantize_row_tq2_qjl_ref(const float * x, block_tq2_qjl * y, int64_t k) {
-    assert(k % QK_TQ == 0);
-    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
-    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 1, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
-        if (st == 0) { continue; }
-        tq_pack1(idx, 0, y[b].qh);
-        tq_qjl_sketch(u, idx, 1, y[b].signs, &y[b].gamma);
-        y[b].d = GGML_FP32_TO_FP16(n);
-    }
-}
-
-void quantize_row_tq3_qjl_ref(const float * x, block_tq3_qjl * y, int64_t k) {
-    assert(k % QK_TQ == 0);
-    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
-    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 2, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
-        if (st == 0) { continue; }
-        tq_pack2(idx, y[b].qs);
-        tq_qjl_sketch(u, idx, 2, y[b].signs, &y[b].gamma);
-        y[b].d = GGML_FP32_TO_FP16(n);
-    }
-}
-
-void quantize_row_tq4_qjl_ref(const float * x, block_tq4_qjl * y, int64_t k) {
-    assert(k % QK_TQ == 0);
-    float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
-    for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {
-        memset(&y[b], 0, sizeof(y[b]));
-        const int st = tq_quantize_block_mse(x, 3, &n, u, idx);
-        if (st < 0) { y[b].d = TQ_FP16_NAN; continue; }
-        if (st == 0) { continue; }
-        tq_pack2(idx, y[b].qs);
-        tq_pack1(idx, 2, y[b].qh);
-        tq_qjl_sketch(u, idx, 3, y[b].signs, &y[b].gamma);
-        y[b].d = GGML_FP32_TO_FP16(n);
-    }
-}
+void quantize_row_tq2_ref(const float * x, block_tq2 * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ2, x, y, k); }
+void quantize_row_tq3_ref(const float * x, block_tq3 * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ3, x, y, k); }
+void quantize_row_tq4_ref(const float * x, block_tq4 * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ4, x, y, k); }
+void quantize_row_tq2_qjl_ref(const float * x, block_tq2_qjl * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ2_QJL, x, y, k); }
+void quantize_row_tq3_qjl_ref(const float * x, block_tq3_qjl * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ3_QJL, x, y, k); }
+void quantize_row_tq4_qjl_ref(const float * x, block_tq4_qjl * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ4_QJL, x, y, k); }
 
 void quantize_row_tq_q_ref(const float * x, block_tq_q * y, int64_t k) {
     assert(k % QK_TQ == 0);
@@ -305,15 +284,7 @@ size_t quantize_tq(enum ggml_type type, const float * src, void * dst, int64_t n
     for (int64_t r = 0; r < nrows; ++r) {
         const float * x = src + r*n_per_row;
         void * y = (char *) dst + r*row_size;
-        switch (type) {
-            case GGML_TYPE_TQ2:     quantize_row_tq2_ref(x, y, n_per_row); break;
-            case GGML_TYPE_TQ3:     quantize_row_tq3_ref(x, y, n_per_row); break;
-            case GGML_TYPE_TQ4:     quantize_row_tq4_ref(x, y, n_per_row); break;
-            case GGML_TYPE_TQ2_QJL: quantize_row_tq2_qjl_ref(x, y, n_per_row); break;
-            case GGML_TYPE_TQ3_QJL: quantize_row_tq3_qjl_ref(x, y, n_per_row); break;
-            case GGML_TYPE_TQ4_QJL: quantize_row_tq4_qjl_ref(x, y, n_per_row); break;
-            default: GGML_ABORT("quantize_tq: %s is not a TurboQuant cache type", ggml_type_name(type));
-        }
+        tq_quantize_row(type, x, y, n_per_row);
     }
     return nrows*row_size;
 }
@@ -331,21 +302,16 @@ typedef struct {
 } tq_block_view;
 
 static tq_block_view tq_view(enum ggml_type type, const void * blocks, int64_t b) {
+    const tq_block_layout l = tq_layout(type);
+    const uint8_t * blk = (const uint8_t *) blocks + b*l.size;
     tq_block_view v = {0};
-    switch (type) {
-        case GGML_TYPE_TQ2: { const block_tq2 * x = (const block_tq2 *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 2; v.qs = x->qs; } break;
-        case GGML_TYPE_TQ3: { const block_tq3 * x = (const block_tq3 *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 3; v.qs = x->qs; v.qh = x->qh; } break;
-        case GGML_TYPE_TQ4: { const block_tq4 * x = (const block_tq4 *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 4; v.qs = x->qs; } break;
-        case GGML_TYPE_TQ2_QJL: { const block_tq2_qjl * x = (const block_tq2_qjl *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 1; v.qh = x->qh; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
-        case GGML_TYPE_TQ3_QJL: { const block_tq3_qjl * x = (const block_tq3_qjl *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 2; v.qs = x->qs; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
-        case GGML_TYPE_TQ4_QJL: { const block_tq4_qjl * x = (const block_tq4_qjl *) blocks + b;
-            v.d = GGML_FP16_TO_FP32(x->d); v.mse_bits = 3; v.qs = x->qs; v.qh = x->qh; v.signs = x->signs; v.gamma = x->gamma/256.0f; } break;
-        default: GGML_ABORT("%s is not a TurboQuant cache type", ggml_type_name(type));
+    v.d = GGML_FP16_TO_FP32(*(const ggml_fp16_t *) blk);
+    v.mse_bits = l.mse_bits;
+    v.qs = l.qs != TQ_NONE ? blk + l.qs : NULL;
+    v.qh = l.qh != TQ_NONE ? blk + l.qh : NULL;
+    if (l.signs != TQ_NONE) {
+        v.signs = blk + l.signs;
+        v.gamma = blk[l.gamma] / 256.0f;
     }
     return v;
 }

@@ -15,17 +15,14 @@ from pathlib import Path
 from . import REPO_ROOT
 from .build import find_binary
 from .errors import UserError
-from .generate import CACHE_TYPE_BITS, check_cache_type
+from .cache_types import parse_type_specs
+from .generate import CACHE_TYPE_BITS
 from .models import model_path
 from .upstream import UPSTREAM
 
 
 def parse_pairs(spec: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in spec.split(","):
-        k, _, v = item.strip().partition("/")
-        pairs.append((check_cache_type(k), check_cache_type(v or k)))
-    return pairs
+    return parse_type_specs(spec)
 
 
 def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, n_prompt: int, threads: int,

@@ -21,30 +21,20 @@ import math
 import os
 import re
 import shlex
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import REPO_ROOT
+from .cache_types import CACHE_TYPES, bits_per_value, is_tq
+from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
+from .mem import KvShape, bytes_per_token, kv_shape, read_gguf_metadata
 
 # --- cache types and their sizes ---------------------------------------------------------------------
 
-# bits per value of llama.cpp's own cache types, every block scale included
-BASELINE_BPV: dict[str, float] = {
-    "f16": 16.0,
-    "bf16": 16.0,
-    "q8_0": 8.5,
-    "q5_0": 5.5,
-    "q5_1": 6.0,
-    "q4_0": 4.5,
-    "q4_1": 5.0,
-    "iq4_nl": 4.5,
-}
-TQ_NAMES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl")
-VALID_TYPES: tuple[str, ...] = tuple(BASELINE_BPV) + TQ_NAMES
+VALID_TYPES: tuple[str, ...] = tuple(n for n in CACHE_TYPES if n != "f32")
 # drawn as reference points in the plot
 REFERENCE_TYPES = ("f16", "q8_0", "q4_0")
 
@@ -55,45 +45,12 @@ DEFAULT_CTX = 512
 ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "LLAMA_ATTN_ROT_DISABLE")
 
 
-def is_tq(type_name: str) -> bool:
-    return type_name in TQ_NAMES
-
-
 def is_quantized(type_name: str) -> bool:
     return type_name not in ("f16", "bf16")
 
 
 def parse_type_specs(text: str) -> list[tuple[str, str]]:
-    """"f16,tq3/tq2" -> [("f16", "f16"), ("tq3", "tq2")]: "X" is K = V = X, "X/Y" is K = X, V = Y.
-    Duplicates are dropped, order kept; unknown names raise UserError listing the valid ones."""
-    pairs: list[tuple[str, str]] = []
-    items = [s.strip() for s in (text or "").split(",")]
-    if not any(items):
-        raise UserError(f"--types is empty; give a comma-separated list such as {DEFAULT_TYPES}")
-    for item in items:
-        if not item:
-            continue
-        parts = [p.strip().lower() for p in item.split("/")]
-        if len(parts) > 2 or not all(parts):
-            raise UserError(f"bad cache type spec '{item}': use X (K = V = X) or X/Y (K = X, V = Y)")
-        for p in parts:
-            if p not in VALID_TYPES:
-                raise UserError(f"unknown cache type '{p}' in '{item}'; valid types: {', '.join(VALID_TYPES)}")
-        pair = (parts[0], parts[-1])
-        if pair not in pairs:
-            pairs.append(pair)
-    return pairs
-
-
-def bits_per_value(type_name: str) -> float:
-    """Bits per cached value, block norms and scales included."""
-    if type_name in BASELINE_BPV:
-        return BASELINE_BPV[type_name]
-    if type_name in TQ_NAMES:
-        from .layout import storage_cost
-
-        return float(storage_cost(type_name)[0])
-    raise UserError(f"unknown cache type '{type_name}'; valid types: {', '.join(VALID_TYPES)}")
+    return _parse_type_specs(text, DEFAULT_TYPES)
 
 
 def pair_bpv(k: str, v: str) -> float:
@@ -137,116 +94,9 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
 # --- GGUF metadata -------------------------------------------------------------------------------------
 
 # GGUF value types (gguf.GGUFValueType): fixed sizes, 8 = string, 9 = array
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_MAGIC = b"GGUF"
-
-
-def _read_gguf_metadata_fast(path: Path) -> dict:
-    """The GGUF key/value header, with arrays of strings skipped (gguf.GGUFReader parses every
-    tokenizer string and needs 5-15 s for these models; this reads the header in a fraction of
-    that). Numeric arrays are returned as lists."""
-    out: dict = {}
-    with open(path, "rb") as f:
-        if f.read(4) != _GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
-        version, = struct.unpack("<I", f.read(4))
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported")
-        _n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
-
-        def read_str() -> bytes:
-            n, = struct.unpack("<Q", f.read(8))
-            return f.read(n)
-
-        def read_value(vtype: int):
-            if vtype in _GGUF_SCALAR:
-                fmt = _GGUF_SCALAR[vtype]
-                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-            if vtype == 8:
-                return read_str().decode("utf-8", errors="replace")
-            if vtype == 9:
-                itype, count = struct.unpack("<IQ", f.read(12))
-                if itype == 8:
-                    for _ in range(count):
-                        n, = struct.unpack("<Q", f.read(8))
-                        f.seek(n, 1)
-                    return None
-                if itype in _GGUF_SCALAR:
-                    fmt = _GGUF_SCALAR[itype]
-                    size = struct.calcsize(fmt)
-                    data = f.read(size * count)
-                    if count > 4096:
-                        return None
-                    return list(struct.unpack("<" + fmt[1:] * count, data))
-                return [read_value(itype) for _ in range(count)]
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        for _ in range(n_kv):
-            key = read_str().decode("utf-8", errors="replace")
-            vtype, = struct.unpack("<I", f.read(4))
-            out[key] = read_value(vtype)
-    return out
-
-
-def read_gguf_metadata(path: Path) -> dict:
-    try:
-        return _read_gguf_metadata_fast(path)
-    except (ValueError, struct.error, OSError) as exc:
-        try:
-            import gguf
-        except ImportError:
-            raise UserError(f"cannot read the GGUF header of {path}: {exc}") from None
-        reader = gguf.GGUFReader(str(path))
-        meta = {}
-        for key, field in reader.fields.items():
-            try:
-                meta[key] = field.contents()
-            except Exception:  # pragma: no cover - exotic fields are not needed here
-                pass
-        return meta
-
-
-@dataclass(frozen=True)
-class KvShape:
-    n_layer: int
-    n_head_kv: tuple[int, ...]  # per layer
-    key_length: int
-    value_length: int
-
-
-def kv_shape(meta: dict) -> KvShape:
-    try:
-        from gguf import Keys
-
-        keys = (Keys.LLM.BLOCK_COUNT, Keys.Attention.HEAD_COUNT_KV, Keys.Attention.HEAD_COUNT,
-                Keys.Attention.KEY_LENGTH, Keys.Attention.VALUE_LENGTH, Keys.LLM.EMBEDDING_LENGTH)
-    except ImportError:  # pragma: no cover - the GPU machine may lack gguf
-        keys = ("{arch}.block_count", "{arch}.attention.head_count_kv", "{arch}.attention.head_count",
-                "{arch}.attention.key_length", "{arch}.attention.value_length", "{arch}.embedding_length")
-    arch = meta.get("general.architecture")
-    if not arch:
-        raise UserError("the GGUF file has no general.architecture")
-    k_block, k_hkv, k_head, k_klen, k_vlen, k_embd = (key.format(arch=arch) for key in keys)
-    n_layer = int(meta[k_block])
-    n_head = meta.get(k_head)
-    n_head_kv = meta.get(k_hkv, n_head)
-    if isinstance(n_head, list):
-        n_head = max(n_head)
-    heads_kv = tuple(int(x) for x in n_head_kv) if isinstance(n_head_kv, list) else (int(n_head_kv),) * n_layer
-    if k_klen in meta:
-        key_length = int(meta[k_klen])
-    else:
-        key_length = int(meta[k_embd]) // int(n_head)
-    value_length = int(meta.get(k_vlen, key_length))
-    return KvShape(n_layer, heads_kv, key_length, value_length)
-
-
-def kv_bytes_per_token(shape: KvShape, k: str, v: str) -> float:
-    """Bytes of K and V cache per token over all layers."""
-    bits = sum(h * (shape.key_length * bits_per_value(k) + shape.value_length * bits_per_value(v))
-               for h in shape.n_head_kv)
-    value = bits / 8.0
-    return int(value) if value == int(value) else value
+def kv_bytes_per_token(shape: KvShape, k: str, v: str) -> int:
+    """Bytes of K and V cache per token over all layers (mem.py sizes the cache as llama.cpp does)."""
+    return bytes_per_token(shape, k, v)
 
 
 # --- llama-perplexity output ---------------------------------------------------------------------------
@@ -741,8 +591,9 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"cannot read the KV shape from {model}: missing GGUF key {exc}") from None
     for t in {t for p in pairs for t in p if is_tq(t)}:
-        if shape.key_length % 64 or shape.value_length % 64:
-            print(f"tq: warning: {label} has head size {shape.key_length}/{shape.value_length}, not a multiple of 64: "
+        heads_k, heads_v = shape.head_sizes()
+        if any(h % 64 for h in heads_k | heads_v):
+            print(f"tq: warning: {label} has head sizes {sorted(heads_k)}/{sorted(heads_v)}, not multiples of 64: "
                   f"llama.cpp will refuse {t}", file=sys.stderr)
             break
 
@@ -817,8 +668,9 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     if bar is not None:
         bar.close()
 
-    model_info = {"file": model.name, "n_layer": shape.n_layer, "n_head_kv": max(shape.n_head_kv),
-                  "key_length": shape.key_length, "value_length": shape.value_length, "corpus": corpus.name}
+    model_info = {"file": model.name, "n_layer": shape.n_layer, "n_head_kv": max(l.n_head_kv for l in shape.layers),
+                  "key_length": max(l.head_k for l in shape.layers), "value_length": max(l.head_v for l in shape.layers),
+                  "corpus": corpus.name}
     run_meta = {"date": date, "tq_command": tq_command, "chunks": args.chunks, "ctx": args.ctx,
                 "threads": args.threads, "env": env, "llama_cpp_commit": UPSTREAM.llama_cpp_commit,
                 "pairs": [pair_label(k, v) for k, v in pairs], "failed": len(failures),

@@ -10,22 +10,18 @@ import sys
 from dataclasses import dataclass
 
 from .build import find_binary
+from .cache_types import CACHE_TYPES, cache_type
 from .errors import UserError
 from .models import model_path
 
 # Bits per value of every cache type -ctk/-ctv accept (norms and scales included).
-CACHE_TYPE_BITS = {
-    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5,
-    "iq4_nl": 4.5, "tq4": 4.25, "tq3": 3.25, "tq2": 2.25, "tq4_qjl": 4.25, "tq3_qjl": 3.25, "tq2_qjl": 2.25,
-}
+CACHE_TYPE_BITS = {name: t.bits_per_value for name, t in CACHE_TYPES.items()}
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
 
 
 def check_cache_type(name: str) -> str:
-    if name not in CACHE_TYPE_BITS:
-        raise UserError(f"unknown cache type '{name}'; valid: {', '.join(CACHE_TYPE_BITS)}")
-    return name
+    return cache_type(name).name
 
 
 @dataclass

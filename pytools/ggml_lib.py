@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache_types import CACHE_TYPES
 from .errors import UserError
 
-# enum ggml_type values added by patches/0001 (and gguf-py's GGMLQuantizationType)
-GGML_TYPE_IDS = {
-    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
-    "tq2": 43, "tq3": 44, "tq4": 45, "tq2_qjl": 46, "tq3_qjl": 47, "tq4_qjl": 48, "tq_q": 49, "tq_qjl_q": 50,
-}
+# enum ggml_type ids: the cache types, plus the query-side types of the TQ keys (patches/0001)
+GGML_TYPE_IDS = {name: t.ggml_id for name, t in CACHE_TYPES.items()} | {"tq_q": 49, "tq_qjl_q": 50}
 
 _to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 _from_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)

@@ -21,15 +21,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache_types import CACHE_TYPES
 from .errors import UserError
 
 # (values per block, bytes per block) of every cache type llama.cpp's -ctk/-ctv accept
 # (ggml_blck_size / ggml_type_size; the TQ sizes are static_asserts in ggml_tq/tq-blocks.h).
-TYPE_BLOCKS: dict[str, tuple[int, int]] = {
-    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
-    "q8_0": (32, 34), "q5_1": (32, 24), "q5_0": (32, 22), "q4_1": (32, 20), "q4_0": (32, 18), "iq4_nl": (32, 18),
-    "tq4": (64, 34), "tq3": (64, 26), "tq2": (64, 18), "tq4_qjl": (64, 34), "tq3_qjl": (64, 26), "tq2_qjl": (64, 18),
-}
+TYPE_BLOCKS: dict[str, tuple[int, int]] = {n: (t.block_values, t.block_bytes) for n, t in CACHE_TYPES.items()}
 
 # The baselines `tq mem` always compares (as K/V pairs with the same type for K and V).
 BASELINES = ("f16", "q8_0", "q4_0")

@@ -121,7 +121,7 @@ def test_kv_shape_and_bytes_per_token():
     meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
             "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
     shape = ev.kv_shape(meta)
-    assert (shape.n_layer, shape.key_length, shape.value_length) == (30, 64, 64)
+    assert shape.n_layer == 30 and shape.head_sizes() == ({64}, {64})
     assert ev.kv_bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
     # tq3 block: 26 bytes per 64 values, tq2: 18, q8_0: 34 per 32
     assert ev.kv_bytes_per_token(shape, "tq3", "tq2") == 30 * 3 * (26 + 18)
@@ -131,7 +131,7 @@ def test_kv_shape_and_bytes_per_token():
              "qwen2.attention.head_count": 12, "qwen2.attention.head_count_kv": [2, 4],
              "qwen2.attention.key_length": 128, "qwen2.attention.value_length": 128}
     shape2 = ev.kv_shape(meta2)
-    assert shape2.n_head_kv == (2, 4)
+    assert [layer.n_head_kv for layer in shape2.layers] == [2, 4]
     assert ev.kv_bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
 
 
@@ -153,7 +153,8 @@ def test_gguf_header_reader(tmp_path):
     assert meta["general.architecture"] == "llama"
     assert meta["test.numbers"] == [1, 2, 3]
     shape = ev.kv_shape(meta)
-    assert (shape.n_layer, shape.n_head_kv, shape.key_length) == (4, (2, 2, 2, 2), 64)
+    assert shape.n_layer == 4 and [layer.n_head_kv for layer in shape.layers] == [2, 2, 2, 2]
+    assert shape.head_sizes() == ({64}, {64})
 
 
 # --- switches ----------------------------------------------------------------------------------------------
