@@ -5,8 +5,9 @@ saves its logits (`--kl-divergence-base`, cached under <cache>/kld/); then once 
 `--kl-divergence`, which gives PPL, the mean KL divergence to the f16 logits and the top-1
 agreement ("Same top p"). Results go to <out-dir>/quality-<model>.{json,md,png}; runs accumulate,
 rows keyed by (K, V, variant), where the variant names the measurement switches
-(TQ_NORM_CORRECTION, TQ_GRAPH_ROTATION, LLAMA_ATTN_ROT_DISABLE) that differ from their defaults
-and matter for the pair.
+(TQ_NORM_CORRECTION, TQ_GRAPH_ROTATION, LLAMA_ATTN_ROT_DISABLE, TQ_PROTECT_LAYERS) that differ
+from their defaults and matter for the pair. Each row records the build that measured it (sha256 of
+the binary and libraries, git HEAD): TQ_BUILD_DIR points at another build folder.
 
 Standard library at import; tqdm, matplotlib and gguf are used when installed.
 """
@@ -42,7 +43,7 @@ DEFAULT_TYPES = "f16,q8_0,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_CTX = 512
 
 # measurement switches read by the patched llama.cpp (passed through from the caller's environment)
-ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "LLAMA_ATTN_ROT_DISABLE")
+ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "LLAMA_ATTN_ROT_DISABLE", "TQ_PROTECT_LAYERS")
 
 
 def is_quantized(type_name: str) -> bool:
@@ -88,7 +89,42 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
     has_rotated_non_tq = any(is_quantized(t) and not is_tq(t) for t in (k, v))
     if (has_rotated_non_tq or (has_tq and graph_rot)) and _atoi(env.get("LLAMA_ATTN_ROT_DISABLE")) != 0:
         parts.append("attn_rot=off")
+    if has_tq and protected_layers(env) > 0:
+        parts.append(f"protect_layers={protected_layers(env)}")
     return ",".join(parts)
+
+
+def protected_layers(env: dict[str, str | None]) -> int:
+    """TQ_PROTECT_LAYERS=N: llama.cpp keeps the first and last N layers of a TQ cache at q8_0."""
+    return max(0, _atoi(env.get("TQ_PROTECT_LAYERS")))
+
+
+def layer_types(n_layer: int, k: str, v: str, protect: int) -> list[tuple[str, str]]:
+    """The (K, V) cache type of each layer (llama-kv-cache.cpp: tq_protected_layer)."""
+    out = []
+    for il in range(n_layer):
+        guarded = il < protect or il + protect >= n_layer
+        out.append(("q8_0" if guarded and is_tq(k) else k, "q8_0" if guarded and is_tq(v) else v))
+    return out
+
+
+def pair_sizes(shape: KvShape, k: str, v: str, env: dict[str, str | None]) -> tuple[float, int]:
+    """(bits per value, KV bytes per token) of a pair under the switches: the mean of K's and V's
+    bits per value, each averaged over the layers (protected layers count at q8_0)."""
+    protect = protected_layers(env) if (is_tq(k) or is_tq(v)) else 0
+    if protect == 0:
+        return pair_bpv(k, v), kv_bytes_per_token(shape, k, v)
+    from .mem import row_bytes
+
+    types = layer_types(len(shape.layers), k, v, protect)
+    k_bits = k_vals = v_bits = v_vals = 0
+    total = 0
+    for layer, (kt, vt) in zip(shape.layers, types):
+        nk, nv = layer.head_k * layer.n_head_kv, layer.head_v * layer.n_head_kv
+        kb, vb = row_bytes(kt, nk), row_bytes(vt, nv)
+        k_bits, k_vals, v_bits, v_vals = k_bits + 8 * kb, k_vals + nk, v_bits + 8 * vb, v_vals + nv
+        total += kb + vb
+    return (k_bits / k_vals + v_bits / v_vals) / 2.0, total
 
 
 # --- GGUF metadata -------------------------------------------------------------------------------------
@@ -624,8 +660,8 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     failures: list[str] = []
     for k, v in pairs:
         variant = variant_of(k, v, env)
-        row = {"k": k, "v": v, "variant": variant, "bpv": pair_bpv(k, v),
-               "kv_bytes_per_token": kv_bytes_per_token(shape, k, v)}
+        bpv, bytes_token = pair_sizes(shape, k, v, env)
+        row = {"k": k, "v": v, "variant": variant, "bpv": bpv, "kv_bytes_per_token": bytes_token}
         if (k, v) == ("f16", "f16"):
             row.update({"ppl": base_info["ppl"], "ppl_stderr": base_info.get("ppl_stderr"), "ppl_base": base_info["ppl"],
                         "ppl_change_pct": 0.0, "kld": 0.0, "kld_stderr": 0.0, "top1": 100.0, "top1_stderr": 0.0,
@@ -706,8 +742,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "quality",
         help="PPL, KL divergence and top-1 agreement against the f16 cache (llama-perplexity)",
         description="Run llama-perplexity once with an f16 cache to save its logits (cached), then once per "
-                    "K/V pair with --kl-divergence. TQ_NORM_CORRECTION, TQ_GRAPH_ROTATION and "
-                    "LLAMA_ATTN_ROT_DISABLE pass through from the environment and are recorded.")
+                    "K/V pair with --kl-divergence. TQ_NORM_CORRECTION, TQ_GRAPH_ROTATION, "
+                    "LLAMA_ATTN_ROT_DISABLE and TQ_PROTECT_LAYERS pass through from the environment and are "
+                    "recorded (rows keyed by K, V and the switches that change them).")
     q.add_argument("--model", required=True, help="model name (see `tq models list`) or a .gguf path")
     q.add_argument("--types", default=DEFAULT_TYPES,
                    help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES}); "

@@ -170,6 +170,21 @@ def test_variant_of():
     assert ev.variant_of("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
     assert ev.variant_of("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
     assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
+    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
+    assert ev.variant_of("q4_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == ""
+
+
+def test_protected_layers_sizes():
+    meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
+            "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
+    shape = ev.kv_shape(meta)
+    types = ev.layer_types(30, "tq3", "tq2", 2)
+    assert types[:2] == types[-2:] == [("q8_0", "q8_0")] * 2 and types[2:28] == [("tq3", "tq2")] * 26
+    assert ev.pair_sizes(shape, "tq3", "tq2", {}) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
+    bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"})
+    assert per_token == 26 * 3 * (26 + 18) + 4 * 3 * 2 * 68
+    assert bpv == pytest.approx((26 * 2.75 + 4 * 8.5) / 30)
+    assert ev.pair_sizes(shape, "q8_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
 
 
 def test_env_switches_are_read(monkeypatch):
