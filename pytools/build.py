@@ -50,13 +50,31 @@ def _require(tool: str, hint: str) -> str:
     return path
 
 
+def stage_sources() -> Path:
+    """Copy the top-level CMakeLists.txt and ggml_tq/ to a fixed folder in the cache, rewriting only
+    files that changed: the build folder then always sees the same source path, so a fresh clone
+    elsewhere (CI) rebuilds incrementally instead of failing on CMake's source-path check."""
+    dest = cache_dir() / "tq-src"
+    wanted = {Path("CMakeLists.txt")} | {p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "ggml_tq").rglob("*") if p.is_file()}
+    for rel in wanted:
+        src, dst = REPO_ROOT / rel, dest / rel
+        if dst.exists() and dst.read_bytes() == src.read_bytes():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    for p in list(dest.rglob("*")):
+        if p.is_file() and p.relative_to(dest) not in wanted:
+            p.unlink()
+    return dest
+
+
 def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
     _require("cmake", "install CMake 3.14 or newer (e.g. `pip install cmake` or your package manager)")
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
         raise UserError("no C/C++ compiler found: install gcc and g++ (or clang)")
     if cuda:
         _require("nvcc", "the CUDA build needs the CUDA toolkit (nvcc) on PATH")
-    args = ["cmake", "-S", str(REPO_ROOT), "-B", str(build), f"-DTQ_UPSTREAM_DIR={tree}", "-DCMAKE_BUILD_TYPE=Release"]
+    args = ["cmake", "-S", str(stage_sources()), "-B", str(build), f"-DTQ_UPSTREAM_DIR={tree}", "-DCMAKE_BUILD_TYPE=Release"]
     if shutil.which("ninja"):
         cache = build / "CMakeCache.txt"
         if not cache.exists() or "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text():
