@@ -551,6 +551,7 @@ def render_plot(model: str, data: dict, path: Path) -> bool:
         ax.annotate(text, (r["bpv"], r["kld"]), textcoords="offset points", xytext=offsets[n % len(offsets)],
                     fontsize=8, fontweight="bold" if kind == "reference" else "normal")
     ax.set_yscale("log")
+    ax.margins(x=0.1, y=0.1)
     ax.set_xlabel("bits per value (mean of K and V, norms and scales included)")
     ax.set_ylabel("mean KL divergence to the f16 cache (log)")
     chunks = sorted({r.get("chunks") for r in data["results"] if r.get("chunks")})
