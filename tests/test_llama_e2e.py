@@ -96,3 +96,12 @@ def test_backend_ops_tq_cases():
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{op}:\n" + out[-3000:]
         assert "FAIL" not in out, out[-3000:]
+
+
+def test_tq_keys_without_flash_attention(smollm2):
+    """Without flash attention the K cache is read by MUL_MAT: the query is converted once to the
+    keys' vec_dot_type (the rotated query) and dotted with each cached row."""
+    proc = _completion(["-m", str(smollm2), "-p", PROMPT, "-n", "6", "-c", "256", "-fa", "off",
+                        "-ctk", "tq3", "-ctv", "f16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Berlin" in proc.stdout
