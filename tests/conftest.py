@@ -27,3 +27,17 @@ def require_model(name: str):
         if os.environ.get("TQ_REQUIRE_BUILD") == "1":
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+def require_llama_cpp(cuda: bool | None = None):
+    """llama-cpp-python on the patched build (`tq install-python`), with the same skip/fail rule."""
+    require_build()
+    from turboquant_llama.errors import UserError
+    from turboquant_llama.llama_python import import_llama_cpp
+
+    try:
+        return import_llama_cpp() if cuda is None else import_llama_cpp(cuda=cuda)
+    except UserError as exc:
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

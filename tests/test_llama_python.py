@@ -11,11 +11,10 @@ below these numbers.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from .conftest import require_build, require_model
+from .conftest import require_llama_cpp, require_model
 
 PAIRS = [("tq3", "tq2"), ("tq4", "tq4"), ("tq3", "tq3"), ("tq2", "tq2")]
 N_TOKENS = 8
@@ -31,17 +30,8 @@ FLOORS = {
 
 
 def _require_llama_cpp():
-    require_build()
     require_model("smollm2")
-    from turboquant_llama.errors import UserError
-    from turboquant_llama.llama_python import import_llama_cpp
-
-    try:
-        import_llama_cpp()
-    except UserError as exc:
-        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    return require_llama_cpp()
 
 
 @pytest.fixture(scope="module")

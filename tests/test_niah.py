@@ -14,7 +14,7 @@ import pytest
 from turboquant_llama import niah
 from turboquant_llama.errors import UserError
 
-from .conftest import require_build, require_model
+from .conftest import require_llama_cpp, require_model
 
 WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
 
@@ -235,18 +235,8 @@ def test_unsupported_head_size(monkeypatch, tmp_path, capsys):
 
 
 def _require_llama_cpp():
-    require_build()
     require_model("smollm2")
-    import os
-
-    from turboquant_llama.llama_python import import_llama_cpp
-
-    try:
-        import_llama_cpp()
-    except UserError as exc:
-        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    return require_llama_cpp()
 
 
 @pytest.mark.skipif(not WIKI.is_file(), reason="WikiText-2 raw test not present")
