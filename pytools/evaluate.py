@@ -505,6 +505,9 @@ def render_markdown(model: str, data: dict) -> str:
     return "\n".join(lines)
 
 
+_VARIANT_STYLES = (("^", "tab:green"), ("v", "tab:orange"), ("<", "tab:brown"), (">", "tab:cyan"), ("*", "tab:olive"))
+
+
 def render_plot(model: str, data: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -515,17 +518,16 @@ def render_plot(model: str, data: dict, path: Path) -> bool:
         print("tq: matplotlib is not installed: no plot written", file=sys.stderr)
         return False
     rows = [r for r in data["results"] if r.get("kld") is not None and r["kld"] > 0 and r.get("bpv")]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     styles = {
         "reference": dict(marker="s", color="0.35", s=70, zorder=3, label="llama.cpp types (q8_0, q4_0, ...)"),
         "tq": dict(marker="o", color="tab:blue", s=60, zorder=4, label="TurboQuant (MSE)"),
         "qjl": dict(marker="D", color="tab:red", s=55, zorder=4, label="TurboQuant with QJL residual"),
         "mixed": dict(marker="P", color="tab:purple", s=70, zorder=4, label="llama.cpp K + TurboQuant V"),
-        "variant": dict(marker="^", color="tab:green", s=60, zorder=4, label="TurboQuant, switch changed"),
     }
     used: set[str] = set()
-    offsets = [(6, 6), (6, -12), (-6, 8), (6, 16), (-6, -14)]
-    seen_at: dict[tuple[float, float], int] = {}
+    variant_styles: dict[str, dict] = {}
+    labelled: list[tuple[float, float, str, str]] = []
     for r in sorted(rows, key=_sort_key):
         k, v = r["k"], r["v"]
         if r.get("variant"):
@@ -538,18 +540,41 @@ def render_plot(model: str, data: dict, path: Path) -> bool:
             kind = "mixed"
         else:
             kind = "tq"
-        style = dict(styles[kind])
+        style = dict(styles.get(kind, styles["tq"]))
         label = style.pop("label")
         if kind == "reference" and k in REFERENCE_TYPES and v in REFERENCE_TYPES:
             style["color"] = "black"
+        if kind == "variant":
+            # one marker and colour per switch setting, named in the legend; labels stay short
+            kind = "variant:" + r["variant"]
+            if kind not in variant_styles:
+                marker, color = _VARIANT_STYLES[len(variant_styles) % len(_VARIANT_STYLES)]
+                variant_styles[kind] = dict(marker=marker, color=color, s=60, zorder=4)
+            style = dict(variant_styles[kind])
+            label = f"TurboQuant, {r['variant']}"
         ax.scatter([r["bpv"]], [r["kld"]], label=None if kind in used else label, **style)
         used.add(kind)
-        spot = (round(r["bpv"], 2), round(math.log10(r["kld"]), 1))
-        n = seen_at.get(spot, 0)
-        seen_at[spot] = n + 1
-        text = pair_label(k, v) + (f" [{r['variant']}]" if r.get("variant") else "")
-        ax.annotate(text, (r["bpv"], r["kld"]), textcoords="offset points", xytext=offsets[n % len(offsets)],
-                    fontsize=8, fontweight="bold" if kind == "reference" else "normal")
+        labelled.append((r["bpv"], r["kld"], pair_label(k, v), kind))
+    # labels: points at the same bits per value and close KLD form a cluster whose labels are
+    # stacked to the right in KLD order, with leader lines
+    labelled.sort(key=lambda t: (round(t[0], 2), -t[1]))
+    clusters: list[list[tuple[float, float, str, str]]] = []
+    for item in labelled:
+        last = clusters[-1][-1] if clusters else None
+        if last and round(last[0], 2) == round(item[0], 2) and abs(math.log10(last[1]) - math.log10(item[1])) < 0.3:
+            clusters[-1].append(item)
+        else:
+            clusters.append([item])
+    for cluster in clusters:
+        m = len(cluster)
+        for i, (x, y, text, kind) in enumerate(cluster):
+            # alternate sides in a cluster so that long labels do not run into the next points
+            left = m > 1 and i % 2 == 1
+            dy = 13 * ((m - 1) / 2 - i) + (4 if m == 1 else 0)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(-12 if left else (12 if m > 1 else 7), dy),
+                        va="center", ha="right" if left else "left", fontsize=8,
+                        fontweight="bold" if kind == "reference" else "normal",
+                        arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6) if m > 1 else None)
     ax.set_yscale("log")
     ax.margins(x=0.1, y=0.1)
     ax.set_xlabel("bits per value (mean of K and V, norms and scales included)")
