@@ -32,6 +32,7 @@ from .cache_types import CACHE_TYPES, bits_per_value, is_tq
 from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
 from .mem import KvShape, bytes_per_token, kv_shape, read_gguf_metadata
+from .upstream import sha256_file
 
 # --- cache types and their sizes ---------------------------------------------------------------------
 
@@ -265,14 +266,6 @@ def default_corpus() -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def kld_dir() -> Path:
     from .upstream import cache_dir
 
@@ -290,7 +283,7 @@ def _model_label(model_arg: str, path: Path) -> str:
 def base_key(model_label: str, model: Path, corpus: Path, ctx: int, chunks: int, cuda: bool) -> str:
     st = model.stat()
     ident = {"model": model_label, "file": model.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "corpus_sha256": _sha256(corpus), "ctx": ctx, "chunks": chunks, "backend": "cuda" if cuda else "cpu"}
+             "corpus_sha256": sha256_file(corpus), "ctx": ctx, "chunks": chunks, "backend": "cuda" if cuda else "cpu"}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_label)
     return f"{safe}-{corpus.stem}-c{ctx}-n{chunks}-{'cuda' if cuda else 'cpu'}-{digest}"
@@ -371,7 +364,7 @@ def build_fingerprint(binary: Path) -> dict:
                   and p.name.startswith(("libggml", "libllama.so", "libllama-common", "libllama-perplexity")))
     for lib in [binary] + libs:
         digest.update(lib.name.encode())
-        digest.update(_sha256(lib).encode())
+        digest.update(sha256_file(lib).encode())
         newest = max(newest, lib.stat().st_mtime)
     out = {"libs_sha256": digest.hexdigest()[:12],
            "libs_mtime": _dt.datetime.fromtimestamp(newest, _dt.timezone.utc).isoformat(timespec="seconds")}
