@@ -16,7 +16,7 @@ from . import REPO_ROOT
 from .build import find_binary
 from .errors import UserError
 from .cache_types import parse_type_specs
-from .generate import CACHE_TYPE_BITS
+from .mem import bits_per_value, model_kv_shape, protect_layers_from_env
 from .models import model_path
 from .upstream import UPSTREAM
 
@@ -43,12 +43,14 @@ def bench(model: str, pairs: list[tuple[str, str]], depths: list[int], n_gen: in
 
     rows = []
     path = model_path(model)
+    shape = model_kv_shape(path)
     for k, v in tqdm(pairs, desc="llama-bench", unit="pair"):
         for r in run_llama_bench(path, k, v, depths, n_gen, n_prompt, threads, reps, cuda, extra):
             test = "tg" if r.get("n_gen", 0) > 0 else "pp"
             rows.append({"k": k, "v": v, "test": test, "n": r["n_gen"] if test == "tg" else r["n_prompt"],
                          "depth": r.get("n_depth", 0), "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"],
-                         "bpv": (CACHE_TYPE_BITS[k] + CACHE_TYPE_BITS[v]) / 2, "backend": r.get("backends", ""),
+                         "bpv": bits_per_value(shape, k, v), "protect_layers": protect_layers_from_env(),
+                         "backend": r.get("backends", ""),
                          "cpu": r.get("cpu_info", ""), "gpu": r.get("gpu_info", "")})
     return rows
 

@@ -31,7 +31,8 @@ from . import REPO_ROOT
 from .cache_types import CACHE_TYPES, bits_per_value, is_tq
 from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
-from .mem import KvShape, bytes_per_token, kv_shape, read_gguf_metadata
+from .mem import DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, kv_shape, protect_layers_from_env, read_gguf_metadata
+from .mem import bits_per_value as mem_bits_per_value
 from .upstream import sha256_file
 
 # --- cache types and their sizes ---------------------------------------------------------------------
@@ -90,50 +91,21 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
     has_rotated_non_tq = any(is_quantized(t) and not is_tq(t) for t in (k, v))
     if (has_rotated_non_tq or (has_tq and graph_rot)) and _atoi(env.get("LLAMA_ATTN_ROT_DISABLE")) != 0:
         parts.append("attn_rot=off")
-    if has_tq and protected_layers(env) > 0:
+    if has_tq and protected_layers(env) != DEFAULT_PROTECT_LAYERS:
         parts.append(f"protect_layers={protected_layers(env)}")
     return ",".join(parts)
 
 
 def protected_layers(env: dict[str, str | None]) -> int:
-    """TQ_PROTECT_LAYERS=N: llama.cpp keeps the first and last N layers of a TQ cache at q8_0."""
-    return max(0, _atoi(env.get("TQ_PROTECT_LAYERS")))
-
-
-def layer_types(n_layer: int, k: str, v: str, protect: int) -> list[tuple[str, str]]:
-    """The (K, V) cache type of each layer (llama-kv-cache.cpp: tq_protected_layer)."""
-    out = []
-    for il in range(n_layer):
-        guarded = il < protect or il + protect >= n_layer
-        out.append(("q8_0" if guarded and is_tq(k) else k, "q8_0" if guarded and is_tq(v) else v))
-    return out
+    """TQ_PROTECT_LAYERS=N: llama.cpp keeps the first and last N layers of a TQ cache at q8_0 (default 1)."""
+    return protect_layers_from_env(env)
 
 
 def pair_sizes(shape: KvShape, k: str, v: str, env: dict[str, str | None]) -> tuple[float, int]:
     """(bits per value, KV bytes per token) of a pair under the switches: the mean of K's and V's
     bits per value, each averaged over the layers (protected layers count at q8_0)."""
-    protect = protected_layers(env) if (is_tq(k) or is_tq(v)) else 0
-    if protect == 0:
-        return pair_bpv(k, v), kv_bytes_per_token(shape, k, v)
-    from .mem import row_bytes
-
-    types = layer_types(len(shape.layers), k, v, protect)
-    k_bits = k_vals = v_bits = v_vals = 0
-    total = 0
-    for layer, (kt, vt) in zip(shape.layers, types):
-        nk, nv = layer.head_k * layer.n_head_kv, layer.head_v * layer.n_head_kv
-        kb, vb = row_bytes(kt, nk), row_bytes(vt, nv)
-        k_bits, k_vals, v_bits, v_vals = k_bits + 8 * kb, k_vals + nk, v_bits + 8 * vb, v_vals + nv
-        total += kb + vb
-    return (k_bits / k_vals + v_bits / v_vals) / 2.0, total
-
-
-# --- GGUF metadata -------------------------------------------------------------------------------------
-
-# GGUF value types (gguf.GGUFValueType): fixed sizes, 8 = string, 9 = array
-def kv_bytes_per_token(shape: KvShape, k: str, v: str) -> int:
-    """Bytes of K and V cache per token over all layers (mem.py sizes the cache as llama.cpp does)."""
-    return bytes_per_token(shape, k, v)
+    protect = protected_layers(env)
+    return mem_bits_per_value(shape, k, v, protect), bytes_per_token(shape, k, v, protect)
 
 
 # --- llama-perplexity output ---------------------------------------------------------------------------

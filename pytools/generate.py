@@ -10,14 +10,13 @@ import sys
 from dataclasses import dataclass
 
 from .build import find_binary
-from .cache_types import CACHE_TYPES, cache_type
+from .cache_types import cache_type
 from .errors import UserError
+from .mem import KvShape, kv_size, model_kv_shape
 from .models import model_path
 
-# Bits per value of every cache type -ctk/-ctv accept (norms and scales included).
-CACHE_TYPE_BITS = {name: t.bits_per_value for name, t in CACHE_TYPES.items()}
-
-_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*K \((\w+)\): +([\d.]+) MiB, "
+                      r"V \((\w+)\): +([\d.]+) MiB")
 
 
 def check_cache_type(name: str) -> str:
@@ -30,35 +29,40 @@ class KvMemory:
     v_type: str
     k_mib: float
     v_mib: float
+    cells: int
+    f16_mib: float | None = None   # the same cells with an f16 cache (needs the model's KV shape)
 
     @property
     def total_mib(self) -> float:
         return self.k_mib + self.v_mib
 
-    @property
-    def f16_mib(self) -> float:
-        return (self.k_mib * 16.0 / CACHE_TYPE_BITS[self.k_type] + self.v_mib * 16.0 / CACHE_TYPE_BITS[self.v_type])
-
     def summary(self) -> str:
-        return (f"KV cache {self.k_type}/{self.v_type}: {self.total_mib:.2f} MiB "
-                f"(K {self.k_mib:.2f} + V {self.v_mib:.2f}); an f16 cache would take {self.f16_mib:.2f} MiB: "
+        text = f"KV cache {self.k_type}/{self.v_type}: {self.total_mib:.2f} MiB (K {self.k_mib:.2f} + V {self.v_mib:.2f})"
+        if self.f16_mib is None:
+            return text
+        return (text + f"; an f16 cache would take {self.f16_mib:.2f} MiB: "
                 f"{self.f16_mib / self.total_mib:.2f}x smaller, {self.f16_mib - self.total_mib:.2f} MiB saved")
 
 
-def parse_kv_memory(log: str) -> KvMemory | None:
+def parse_kv_memory(log: str, shape: KvShape | None = None) -> KvMemory | None:
     """The KV cache llama.cpp reports when it creates the context (it may create it more than once
-    while fitting memory: the last report is the one in use)."""
+    while fitting memory: the last report is the one in use). With the model's KV shape, also what
+    an f16 cache of the same cells takes (the ratio is not one of bits per value alone: a TQ cache
+    keeps protected layers at q8_0)."""
     found = list(_KV_LINE.finditer(log))
     if not found:
         return None
     m = found[-1]
-    return KvMemory(m.group(2), m.group(4), float(m.group(3)), float(m.group(5)))
+    cells = int(m.group(2))
+    f16 = kv_size(shape, "f16", "f16", cells).total / 2**20 if shape is not None else None
+    return KvMemory(m.group(3), m.group(5), float(m.group(4)), float(m.group(6)), cells, f16)
 
 
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
                    seed: int, extra: list[str]) -> tuple[str, KvMemory | None]:
     exe = find_binary("llama-completion")
-    cmd = [str(exe), "-m", str(model_path(model)), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
+    path = model_path(model)
+    cmd = [str(exe), "-m", str(path), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
            "-fa", "on", "-ctk", check_cache_type(ctk), "-ctv", check_cache_type(ctv), "--temp", "0",
            "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
     if threads:
@@ -68,7 +72,7 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise UserError(f"llama-completion failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout, parse_kv_memory(proc.stderr)
+    return proc.stdout, parse_kv_memory(proc.stderr, model_kv_shape(path))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

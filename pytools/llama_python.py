@@ -24,7 +24,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .build import bin_dir
 from .errors import UserError
-from .generate import CACHE_TYPE_BITS
+from .cache_types import CACHE_TYPES
 from .ggml_lib import GGML_TYPE_IDS
 from .mem import TYPE_BLOCKS, model_kv_shape, types_for_head_size
 from .upstream import UPSTREAM, fetch_sdist
@@ -37,7 +37,7 @@ TQ3_QJL = GGML_TYPE_IDS["tq3_qjl"]
 TQ4_QJL = GGML_TYPE_IDS["tq4_qjl"]
 
 # Every cache type name -ctk/-ctv accept -> its ggml type id (what Llama(type_k=, type_v=) takes).
-CACHE_TYPE_IDS: dict[str, int] = {name: GGML_TYPE_IDS[name] for name in CACHE_TYPE_BITS}
+CACHE_TYPE_IDS: dict[str, int] = {name: t.ggml_id for name, t in CACHE_TYPES.items()}
 TQ_TYPES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl")
 TQ_BLOCK = 64
 
@@ -157,6 +157,11 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
         kw["n_threads_batch"] = kw["n_threads"]
     if kw.pop("flash_attn", True) is not True:
         raise ValueError("TQ caches (and any quantized V cache) need flash_attn=True")
+    if n_gpu_layers != 0 and (ctk.lower() in TQ_TYPES or ctv.lower() in TQ_TYPES) and "offload_kqv" not in kw:
+        # TQ caches have CPU kernels only: the weights go to the GPU, the cache and attention stay
+        # on the CPU (what -nkvo does); llama.cpp refuses a TQ cache on a GPU
+        print("tq: TQ caches run on the CPU: offload_kqv=False (weights still go to the GPU)", file=sys.stderr)
+        kw["offload_kqv"] = False
     return llama_cpp.Llama(model_path=str(path), flash_attn=True, type_k=type_k, type_v=type_v, n_ctx=n_ctx,
                            n_gpu_layers=n_gpu_layers, **kw)
 
@@ -172,6 +177,22 @@ AGREEMENT_PROMPTS = (
     "To make a cup of tea, first",
     "The largest planet in the solar system is",
     "In 1492, Christopher Columbus",
+    "The chemical symbol for gold is",
+    "import numpy as np\n\ndef mean(values):\n",
+    "Photosynthesis is the process by which",
+    "The first person to walk on the moon was",
+    "A healthy breakfast usually includes",
+    "The French Revolution began in the year",
+    "To reverse a list in Python, you can",
+    "The human heart has four chambers:",
+    "Mount Everest is located in",
+    "The speed of light in a vacuum is about",
+    "My favourite season is autumn because",
+    "SELECT name, age FROM users WHERE",
+    "The opposite of hot is",
+    "Shakespeare wrote many plays, including",
+    "The main ingredient of guacamole is",
+    "Rain forms when water vapour in the air",
 )
 AGREEMENT_PAIRS = (("tq4", "tq4"), ("tq3", "tq3"), ("tq3", "tq2"), ("tq2", "tq2"))
 # measured alongside as references (llama.cpp's own quantized caches, Hadamard-rotated at this commit)

@@ -8,6 +8,9 @@ only `min(cells, pad256(n_swa + n_ubatch))` cells. The numbers here equal the
 `llama_kv_cache: size = ... K (t): a MiB, V (t): b MiB` line that llama.cpp prints at context
 creation (tests/test_serve_chat_mem.py checks it against llama-completion).
 
+A TQ cache keeps its first and last `TQ_PROTECT_LAYERS` layers (default 1) at q8_0, as the patched
+llama-kv-cache.cpp does; every size here counts those layers at q8_0.
+
 Standard library only (no gguf package): a small GGUF reader that skips the tokenizer arrays is
 fast even for 150k-token vocabularies.
 """
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache_types import CACHE_TYPES
+from .cache_types import CACHE_TYPES, is_tq
 from .errors import UserError
 
 # (values per block, bytes per block) of every cache type llama.cpp's -ctk/-ctv accept
@@ -33,6 +38,10 @@ BASELINES = ("f16", "q8_0", "q4_0")
 DEFAULT_BUDGET_GIB = 8.0
 KV_PAD = 256           # llama_context pads n_ctx to a multiple of 256 (GGML_PAD(n_ctx, 256))
 DEFAULT_UBATCH = 512   # llama.cpp's default n_ubatch (enters the SWA cache size)
+# llama-kv-cache.cpp (patches/0003): a TQ cache keeps the first and last N layers at q8_0, N from
+# the environment variable TQ_PROTECT_LAYERS, default 1
+DEFAULT_PROTECT_LAYERS = 1
+PROTECTED_LAYER_TYPE = "q8_0"
 
 # Architectures whose SWA layer pattern llama.cpp sets in code when the GGUF does not carry
 # `<arch>.attention.sliding_window_pattern` (src/models/*.cpp: load_swa_pattern(ml, n, dense_first)).
@@ -51,6 +60,16 @@ def row_bytes(type_name: str, n: int) -> int:
     if n % blck:
         raise UserError(f"{type_name} stores blocks of {blck} values; a row of {n} values does not fit")
     return n // blck * size
+
+
+def protect_layers_from_env(environ: dict[str, str | None] | None = None) -> int:
+    """The N of TQ_PROTECT_LAYERS as llama.cpp reads it (C atoi, negative counts as 0, unset: 1)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("TQ_PROTECT_LAYERS")
+    if text is None:
+        return DEFAULT_PROTECT_LAYERS
+    m = re.match(r"\s*([-+]?\d+)", text)
+    return max(0, int(m.group(1))) if m else 0
 
 
 def types_for_head_size(head: int) -> list[str]:
@@ -131,6 +150,7 @@ class LayerKv:
     head_k: int
     head_v: int
     swa: bool
+    il: int = 0                      # index among all layers (llama.cpp's il)
 
     @property
     def kind(self) -> str:
@@ -210,7 +230,7 @@ def kv_shape(meta: dict) -> KvShape:
         if n_head_kv[il] == 0:
             continue  # no attention in this layer (recurrent / linear)
         hk, hv = (head_k_swa, head_v_swa) if swa[il] else (head_k_full, head_v_full)
-        layers.append(LayerKv(int(n_head_kv[il]), int(hk), int(hv), swa[il]))
+        layers.append(LayerKv(int(n_head_kv[il]), int(hk), int(hv), swa[il], il))
     return KvShape(arch, int(n_layer), layers, n_swa, int(meta.get(a + "context_length", 0) or 0), notes)
 
 
@@ -250,18 +270,36 @@ class KvSize:
         return self.k_bytes + self.v_bytes
 
 
-def kv_size(shape: KvShape, ctk: str, ctv: str, n_ctx: int, n_ubatch: int = DEFAULT_UBATCH) -> KvSize:
+def layer_cache_types(shape: KvShape, ctk: str, ctv: str, protect: int | None = None) -> list[tuple[str, str]]:
+    """The (K, V) type llama.cpp gives each layer of shape.layers: TQ types become q8_0 in the
+    first and last `protect` layers (None: TQ_PROTECT_LAYERS from the environment)."""
+    n = protect_layers_from_env() if protect is None else max(0, protect)
+    out = []
+    for layer in shape.layers:
+        guarded = layer.il < n or layer.il + n >= shape.n_layer
+        out.append((PROTECTED_LAYER_TYPE if guarded and is_tq(ctk) else ctk,
+                    PROTECTED_LAYER_TYPE if guarded and is_tq(ctv) else ctv))
+    return out
+
+
+def _layer_row_bytes(shape: KvShape, ctk: str, ctv: str, protect: int | None) -> list[tuple[LayerKv, int, int]]:
+    return [(l, row_bytes(kt, l.head_k * l.n_head_kv), row_bytes(vt, l.head_v * l.n_head_kv))
+            for l, (kt, vt) in zip(shape.layers, layer_cache_types(shape, ctk, ctv, protect))]
+
+
+def kv_size(shape: KvShape, ctk: str, ctv: str, n_ctx: int, n_ubatch: int = DEFAULT_UBATCH,
+            protect: int | None = None) -> KvSize:
     """Bytes of the K and V caches llama.cpp allocates for n_ctx (rounded up as llama.cpp does),
     with a breakdown per layer type."""
     groups: dict[tuple, dict] = {}
     k_total = v_total = 0
-    for layer in shape.layers:
+    types = layer_cache_types(shape, ctk, ctv, protect)
+    for (layer, kb, vb), (kt, vt) in zip(_layer_row_bytes(shape, ctk, ctv, protect), types):
         n_cells = cells(n_ctx, layer.swa, shape.n_swa, n_ubatch)
-        kb = row_bytes(ctk, layer.head_k * layer.n_head_kv)
-        vb = row_bytes(ctv, layer.head_v * layer.n_head_kv)
-        key = (layer.kind, layer.n_head_kv, layer.head_k, layer.head_v)
+        key = (layer.kind, layer.n_head_kv, layer.head_k, layer.head_v, kt, vt)
         g = groups.setdefault(key, {"kind": layer.kind, "layers": 0, "n_head_kv": layer.n_head_kv,
                                     "head_dim_k": layer.head_k, "head_dim_v": layer.head_v, "cells": n_cells,
+                                    "k_type": kt, "v_type": vt,
                                     "k_bytes_per_token_per_layer": kb, "v_bytes_per_token_per_layer": vb,
                                     "k_bytes": 0, "v_bytes": 0})
         g["layers"] += 1
@@ -272,30 +310,38 @@ def kv_size(shape: KvShape, ctk: str, ctv: str, n_ctx: int, n_ubatch: int = DEFA
     return KvSize(ctk, ctv, n_ctx, pad(max(n_ctx, 1)), k_total, v_total, list(groups.values()))
 
 
-def bytes_per_token(shape: KvShape, ctk: str, ctv: str) -> int:
+def bytes_per_token(shape: KvShape, ctk: str, ctv: str, protect: int | None = None) -> int:
     """K+V bytes one token adds to the cache, all layers (SWA layers included: within the window)."""
-    return sum(row_bytes(ctk, l.head_k * l.n_head_kv) + row_bytes(ctv, l.head_v * l.n_head_kv) for l in shape.layers)
+    return sum(kb + vb for _, kb, vb in _layer_row_bytes(shape, ctk, ctv, protect))
 
 
-def kv_bytes_for_tokens(shape: KvShape, ctk: str, ctv: str, n_tokens: int) -> int:
+def bits_per_value(shape: KvShape, ctk: str, ctv: str, protect: int | None = None) -> float:
+    """Mean of K's and V's bits per cached value over all layers (protected layers at q8_0)."""
+    rows = _layer_row_bytes(shape, ctk, ctv, protect)
+    k_bits = sum(8 * kb for _, kb, _ in rows) / sum(l.head_k * l.n_head_kv for l, _, _ in rows)
+    v_bits = sum(8 * vb for _, _, vb in rows) / sum(l.head_v * l.n_head_kv for l, _, _ in rows)
+    return (k_bits + v_bits) / 2.0
+
+
+def kv_bytes_for_tokens(shape: KvShape, ctk: str, ctv: str, n_tokens: int, protect: int | None = None) -> int:
     """Bytes the first n_tokens of a sequence occupy (SWA layers hold at most their window)."""
     total = 0
-    for l in shape.layers:
+    for l, kb, vb in _layer_row_bytes(shape, ctk, ctv, protect):
         n = min(n_tokens, shape.n_swa) if (l.swa and shape.n_swa > 0) else n_tokens
-        total += n * (row_bytes(ctk, l.head_k * l.n_head_kv) + row_bytes(ctv, l.head_v * l.n_head_kv))
+        total += n * (kb + vb)
     return total
 
 
 def max_ctx(shape: KvShape, ctk: str, ctv: str, budget_bytes: int, n_ubatch: int = DEFAULT_UBATCH,
-            limit: int = 1 << 26) -> int:
+            limit: int = 1 << 26, protect: int | None = None) -> int:
     """The largest n_ctx (a multiple of 256, as llama.cpp pads) whose cache fits budget_bytes; 0
     when not even 256 cells fit."""
     lo, hi = 0, limit // KV_PAD     # in units of 256 cells; size is monotone in n_ctx
-    if kv_size(shape, ctk, ctv, hi * KV_PAD, n_ubatch).total <= budget_bytes:
+    if kv_size(shape, ctk, ctv, hi * KV_PAD, n_ubatch, protect).total <= budget_bytes:
         return hi * KV_PAD
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if kv_size(shape, ctk, ctv, mid * KV_PAD, n_ubatch).total <= budget_bytes:
+        if kv_size(shape, ctk, ctv, mid * KV_PAD, n_ubatch, protect).total <= budget_bytes:
             lo = mid
         else:
             hi = mid
@@ -314,10 +360,11 @@ def check_pair(shape: KvShape, ctk: str, ctv: str) -> None:
 
 
 def report(model: str | Path, n_ctx: int, ctk: str, ctv: str, budget_gib: float = DEFAULT_BUDGET_GIB,
-           n_ubatch: int = DEFAULT_UBATCH) -> dict:
+           n_ubatch: int = DEFAULT_UBATCH, protect: int | None = None) -> dict:
+    protect = protect_layers_from_env() if protect is None else max(0, protect)
     shape = model_kv_shape(model)
     check_pair(shape, ctk, ctv)
-    size = kv_size(shape, ctk, ctv, n_ctx, n_ubatch)
+    size = kv_size(shape, ctk, ctv, n_ctx, n_ubatch, protect)
     f16 = kv_size(shape, "f16", "f16", n_ctx, n_ubatch)
     budget = int(budget_gib * (1 << 30))
     pairs = {b: (b, b) for b in BASELINES}
@@ -329,12 +376,14 @@ def report(model: str | Path, n_ctx: int, ctk: str, ctv: str, budget_gib: float 
         except UserError:
             fits[name] = None     # the type cannot serve this model's head size
             continue
-        fits[name] = max_ctx(shape, k, v, budget, n_ubatch)
+        fits[name] = max_ctx(shape, k, v, budget, n_ubatch, protect=protect)
     return {
         "model": str(model), "arch": shape.arch, "ctk": ctk, "ctv": ctv,
         "n_ctx": n_ctx, "n_ctx_cells": size.cells, "n_ctx_train": shape.n_ctx_train,
         "n_layers_kv": len(shape.layers), "n_swa": shape.n_swa,
-        "kv_bytes_per_token": bytes_per_token(shape, ctk, ctv),
+        "protect_layers": protect if (is_tq(ctk) or is_tq(ctv)) else 0,
+        "bits_per_value": bits_per_value(shape, ctk, ctv, protect),
+        "kv_bytes_per_token": bytes_per_token(shape, ctk, ctv, protect),
         "kv_bytes_per_token_f16": bytes_per_token(shape, "f16", "f16"),
         "kv_bytes_total": size.total, "k_bytes_total": size.k_bytes, "v_bytes_total": size.v_bytes,
         "k_mib": size.k_bytes / 2**20, "v_mib": size.v_bytes / 2**20,
@@ -361,8 +410,12 @@ def _print_report(r: dict) -> None:
     print(f"  per token: {r['kv_bytes_per_token']} B ({r['kv_bytes_per_token_f16']} B with f16)")
     print(f"  total:     {_fmt_bytes(r['kv_bytes_total'])} (K {r['k_mib']:.2f} MiB + V {r['v_mib']:.2f} MiB); "
           f"f16: {_fmt_bytes(r['f16_bytes_total'])}, {r['ratio_vs_f16']:.2f}x smaller")
+    if r["protect_layers"]:
+        print(f"  the first and last {r['protect_layers']} layer(s) keep a q8_0 cache (TQ_PROTECT_LAYERS; 0 turns it off): "
+              f"{r['bits_per_value']:.2f} bits per value on average")
     for g in r["layer_types"]:
-        print(f"  {g['layers']:3d} {g['kind']:4s} layers: {g['n_head_kv']} kv heads x head_dim {g['head_dim_k']}/{g['head_dim_v']}, "
+        print(f"  {g['layers']:3d} {g['kind']:4s} layers ({g['k_type']}/{g['v_type']}): "
+              f"{g['n_head_kv']} kv heads x head_dim {g['head_dim_k']}/{g['head_dim_v']}, "
               f"{g['cells']} cells, K {g['k_bytes_per_token_per_layer']} B + V {g['v_bytes_per_token_per_layer']} B "
               f"per token per layer, {_fmt_bytes(g['k_bytes'] + g['v_bytes'])}")
     print(f"Longest context for a KV budget of {r['budget_gib']:g} GiB (multiples of 256, as llama.cpp pads):")
@@ -386,6 +439,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"memory for the KV cache, GiB (default {DEFAULT_BUDGET_GIB:g}: what is left for the "
                         "cache on a 12-16 GB GPU after a small model's weights)")
     p.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, help="n_ubatch (sizes SWA caches; default 512)")
+    p.add_argument("--protect-layers", type=int, default=None, metavar="N",
+                   help="first and last N layers of a TQ cache at q8_0, as llama.cpp does with "
+                        f"TQ_PROTECT_LAYERS=N (default: that variable, else {DEFAULT_PROTECT_LAYERS})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_mem)
 
@@ -395,7 +451,9 @@ def _cmd_mem(args: argparse.Namespace) -> int:
         raise UserError("--ctx must be positive")
     if args.budget_gib <= 0:
         raise UserError("--budget-gib must be positive")
-    r = report(args.model, args.ctx, args.ctk, args.ctv, args.budget_gib, args.ubatch)
+    if args.protect_layers is not None and args.protect_layers < 0:
+        raise UserError("--protect-layers must be 0 or more")
+    r = report(args.model, args.ctx, args.ctk, args.ctv, args.budget_gib, args.ubatch, args.protect_layers)
     if args.json:
         json.dump(r, sys.stdout, indent=2)
         print()

@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 
 from . import REPO_ROOT
 from .errors import UserError
+from .mem import protect_layers_from_env
 
 DEFAULT_TYPES = "f16,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_LENGTHS = "1k,2k,4k,8k"
@@ -414,6 +415,9 @@ def render_heatmaps(model: str, data: dict, path: Path) -> bool:
     for idx in range(len(pairs), nrows * ncols):
         axes[idx // ncols][idx % ncols].axis("off")
     sub = f"{settings['needles']} needle(s) per cell, seed {data['seed']}, greedy, {data['settings']['prompt_format']} prompt"
+    protect = settings.get("protect_layers", 0)
+    sub += f"; TQ caches keep the first and last {protect} layer(s) at q8_0" if protect else \
+        "; TQ caches on every layer (TQ_PROTECT_LAYERS=0)"
     if data.get("skipped_lengths"):
         sub += f"; skipped (> n_ctx_train {data.get('n_ctx_train')}): " + \
                ", ".join(fmt_length(x) for x in data["skipped_lengths"])
@@ -438,6 +442,7 @@ class _VocabTokenizer:
 
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
+        params.n_gpu_layers = 0   # the default offloads every layer: a vocabulary-only load crashes a CUDA build
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError as exc:
@@ -486,13 +491,18 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["tq", "eval", "niah", "--model", args.model, "--types", args.types, "--lengths", args.lengths,
              "--depths", args.depths, "--needles", str(args.needles), "--seed", str(args.seed),
              "--threads", str(args.threads)]
+    if args.gpu_layers:
+        parts += ["--gpu-layers", str(args.gpu_layers)]
     if args.filler:
         parts += ["--filler", str(args.filler)]
     if args.out_dir:
         parts += ["--out-dir", str(args.out_dir)]
+    if args.append:
+        parts.append("--append")
     if args.json:
         parts.append("--json")
-    return shlex.join(parts)
+    env = os.environ.get("TQ_PROTECT_LAYERS")
+    return (f"TQ_PROTECT_LAYERS={shlex.quote(env)} " if env is not None else "") + shlex.join(parts)
 
 
 def _close(llm) -> None:
@@ -567,7 +577,10 @@ def run_niah(args: argparse.Namespace) -> dict:
             t_load = time.time()
             try:
                 llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
-                                 n_ubatch=min(N_BATCH, n_ctx), seed=args.seed)
+                                 n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
+                                 # every type's cache and attention on the CPU: TQ has CPU kernels only,
+                                 # and the baselines then run the same attention code
+                                 offload_kqv=False)
             except (ValueError, RuntimeError) as exc:
                 failures.append(f"{pair_key(k, v)} at n_ctx {n_ctx}: {exc}")
                 if bar is not None:
@@ -617,6 +630,9 @@ def run_niah(args: argparse.Namespace) -> dict:
             "prompt_format": fmt.name, "filler": filler_path.name,
             "needle": NEEDLE, "question": QUESTION, "answer_prefix": ANSWER_PREFIX, "instruction": INSTRUCTION,
             "backend": "llama-cpp-python on the patched llama.cpp (CPU unless TQ_CUDA=1)",
+            "gpu_layers": args.gpu_layers,
+            "kv_cache_device": "CPU (every type)",
+            "protect_layers": protect_layers_from_env(),
         },
         "skipped_lengths": skipped,
         "notes": notes,
@@ -629,13 +645,67 @@ def run_niah(args: argparse.Namespace) -> dict:
     }
     out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
-    (out_dir / f"niah-{safe}.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    safe = results_name(label, data["settings"]["protect_layers"])
+    json_path = out_dir / f"niah-{safe}.json"
+    if args.append and json_path.exists():
+        data = merge_runs(json.loads(json_path.read_text()), data)
+    json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     render_heatmaps(label, data, out_dir / f"niah-{safe}.png")
     data["_paths"] = [str(out_dir / f"niah-{safe}.json"), str(out_dir / f"niah-{safe}.png")]
     if failures:
         raise UserError(f"{len(failures)} run(s) failed (the others are in {out_dir}):\n" + "\n".join(failures))
     return data
+
+
+def results_name(label: str, protect_layers: int) -> str:
+    """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS get their own."""
+    from .mem import DEFAULT_PROTECT_LAYERS
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+    return safe if protect_layers == DEFAULT_PROTECT_LAYERS else f"{safe}-protect_layers_{protect_layers}"
+
+
+# settings that must agree for two runs' cases to belong in one table
+_SAME_SETTINGS = ("needle", "question", "answer_prefix", "instruction", "prompt_format", "filler", "max_new_tokens",
+                  "ctx_margin", "decoding", "protect_layers")
+
+
+def merge_runs(old: dict, new: dict) -> dict:
+    """new's cases added to old's; a case of the same type, length, depth and needle is replaced."""
+    if old.get("model_file") != new.get("model_file") or old.get("seed") != new.get("seed"):
+        raise UserError(f"--append: the results file holds {old.get('model_file')} with seed {old.get('seed')}, "
+                        f"not {new.get('model_file')} with seed {new.get('seed')}")
+    for key in _SAME_SETTINGS:
+        if old["settings"].get(key) != new["settings"].get(key):
+            raise UserError(f"--append: setting '{key}' differs from the results file's "
+                            f"({old['settings'].get(key)!r} there, {new['settings'].get(key)!r} now); "
+                            "write to another --out-dir")
+
+    def case_key(c: dict) -> tuple:
+        return c["k"], c["v"], c["length"], c["depth"], c.get("trial", 0)
+
+    cases = {case_key(c): c for c in old["cases"]}
+    cases.update({case_key(c): c for c in new["cases"]})
+
+    def union(a: list, b: list) -> list:
+        return a + [x for x in b if x not in a]
+
+    merged = dict(new)
+    settings = dict(new["settings"])
+    settings["pairs"] = union(old["settings"]["pairs"], new["settings"]["pairs"])
+    settings["lengths_run"] = sorted(set(old["settings"]["lengths_run"]) | set(new["settings"]["lengths_run"]))
+    settings["lengths"] = sorted(set(old["settings"]["lengths"]) | set(new["settings"]["lengths"]))
+    settings["depths"] = sorted(set(old["settings"]["depths"]) | set(new["settings"]["depths"]))
+    merged["settings"] = settings
+    merged["commands"] = old.get("commands", [old["command"]]) + [new["command"]]
+    merged["cases"] = list(cases.values())
+    merged["recall"] = recall(merged["cases"])
+    merged["recall_by_length"] = recall_by_length(merged["cases"])
+    merged["skipped_lengths"] = sorted(set(old.get("skipped_lengths", [])) | set(new.get("skipped_lengths", [])))
+    merged["notes"] = union(old.get("notes", []), new.get("notes", []))
+    merged["failures"] = union(old.get("failures", []), new.get("failures", []))
+    merged["seconds"] = round(old.get("seconds", 0) + new.get("seconds", 0), 1)
+    return merged
 
 
 def _cmd_niah(args: argparse.Namespace) -> int:
@@ -693,7 +763,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--needles", type=int, default=1, help="needles (prompts) per length and depth (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles and filler offsets (default 0)")
     p.add_argument("--threads", "-t", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--gpu-layers", "-ngl", type=int, default=0,
+                   help="layers whose weights go to the GPU (CUDA build; the KV cache and attention of every type "
+                        "stay on the CPU, where the TQ kernels are; default 0)")
     p.add_argument("--filler", default=None, help="filler text (default: WikiText-2 raw test, wiki.test.raw)")
     p.add_argument("--json", action="store_true", help="print {recall, cases} as JSON")
+    p.add_argument("--append", action="store_true",
+                   help="add these cases to the model's results file (same needle settings), replacing the cases "
+                        "of the same type, length, depth and needle: a long sweep can run in parts")
     p.add_argument("--out-dir", default=None, help="where niah-<model>.{json,png} go (default: results/)")
     p.set_defaults(func=_cmd_niah)

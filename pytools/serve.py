@@ -17,6 +17,7 @@ import sys
 from .build import find_binary
 from .errors import UserError
 from .generate import check_cache_type
+from .cache_types import is_tq
 from .mem import check_pair, model_kv_shape
 from .models import model_path
 
@@ -41,6 +42,11 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
            "-c", str(args.ctx), "--parallel", str(args.parallel), "--host", args.host, "--port", str(args.port)]
     if args.gpu_layers is not None:
         cmd += ["-ngl", str(args.gpu_layers)]
+        if args.gpu_layers != 0 and (is_tq(args.ctk) or is_tq(args.ctv)) and not {"-nkvo", "--no-kv-offload"} & set(extra):
+            # TQ caches have CPU kernels only: weights go to the GPU, the cache and attention stay
+            # on the CPU (llama.cpp refuses a TQ cache on the GPU rather than run it slowly)
+            print("tq: TQ caches run on the CPU: adding --no-kv-offload (weights still go to the GPU)", file=sys.stderr)
+            cmd.append("--no-kv-offload")
     return cmd + extra
 
 

@@ -41,3 +41,11 @@ def require_llama_cpp(cuda: bool | None = None):
         if os.environ.get("TQ_REQUIRE_BUILD") == "1":
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _default_measurement_switches(monkeypatch):
+    """Tests assert the default behaviour of the patched llama.cpp: switches a developer may have
+    exported for a measurement (TQ_PROTECT_LAYERS=0, ...) must not leak into them."""
+    for name in ("TQ_PROTECT_LAYERS", "TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "LLAMA_ATTN_ROT_DISABLE"):
+        monkeypatch.delenv(name, raising=False)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from turboquant_llama import evaluate as ev
+from turboquant_llama import mem
 from turboquant_llama.errors import UserError
 
 # Captured from the patched build (CPU, 2 threads):
@@ -122,17 +123,19 @@ def test_kv_shape_and_bytes_per_token():
             "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
     shape = ev.kv_shape(meta)
     assert shape.n_layer == 30 and shape.head_sizes() == ({64}, {64})
-    assert ev.kv_bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
+    assert mem.bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
     # tq3 block: 26 bytes per 64 values, tq2: 18, q8_0: 34 per 32
-    assert ev.kv_bytes_per_token(shape, "tq3", "tq2") == 30 * 3 * (26 + 18)
-    assert ev.kv_bytes_per_token(shape, "q8_0", "q8_0") == 30 * 3 * 2 * 68
+    assert mem.bytes_per_token(shape, "tq3", "tq2", protect=0) == 30 * 3 * (26 + 18)
+    # by default the first and the last layer of a TQ cache are q8_0
+    assert mem.bytes_per_token(shape, "tq3", "tq2", protect=1) == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
+    assert mem.bytes_per_token(shape, "q8_0", "q8_0") == 30 * 3 * 2 * 68
     # explicit key/value lengths and per-layer KV head counts win
     meta2 = {"general.architecture": "qwen2", "qwen2.block_count": 2, "qwen2.embedding_length": 1536,
              "qwen2.attention.head_count": 12, "qwen2.attention.head_count_kv": [2, 4],
              "qwen2.attention.key_length": 128, "qwen2.attention.value_length": 128}
     shape2 = ev.kv_shape(meta2)
     assert [layer.n_head_kv for layer in shape2.layers] == [2, 4]
-    assert ev.kv_bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
+    assert mem.bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
 
 
 def test_gguf_header_reader(tmp_path):
@@ -171,6 +174,8 @@ def test_variant_of():
     assert ev.variant_of("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
     assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
+    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
+    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
     assert ev.variant_of("q4_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == ""
 
 
@@ -178,13 +183,30 @@ def test_protected_layers_sizes():
     meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
             "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
     shape = ev.kv_shape(meta)
-    types = ev.layer_types(30, "tq3", "tq2", 2)
+    types = mem.layer_cache_types(shape, "tq3", "tq2", 2)
     assert types[:2] == types[-2:] == [("q8_0", "q8_0")] * 2 and types[2:28] == [("tq3", "tq2")] * 26
-    assert ev.pair_sizes(shape, "tq3", "tq2", {}) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
+    assert mem.layer_cache_types(shape, "q8_0", "tq2", 1)[0] == ("q8_0", "q8_0")
+    assert mem.layer_cache_types(shape, "f16", "tq2", 1)[-1] == ("f16", "q8_0")
+    assert ev.pair_sizes(shape, "tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
+    assert ev.pair_sizes(shape, "tq3", "tq2", {}) == (pytest.approx((28 * 2.75 + 2 * 8.5) / 30),
+                                                      28 * 3 * (26 + 18) + 2 * 3 * 2 * 68)
     bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"})
     assert per_token == 26 * 3 * (26 + 18) + 4 * 3 * 2 * 68
     assert bpv == pytest.approx((26 * 2.75 + 4 * 8.5) / 30)
     assert ev.pair_sizes(shape, "q8_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
+
+
+def test_protect_layers_env_is_read_like_atoi(monkeypatch):
+    monkeypatch.delenv("TQ_PROTECT_LAYERS", raising=False)
+    assert mem.protect_layers_from_env() == mem.DEFAULT_PROTECT_LAYERS == 1
+    for text, n in (("0", 0), ("2", 2), (" 3x", 3), ("-1", 0), ("off", 0)):
+        assert mem.protect_layers_from_env({"TQ_PROTECT_LAYERS": text}) == n, text
+    # layers without a KV cache keep their index: protection counts all layers, as llama.cpp does
+    meta = {"general.architecture": "llama", "llama.block_count": 4, "llama.embedding_length": 256,
+            "llama.attention.head_count": 4, "llama.attention.head_count_kv": [0, 2, 2, 2]}
+    shape = ev.kv_shape(meta)
+    assert [l.il for l in shape.layers] == [1, 2, 3]
+    assert mem.layer_cache_types(shape, "tq3", "tq3", 1) == [("tq3", "tq3"), ("tq3", "tq3"), ("q8_0", "q8_0")]
 
 
 def test_env_switches_are_read(monkeypatch):
@@ -304,7 +326,9 @@ def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
             assert r[key] is not None, key
     f16, tq = rows
     assert f16["kld"] == 0 and f16["top1"] == 100 and f16["bpv"] == 16 and f16["kv_bytes_per_token"] == 23040
-    assert tq["bpv"] == pytest.approx(2.75) and tq["kv_bytes_per_token"] == 30 * 3 * (26 + 18)
+    # the first and last layers are q8_0 (TQ_PROTECT_LAYERS default 1)
+    assert tq["bpv"] == pytest.approx((28 * 2.75 + 2 * 8.5) / 30)
+    assert tq["kv_bytes_per_token"] == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
     assert tq["kld"] > 0 and tq["top1"] < 100 and tq["ppl"] > 1
     assert tq["env"] == {name: None for name in ev.ENV_SWITCHES}
     for ext in ("json", "md", "png"):

@@ -34,12 +34,20 @@ def test_generation_answers_and_saves_memory(smollm2, ctk, ctv):
     assert mem.f16_mib / mem.total_mib > 1.0
 
 
-def test_kv_memory_matches_block_sizes(smollm2):
-    # SmolLM2: 30 layers, 3 kv heads of 64 -> 192 values per token per layer for K and for V
+@pytest.mark.parametrize("protect", [None, "0", "2"])
+def test_kv_memory_matches_block_sizes(smollm2, monkeypatch, protect):
+    # SmolLM2: 30 layers, 3 kv heads of 64 -> 3 blocks of 64 per token per layer for K and for V;
+    # the first and last N layers (TQ_PROTECT_LAYERS, default 1) keep q8_0: 6 blocks of 34 bytes
+    if protect is None:
+        monkeypatch.delenv("TQ_PROTECT_LAYERS", raising=False)
+    else:
+        monkeypatch.setenv("TQ_PROTECT_LAYERS", protect)
+    n = 1 if protect is None else int(protect)
     _, mem = run_completion("smollm2", PROMPT, "tq3", "tq2", 4, 1024, 2, 1, [])
-    per_token_layer = 192 // 64
-    assert mem.k_mib == pytest.approx(30 * 1024 * per_token_layer * 26 / 2**20, abs=0.01)
-    assert mem.v_mib == pytest.approx(30 * 1024 * per_token_layer * 18 / 2**20, abs=0.01)
+    q8 = 2 * n * 1024 * 6 * 34
+    assert mem.k_mib == pytest.approx(((30 - 2 * n) * 1024 * 3 * 26 + q8) / 2**20, abs=0.01)
+    assert mem.v_mib == pytest.approx(((30 - 2 * n) * 1024 * 3 * 18 + q8) / 2**20, abs=0.01)
+    assert mem.f16_mib == pytest.approx(30 * 1024 * 2 * 192 * 2 / 2**20)
 
 
 def _completion(args: list[str]) -> subprocess.CompletedProcess:
@@ -81,8 +89,8 @@ def test_kv_log_parser():
             "K (tq3):    2.95 MiB, V (tq2):    2.04 MiB\n")
     log = line.replace("5.04", "9.99").replace("2.95", "7.00") + line  # created twice: the last one counts
     mem = parse_kv_memory(log)
-    assert (mem.k_type, mem.v_type) == ("tq3", "tq2")
-    assert mem.f16_mib == pytest.approx(2.95 * 16 / 3.25 + 2.04 * 16 / 2.25)
+    assert (mem.k_type, mem.v_type, mem.cells) == ("tq3", "tq2", 1024)
+    assert (mem.k_mib, mem.v_mib) == (2.95, 2.04) and mem.f16_mib is None
 
 
 def test_backend_ops_tq_cases():

@@ -19,13 +19,15 @@ from .conftest import require_llama_cpp, require_model
 PAIRS = [("tq3", "tq2"), ("tq4", "tq4"), ("tq3", "tq3"), ("tq2", "tq2")]
 N_TOKENS = 8
 N_CTX = 256
-# (identical first-8 fraction, first-token fraction, mean common prefix): measured - a margin
+# (identical first-8 fraction, first-token fraction, mean common prefix) over the 24 prompts:
+# results/llama-python-agreement.json less two prompts (2/24) and 0.75 tokens, room for the float
+# differences between SIMD levels (AVX2 on CI, AVX-512 elsewhere) that can flip a near tie
 FLOORS = {
-    "tq4/tq4": (0.125, 0.625, 3.5),
-    "tq3/tq3": (0.125, 0.5, 1.75),
-    "tq3/tq2": (0.125, 0.625, 2.75),
-    "tq2/tq2": (0.0, 0.25, 0.25),
-    "q8_0/q8_0": (0.75, 0.875, 6.5),   # sanity check of the harness itself
+    "tq4/tq4": (0.41, 0.83, 5.0),
+    "tq3/tq3": (0.04, 0.66, 2.35),
+    "tq3/tq2": (0.0, 0.41, 1.1),
+    "tq2/tq2": (0.0, 0.45, 0.4),
+    "q8_0/q8_0": (0.66, 0.83, 5.85),   # sanity check of the harness itself
 }
 
 

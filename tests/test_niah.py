@@ -196,6 +196,34 @@ def test_recall_aggregation():
     assert niah.recall([]) == {}
 
 
+def _run(cases: list[dict], protect: int = 1, needle: str = "N {key} {number}") -> dict:
+    return {"command": "tq eval niah ...", "model_file": "m.gguf", "seed": 0, "seconds": 1.0, "cases": cases,
+            "settings": {"pairs": sorted({niah.pair_key(c["k"], c["v"]) for c in cases}),
+                         "lengths": sorted({c["length"] for c in cases}), "lengths_run": sorted({c["length"] for c in cases}),
+                         "depths": sorted({c["depth"] for c in cases}), "needle": needle, "protect_layers": protect}}
+
+
+def test_append_merges_runs():
+    first = _run([_case("f16", "f16", 1024, 0.0, True), _case("tq3", "tq2", 1024, 0.0, False)])
+    second = _run([_case("tq3", "tq2", 1024, 0.0, True), _case("tq3", "tq2", 4096, 0.5, False)])
+    merged = niah.merge_runs(first, second)
+    assert len(merged["cases"]) == 3                      # the tq3/tq2 1k depth-0 case was replaced
+    assert merged["recall"] == {"f16/f16": 1.0, "tq3/tq2": 0.5}
+    assert merged["settings"]["lengths_run"] == [1024, 4096] and merged["settings"]["depths"] == [0.0, 0.5]
+    assert merged["settings"]["pairs"] == ["f16/f16", "tq3/tq2"]
+    assert merged["commands"] == ["tq eval niah ...", "tq eval niah ..."] and merged["seconds"] == 2.0
+    with pytest.raises(UserError, match="protect_layers"):
+        niah.merge_runs(first, _run(second["cases"], protect=0))
+    with pytest.raises(UserError, match="needle"):
+        niah.merge_runs(first, _run(second["cases"], needle="other {key} {number}"))
+
+
+def test_results_name_marks_non_default_protection():
+    assert niah.results_name("qwen2.5-coder-0.5b", 1) == "qwen2.5-coder-0.5b"
+    assert niah.results_name("qwen2.5-coder-0.5b", 0) == "qwen2.5-coder-0.5b-protect_layers_0"
+    assert niah.results_name("my model/x", 2) == "my_model_x-protect_layers_2"
+
+
 def test_heatmap_renders(tmp_path):
     pytest.importorskip("matplotlib")
     cases = [_case(k, v, n, d, (n + int(d * 4)) % 3 != 0) for k, v in (("f16", "f16"), ("tq3", "tq2"))

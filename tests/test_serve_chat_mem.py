@@ -139,10 +139,11 @@ def test_mem_equals_llama_cpp(smollm2, ctx, ctk, ctv):
     # llama.cpp prints MiB with two decimals
     assert f"{r['k_mib']:.2f}" == f"{reported.k_mib:.2f}"
     assert f"{r['v_mib']:.2f}" == f"{reported.v_mib:.2f}"
-    # and the exact bytes: 30 layers x 3 kv heads x 64 values, rows of ggml blocks
+    # and the exact bytes: 30 layers x 3 kv heads x 64 values, rows of ggml blocks; a TQ cache keeps
+    # its first and last layer at q8_0
     blocks = {"tq3": 26 * 3, "tq2": 18 * 3, "q8_0": 34 * 6, "q4_0": 18 * 6}
-    assert r["k_bytes_total"] == 30 * ctx * blocks[ctk]
-    assert r["v_bytes_total"] == 30 * ctx * blocks[ctv]
+    for total, t in ((r["k_bytes_total"], ctk), (r["v_bytes_total"], ctv)):
+        assert total == (28 * blocks[t] + 2 * blocks["q8_0"] if t.startswith("tq") else 30 * blocks[t]) * ctx
 
 
 def test_mem_json(smollm2):
@@ -150,13 +151,18 @@ def test_mem_json(smollm2):
                              "--budget-gib", "1", "--json"], capture_output=True, text=True, timeout=60, env=_env())
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["kv_bytes_per_token"] == 30 * (78 + 54)
+    assert d["kv_bytes_per_token"] == 28 * (78 + 54) + 2 * (204 + 204)
+    assert d["protect_layers"] == 1
     assert d["kv_bytes_total"] == 4096 * d["kv_bytes_per_token"]
     assert set(d["max_ctx"]) == {"f16", "q8_0", "q4_0", "tq3/tq2"}
     # 1 GiB / (30 layers x 384 values x bytes per value), rounded down to a multiple of 256
     assert d["max_ctx"]["f16"] == (2**30 // (30 * 2 * 192 * 2)) // 256 * 256
     assert d["max_ctx"]["f16"] < d["max_ctx"]["q8_0"] < d["max_ctx"]["q4_0"] < d["max_ctx"]["tq3/tq2"]
-    assert d["layer_types"][0]["layers"] == 30 and d["layer_types"][0]["head_dim_k"] == 64
+    assert [(g["layers"], g["k_type"], g["v_type"]) for g in d["layer_types"]] == [(2, "q8_0", "q8_0"), (28, "tq3", "tq2")]
+    assert d["layer_types"][0]["head_dim_k"] == 64
+    off = subprocess.run(TQ + ["mem", "--model", "smollm2", "--ctx", "4096", "--protect-layers", "0", "--json"],
+                         capture_output=True, text=True, timeout=60, env=_env())
+    assert off.returncode == 0 and json.loads(off.stdout)["kv_bytes_per_token"] == 30 * (78 + 54)
     text = subprocess.run(TQ + ["mem", "--model", "smollm2", "--ctx", "1024"], capture_output=True, text=True,
                           timeout=60, env=_env())
     assert text.returncode == 0 and "tq3/tq2" in text.stdout and "per token" in text.stdout
@@ -184,8 +190,14 @@ def test_mem_per_layer_arrays_and_swa(tmp_path):
     w.close()
     shape = model_kv_shape(path)
     assert [(l.n_head_kv, l.swa) for l in shape.layers] == [(2, True), (1, True), (2, False)]
-    s = kv_size(shape, "tq4", "tq2", 8192)
+    s = kv_size(shape, "tq4", "tq2", 8192, protect=0)
     # SWA layers keep pad256(1024 + 512) = 1536 cells, the full layer 8192
     k_row, v_row = 34 * 2, 18 * 2   # one head of 128 values = 2 TQ blocks
     assert s.k_bytes == (2 * 1536 + 1 * 1536 + 2 * 8192) * k_row
     assert s.v_bytes == (2 * 1536 + 1 * 1536 + 2 * 8192) * v_row
+    # by default layers 0 and 3 (the first and the last of all four, counting the one without
+    # attention) keep q8_0: 4 blocks of 34 bytes per head of 128
+    p = kv_size(shape, "tq4", "tq2", 8192)
+    q8_row = 34 * 4
+    assert p.k_bytes == (2 * 1536 * q8_row + 1 * 1536 * k_row + 2 * 8192 * q8_row)
+    assert p.v_bytes == (2 * 1536 * q8_row + 1 * 1536 * v_row + 2 * 8192 * q8_row)
