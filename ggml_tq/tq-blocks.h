@@ -13,6 +13,12 @@
 //      flush to zero).
 //   3. MSE index: idx_j = number of boundaries B_k (tq-codebooks.h, dimension 64) with u_j > B_k,
 //      so a value exactly on a boundary takes the lower cell.
+//      MSE types with norm correction and scale search (both default): the decoder restores the
+//      norm, so what counts is the angle between u and the centroid vector C[idx]. For each scale
+//      s_m of TQ_SCALE_GRID in order (1 first), idx_m,j = number of boundaries with
+//      u_j > (float)(s_m * B_k); score_m = dot_m / sqrt(cs_m) with dot_m = sum_j (double) u_j * C[idx_m,j]
+//      and cs_m = sum_j (double) C[idx_m,j]^2 (double, j ascending). idx = the idx_m of the first
+//      largest score. (At d = 64 this lowers the norm-corrected MSE by 9% at 3 bits, 21% at 4 bits.)
 //   4. MSE types (tq2, tq3, tq4): with norm correction (default), cn = sqrt(sum_j (double) C[idx_j]^2),
 //      d = fp16((float)((double) n / cn)); without, d = fp16(n). fp16 rounding is round-to-nearest-even
 //      from float32.
@@ -45,6 +51,9 @@
 
 #define QK_TQ 64
 #define TQ_QJL_M 56
+// step 3's scales (float32 constants), 1 first so that ties keep the plain nearest centroids
+#define TQ_SCALE_GRID_N 10
+#define TQ_SCALE_GRID { 1.0f, 0.8f, 0.85f, 0.9f, 0.95f, 1.05f, 1.1f, 1.15f, 1.2f, 1.25f }
 
 #ifndef TQ_HALF_T
 #define TQ_HALF_T uint16_t

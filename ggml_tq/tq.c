@@ -29,13 +29,23 @@ static const float * tq_boundaries(int bits) {
     }
 }
 
+// A switch that is on unless the environment sets it to 0; read once.
+static bool tq_env_switch(const char * name, int * cached) {
+    if (*cached < 0) {
+        const char * env = getenv(name);
+        *cached = env == NULL || atoi(env) != 0;
+    }
+    return *cached != 0;
+}
+
 bool tq_norm_correction_enabled(void) {
     static int enabled = -1;
-    if (enabled < 0) {
-        const char * env = getenv("TQ_NORM_CORRECTION");
-        enabled = env == NULL || atoi(env) != 0;
-    }
-    return enabled != 0;
+    return tq_env_switch("TQ_NORM_CORRECTION", &enabled);
+}
+
+bool tq_scale_search_enabled(void) {
+    static int enabled = -1;
+    return tq_env_switch("TQ_SCALE_SEARCH", &enabled);
 }
 
 bool tq_is_kv_type(enum ggml_type type) {
@@ -119,6 +129,16 @@ static inline int tq_get4(const uint8_t * qs, int j) { return j < 32 ? qs[j] & 1
 
 // --- one block -----------------------------------------------------------------------------------
 
+// The number of the 2^bits - 1 ascending boundaries b[k] with v > b[k] (NaN: 0): bisection in
+// bits fixed steps, without branches (the search below runs it 640 times a block)
+static inline int tq_cell(float v, const float * b, int bits) {
+    int pos = 0;
+    for (int step = 1 << (bits - 1); step > 0; step >>= 1) {
+        pos += (v > b[pos + step - 1]) ? step : 0;
+    }
+    return pos;
+}
+
 // Steps 1-3 of tq-blocks.h. Returns 0 for a zero block, -1 for a non-finite one, 1 otherwise;
 // u receives the rotated unit vector and idx the MSE indices.
 static int tq_quantize_block_mse(const float * x, int bits, float * n_out, float * u, uint8_t * idx) {
@@ -137,16 +157,39 @@ static int tq_quantize_block_mse(const float * x, int bits, float * n_out, float
     memcpy(u, x, QK_TQ*sizeof(float));
     tq_rotate_block(u);
     const float * bnd = tq_boundaries(bits);
-    const int nb = (1 << bits) - 1;
     for (int j = 0; j < QK_TQ; ++j) {
         u[j] = u[j] / n;
-        int c = 0;
-        for (int k = 0; k < nb; ++k) {
-            c += u[j] > bnd[k];
-        }
-        idx[j] = (uint8_t) c;
+        idx[j] = (uint8_t) tq_cell(u[j], bnd, bits);
     }
     return 1;
+}
+
+// Step 3's scale search: the indices whose centroid vector is closest in angle to u.
+static void tq_search_scale(const float * u, int bits, uint8_t * idx) {
+    static const float grid[TQ_SCALE_GRID_N] = TQ_SCALE_GRID;
+    const float * bnd = tq_boundaries(bits);
+    const float * c = tq_centroids(bits);
+    const int nb = (1 << bits) - 1;
+    double best = -INFINITY;
+    uint8_t cand[QK_TQ];
+    for (int m = 0; m < TQ_SCALE_GRID_N; ++m) {
+        float sb[15];
+        for (int k = 0; k < nb; ++k) {
+            sb[k] = grid[m] * bnd[k];
+        }
+        double dot = 0.0, cs = 0.0;
+        for (int j = 0; j < QK_TQ; ++j) {
+            const int i = tq_cell(u[j], sb, bits);
+            cand[j] = (uint8_t) i;
+            dot += (double) u[j] * (double) c[i];
+            cs  += (double) c[i] * (double) c[i];
+        }
+        const double score = dot / sqrt(cs);
+        if (score > best) {
+            best = score;
+            memcpy(idx, cand, QK_TQ);
+        }
+    }
 }
 
 static ggml_fp16_t tq_mse_scale(float n, int bits, const uint8_t * idx) {
@@ -227,6 +270,9 @@ static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int6
         const int st = tq_quantize_block_mse(x, l.mse_bits, &n, u, idx);
         if (st < 0) { *d = TQ_FP16_NAN; continue; }
         if (st == 0) { continue; }
+        if (l.signs == TQ_NONE && tq_norm_correction_enabled() && tq_scale_search_enabled()) {
+            tq_search_scale(u, l.mse_bits, idx);
+        }
         if (l.qs != TQ_NONE) {
             if (l.mse_bits == 4) { tq_pack4(idx, blk + l.qs); } else { tq_pack2(idx, blk + l.qs); }
         }

@@ -57,6 +57,7 @@ GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
 // Norm correction (store n / ||c[idx]||) is on unless TQ_NORM_CORRECTION=0 is set in the
 // environment: a switch kept for the measurements in results/.
 GGML_API bool tq_norm_correction_enabled(void);
+GGML_API bool tq_scale_search_enabled(void);   // TQ_SCALE_SEARCH=0 turns step 3's scale search off
 
 // --- CPU kernels (ggml-cpu): faster copies of the reference, chosen at run time ----------------
 // Exported from the CPU backend library so that the parity tests can call each SIMD path.

@@ -29,6 +29,8 @@ from .rotation import (
 
 QK_TQ = 64
 TQ_QJL_M = 56
+# tq-blocks.h TQ_SCALE_GRID: step 3's scales, 1 first so that ties keep the plain nearest centroids
+TQ_SCALE_GRID = np.array([1.0, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25], dtype=np.float32)
 # three rounds: two leave rows dominated by one channel up to 1.4x above the theoretical MSE
 # (measured on the reference, see results/rotation-rounds.md); three stay within 3% of it
 ROTATION_ROUNDS = 3
@@ -252,11 +254,36 @@ def mse_indices(u: np.ndarray, mse_bits: int) -> np.ndarray:
     return idx
 
 
-def quantize_rows(x: np.ndarray, type_name: str, norm_correction: bool = True) -> np.ndarray:
+def search_scale_indices(u: np.ndarray, mse_bits: int) -> np.ndarray:
+    """Step 3's scale search (tq-blocks.h): for each scale of TQ_SCALE_GRID the indices of u
+    against the scaled boundaries; keep the first whose centroid vector is closest in angle to u."""
+    u = np.asarray(u, dtype=np.float32)
+    centroids, boundaries = codebook_f32(mse_bits)
+    c64 = centroids.astype(np.float64)
+    u64 = u.astype(np.float64)
+    best = np.full(u.shape[0], -np.inf)
+    idx = np.zeros(u.shape, dtype=np.uint8)
+    for s in TQ_SCALE_GRID:
+        cand = np.searchsorted(s * boundaries, u, side="left").astype(np.uint8)  # float32 products
+        cc = c64[cand]
+        dot = np.zeros(u.shape[0])
+        cs = np.zeros(u.shape[0])
+        for j in range(QK_TQ):   # double, j ascending, as tq.c
+            dot += u64[:, j] * cc[:, j]
+            cs += cc[:, j] * cc[:, j]
+        score = dot / np.sqrt(cs)
+        better = score > best
+        best[better] = score[better]
+        idx[better] = cand[better]
+    return idx
+
+
+def quantize_rows(x: np.ndarray, type_name: str, norm_correction: bool = True, scale_search: bool = True) -> np.ndarray:
     """float32 [N, K*64] -> uint8 [N, K*type_size], the bytes of tq-blocks.h.
 
-    norm_correction applies to the MSE types only (tq.c: TQ_NORM_CORRECTION, on by default); the
-    QJL types always store the plain norm.
+    norm_correction and scale_search apply to the MSE types only (tq.c: TQ_NORM_CORRECTION and
+    TQ_SCALE_SEARCH, both on by default; the search needs norm correction); the QJL types always
+    store the plain norm of the nearest centroids.
     """
     t = tq_type(type_name)
     blocks, rows = _as_blocks(x)
@@ -273,7 +300,10 @@ def quantize_rows(x: np.ndarray, type_name: str, norm_correction: bool = True) -
         na = n[active]
         u = _rotate_blocks(xa) / na[:, None]  # float32 division
         centroids, _ = codebook_f32(t.mse_bits)
-        idx = mse_indices(u, t.mse_bits)
+        if not t.qjl and norm_correction and scale_search:
+            idx = search_scale_indices(u, t.mse_bits)
+        else:
+            idx = mse_indices(u, t.mse_bits)
 
         packed = np.zeros((xa.shape[0], t.type_size), dtype=np.uint8)
         _pack_indices(t, idx, packed, fields)

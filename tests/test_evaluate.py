@@ -173,6 +173,8 @@ def test_variant_of():
     assert ev.variant_of("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
     assert ev.variant_of("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
     assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
+    assert ev.variant_of("tq3", "tq2", {"TQ_SCALE_SEARCH": "0"}) == "scale_search=off"
+    assert ev.variant_of("tq3_qjl", "q8_0", {"TQ_SCALE_SEARCH": "0"}) == ""  # the QJL types do not search
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default

@@ -91,7 +91,7 @@ def _fp16_bits_scalar(v: np.float32) -> int:
     return int(np.array([v], np.float32).astype(np.float16).view(np.uint16)[0])
 
 
-def _quantize_block_scalar(x: np.ndarray, type_name: str, norm_correction: bool) -> bytes:
+def _quantize_block_scalar(x: np.ndarray, type_name: str, norm_correction: bool, scale_search: bool = True) -> bytes:
     """tq-blocks.h steps 1-4 for one block, one scalar float32 / double operation at a time."""
     t = TQ_TYPES[type_name]
     f32 = np.float32
@@ -119,6 +119,16 @@ def _quantize_block_scalar(x: np.ndarray, type_name: str, norm_correction: bool)
     u = [f32(v / n) for v in y]
     centroids, boundaries = layout.codebook_f32(t.mse_bits)
     idx = [sum(1 for b in boundaries if uj > b) for uj in u]
+    if not t.qjl and norm_correction and scale_search:
+        best = -math.inf
+        for sm in layout.TQ_SCALE_GRID:
+            cand = [sum(1 for b in boundaries if uj > f32(sm * b)) for uj in u]
+            dot = cs = 0.0
+            for uj, k in zip(u, cand):
+                dot += float(uj) * float(centroids[k])
+                cs += float(centroids[k]) * float(centroids[k])
+            if dot / math.sqrt(cs) > best:
+                best, idx = dot / math.sqrt(cs), cand
     off = 2
 
     def put_plane(width_bits, values):
@@ -202,10 +212,38 @@ def test_bytes_equal_literal_transcription(type_name, norm_correction):
         assert raw.reshape(-1, t.type_size)[b].tobytes() == expected, f"block {b}"
 
 
+@pytest.mark.parametrize("type_name", MSE_TYPES)
+def test_bytes_equal_literal_transcription_without_scale_search(type_name):
+    blocks = _test_blocks()
+    raw = layout.quantize_rows(blocks.reshape(2, -1), type_name, scale_search=False)
+    for b, block in enumerate(blocks):
+        expected = _quantize_block_scalar(block, type_name, True, scale_search=False)
+        assert raw.reshape(-1, TQ_TYPES[type_name].type_size)[b].tobytes() == expected, f"block {b}"
+
+
+@pytest.mark.parametrize("type_name", MSE_TYPES)
+def test_scale_search_never_loses_and_wins_on_average(type_name):
+    """The search keeps the nearest centroids unless another scale's indices are closer in angle,
+    so every block decodes at least as close as without it; on average clearly closer (tq-blocks.h:
+    9% less MSE at 3 bits, 21% at 4 bits, for a Gaussian block)."""
+    x = np.random.default_rng(9).standard_normal((400, 128)).astype(np.float32)
+    xb = x.reshape(-1, 64).astype(np.float64)
+    err = {}
+    for search in (False, True):
+        y = layout.dequantize_rows(layout.quantize_rows(x, type_name, scale_search=search), type_name)
+        yb = y.reshape(-1, 64).astype(np.float64)
+        cos = (xb * yb).sum(1) / np.linalg.norm(xb, axis=1) / np.linalg.norm(yb, axis=1)
+        err[search] = (cos, (((xb - yb) ** 2).sum(1) / (xb ** 2).sum(1)).mean())
+    # fp16 rounding of the scale moves the decoded norm by < 2^-11: the angle is unaffected by it
+    assert np.all(err[True][0] >= err[False][0] - 1e-12)
+    gain = 1.0 - err[True][1] / err[False][1]
+    assert gain > {"tq2": 0.005, "tq3": 0.05, "tq4": 0.12}[type_name], gain
+
+
 def test_norm_correction_changes_only_the_scale():
     x = np.random.default_rng(8).standard_normal((50, 128)).astype(np.float32)
     for name in MSE_TYPES:
-        a = layout.quantize_rows(x, name, norm_correction=True).reshape(-1, TQ_TYPES[name].type_size)
+        a = layout.quantize_rows(x, name, norm_correction=True, scale_search=False).reshape(-1, TQ_TYPES[name].type_size)
         b = layout.quantize_rows(x, name, norm_correction=False).reshape(-1, TQ_TYPES[name].type_size)
         assert np.array_equal(a[:, 2:], b[:, 2:]) and not np.array_equal(a[:, :2], b[:, :2])
     for name in QJL_TYPES:
@@ -260,8 +298,9 @@ def test_round_trip_error_mse_types(type_name, gaussian_rows):
     d_mse = lloyd_max_codebook(TQ_TYPES[type_name].mse_bits, 64).d_mse
     _check_mean(_relative_errors(gaussian_rows, type_name, norm_correction=False), d_mse, 0.01)
     # with norm correction x~ = n c/|c|: E|u - c/|c||^2 = 2 - 2 E<u,c>/|c| ~ 2 - 2 sqrt(1 - D), a
-    # first-order approximation (it treats |c| as constant) that overestimates by a few percent
-    corrected = _relative_errors(gaussian_rows, type_name, norm_correction=True)
+    # first-order approximation (it treats |c| as constant) that overestimates by a few percent;
+    # the scale search (on by default) lowers it further: test_scale_search_never_loses_and_wins_on_average
+    corrected = _relative_errors(gaussian_rows, type_name, norm_correction=True, scale_search=False)
     _check_mean(corrected, 2 - 2 * math.sqrt(1 - d_mse), 0.06)
 
 
