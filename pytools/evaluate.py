@@ -31,7 +31,8 @@ from . import REPO_ROOT
 from .cache_types import CACHE_TYPES, bits_per_value, is_tq
 from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
-from .mem import DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, kv_shape, protect_layers_from_env, read_gguf_metadata
+from .mem import (DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, c_atoi, kv_shape, protect_layers_from_env,
+                  read_gguf_metadata)
 from .mem import bits_per_value as mem_bits_per_value
 from .upstream import sha256_file
 
@@ -67,12 +68,6 @@ def pair_label(k: str, v: str) -> str:
 # --- measurement switches ------------------------------------------------------------------------------
 
 
-def _atoi(text: str | None) -> int:
-    """C atoi: the leading integer of text, 0 when there is none."""
-    m = re.match(r"\s*([-+]?\d+)", text or "")
-    return int(m.group(1)) if m else 0
-
-
 def env_switches(environ: dict[str, str] | None = None) -> dict[str, str | None]:
     environ = os.environ if environ is None else environ
     return {name: environ.get(name) for name in ENV_SWITCHES}
@@ -83,31 +78,26 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
     "norm_correction=off"; "" for the default build behaviour."""
     parts = []
     has_tq = is_tq(k) or is_tq(v)
-    graph_rot = env.get("TQ_GRAPH_ROTATION") is not None and _atoi(env.get("TQ_GRAPH_ROTATION")) != 0
-    if has_tq and env.get("TQ_NORM_CORRECTION") is not None and _atoi(env.get("TQ_NORM_CORRECTION")) == 0:
+    graph_rot = env.get("TQ_GRAPH_ROTATION") is not None and c_atoi(env.get("TQ_GRAPH_ROTATION")) != 0
+    if has_tq and env.get("TQ_NORM_CORRECTION") is not None and c_atoi(env.get("TQ_NORM_CORRECTION")) == 0:
         parts.append("norm_correction=off")
     mse_tq = any(is_tq(t) and "qjl" not in t for t in (k, v))
-    if mse_tq and env.get("TQ_SCALE_SEARCH") is not None and _atoi(env.get("TQ_SCALE_SEARCH")) == 0:
+    if mse_tq and env.get("TQ_SCALE_SEARCH") is not None and c_atoi(env.get("TQ_SCALE_SEARCH")) == 0:
         parts.append("scale_search=off")
     if has_tq and graph_rot:
         parts.append("graph_rotation=on")
     has_rotated_non_tq = any(is_quantized(t) and not is_tq(t) for t in (k, v))
-    if (has_rotated_non_tq or (has_tq and graph_rot)) and _atoi(env.get("LLAMA_ATTN_ROT_DISABLE")) != 0:
+    if (has_rotated_non_tq or (has_tq and graph_rot)) and c_atoi(env.get("LLAMA_ATTN_ROT_DISABLE")) != 0:
         parts.append("attn_rot=off")
-    if has_tq and protected_layers(env) != DEFAULT_PROTECT_LAYERS:
-        parts.append(f"protect_layers={protected_layers(env)}")
+    if has_tq and protect_layers_from_env(env) != DEFAULT_PROTECT_LAYERS:
+        parts.append(f"protect_layers={protect_layers_from_env(env)}")
     return ",".join(parts)
-
-
-def protected_layers(env: dict[str, str | None]) -> int:
-    """TQ_PROTECT_LAYERS=N: llama.cpp keeps the first and last N layers of a TQ cache at q8_0 (default 1)."""
-    return protect_layers_from_env(env)
 
 
 def pair_sizes(shape: KvShape, k: str, v: str, env: dict[str, str | None]) -> tuple[float, int]:
     """(bits per value, KV bytes per token) of a pair under the switches: the mean of K's and V's
     bits per value, each averaged over the layers (protected layers count at q8_0)."""
-    protect = protected_layers(env)
+    protect = protect_layers_from_env(env)
     return mem_bits_per_value(shape, k, v, protect), bytes_per_token(shape, k, v, protect)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .build import bin_dir
 from .errors import UserError
-from .cache_types import CACHE_TYPES
+from .cache_types import CACHE_TYPES, TQ_NAMES
 from .ggml_lib import GGML_TYPE_IDS
 from .mem import TYPE_BLOCKS, model_kv_shape, types_for_head_size
 from .upstream import UPSTREAM, fetch_sdist
@@ -38,7 +38,7 @@ TQ4_QJL = GGML_TYPE_IDS["tq4_qjl"]
 
 # Every cache type name -ctk/-ctv accept -> its ggml type id (what Llama(type_k=, type_v=) takes).
 CACHE_TYPE_IDS: dict[str, int] = {name: t.ggml_id for name, t in CACHE_TYPES.items()}
-TQ_TYPES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl")
+TQ_TYPES = TQ_NAMES
 TQ_BLOCK = 64
 
 _CUDA_ENV = "TQ_CUDA"   # TQ_CUDA=1 prefers build-cuda, 0 forces build-cpu

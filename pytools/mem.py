@@ -62,14 +62,17 @@ def row_bytes(type_name: str, n: int) -> int:
     return n // blck * size
 
 
+def c_atoi(text: str | None) -> int:
+    """C atoi, as the patched llama.cpp reads its switches: the leading integer, 0 when there is none."""
+    m = re.match(r"\s*([-+]?\d+)", text or "")
+    return int(m.group(1)) if m else 0
+
+
 def protect_layers_from_env(environ: dict[str, str | None] | None = None) -> int:
-    """The N of TQ_PROTECT_LAYERS as llama.cpp reads it (C atoi, negative counts as 0, unset: 1)."""
+    """The N of TQ_PROTECT_LAYERS as llama.cpp reads it (negative counts as 0, unset: 1)."""
     environ = os.environ if environ is None else environ
     text = environ.get("TQ_PROTECT_LAYERS")
-    if text is None:
-        return DEFAULT_PROTECT_LAYERS
-    m = re.match(r"\s*([-+]?\d+)", text)
-    return max(0, int(m.group(1))) if m else 0
+    return DEFAULT_PROTECT_LAYERS if text is None else max(0, c_atoi(text))
 
 
 def types_for_head_size(head: int) -> list[str]:
@@ -282,8 +285,9 @@ def layer_cache_types(shape: KvShape, ctk: str, ctv: str, protect: int | None = 
     return out
 
 
-def _layer_row_bytes(shape: KvShape, ctk: str, ctv: str, protect: int | None) -> list[tuple[LayerKv, int, int]]:
-    return [(l, row_bytes(kt, l.head_k * l.n_head_kv), row_bytes(vt, l.head_v * l.n_head_kv))
+def _layer_rows(shape: KvShape, ctk: str, ctv: str, protect: int | None) -> list[tuple[LayerKv, str, str, int, int]]:
+    """(layer, K type, V type, K bytes, V bytes per token) of each layer with a KV cache."""
+    return [(l, kt, vt, row_bytes(kt, l.head_k * l.n_head_kv), row_bytes(vt, l.head_v * l.n_head_kv))
             for l, (kt, vt) in zip(shape.layers, layer_cache_types(shape, ctk, ctv, protect))]
 
 
@@ -293,8 +297,7 @@ def kv_size(shape: KvShape, ctk: str, ctv: str, n_ctx: int, n_ubatch: int = DEFA
     with a breakdown per layer type."""
     groups: dict[tuple, dict] = {}
     k_total = v_total = 0
-    types = layer_cache_types(shape, ctk, ctv, protect)
-    for (layer, kb, vb), (kt, vt) in zip(_layer_row_bytes(shape, ctk, ctv, protect), types):
+    for layer, kt, vt, kb, vb in _layer_rows(shape, ctk, ctv, protect):
         n_cells = cells(n_ctx, layer.swa, shape.n_swa, n_ubatch)
         key = (layer.kind, layer.n_head_kv, layer.head_k, layer.head_v, kt, vt)
         g = groups.setdefault(key, {"kind": layer.kind, "layers": 0, "n_head_kv": layer.n_head_kv,
@@ -312,21 +315,21 @@ def kv_size(shape: KvShape, ctk: str, ctv: str, n_ctx: int, n_ubatch: int = DEFA
 
 def bytes_per_token(shape: KvShape, ctk: str, ctv: str, protect: int | None = None) -> int:
     """K+V bytes one token adds to the cache, all layers (SWA layers included: within the window)."""
-    return sum(kb + vb for _, kb, vb in _layer_row_bytes(shape, ctk, ctv, protect))
+    return sum(kb + vb for _, _, _, kb, vb in _layer_rows(shape, ctk, ctv, protect))
 
 
 def bits_per_value(shape: KvShape, ctk: str, ctv: str, protect: int | None = None) -> float:
     """Mean of K's and V's bits per cached value over all layers (protected layers at q8_0)."""
-    rows = _layer_row_bytes(shape, ctk, ctv, protect)
-    k_bits = sum(8 * kb for _, kb, _ in rows) / sum(l.head_k * l.n_head_kv for l, _, _ in rows)
-    v_bits = sum(8 * vb for _, _, vb in rows) / sum(l.head_v * l.n_head_kv for l, _, _ in rows)
+    rows = _layer_rows(shape, ctk, ctv, protect)
+    k_bits = sum(8 * kb for _, _, _, kb, _ in rows) / sum(l.head_k * l.n_head_kv for l, *_ in rows)
+    v_bits = sum(8 * vb for *_, vb in rows) / sum(l.head_v * l.n_head_kv for l, *_ in rows)
     return (k_bits + v_bits) / 2.0
 
 
 def kv_bytes_for_tokens(shape: KvShape, ctk: str, ctv: str, n_tokens: int, protect: int | None = None) -> int:
     """Bytes the first n_tokens of a sequence occupy (SWA layers hold at most their window)."""
     total = 0
-    for l, kb, vb in _layer_row_bytes(shape, ctk, ctv, protect):
+    for l, _, _, kb, vb in _layer_rows(shape, ctk, ctv, protect):
         n = min(n_tokens, shape.n_swa) if (l.swa and shape.n_swa > 0) else n_tokens
         total += n * (kb + vb)
     return total

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 from . import REPO_ROOT
 from .errors import UserError
-from .mem import protect_layers_from_env
+from .mem import DEFAULT_PROTECT_LAYERS, protect_layers_from_env
 
 DEFAULT_TYPES = "f16,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_LENGTHS = "1k,2k,4k,8k"
@@ -659,8 +659,6 @@ def run_niah(args: argparse.Namespace) -> dict:
 
 def results_name(label: str, protect_layers: int) -> str:
     """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS get their own."""
-    from .mem import DEFAULT_PROTECT_LAYERS
-
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
     return safe if protect_layers == DEFAULT_PROTECT_LAYERS else f"{safe}-protect_layers_{protect_layers}"
 
