@@ -46,7 +46,8 @@ DEFAULT_TYPES = "f16,q8_0,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_CTX = 512
 
 # measurement switches read by the patched llama.cpp (passed through from the caller's environment)
-ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "TQ_SCALE_SEARCH", "LLAMA_ATTN_ROT_DISABLE", "TQ_PROTECT_LAYERS")
+ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "TQ_SCALE_SEARCH", "LLAMA_ATTN_ROT_DISABLE", "TQ_PROTECT_LAYERS",
+                "TQ_KEY_CENTER")
 
 
 def is_quantized(type_name: str) -> bool:
@@ -84,6 +85,8 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
     mse_tq = any(is_tq(t) and "qjl" not in t for t in (k, v))
     if mse_tq and env.get("TQ_SCALE_SEARCH") is not None and c_atoi(env.get("TQ_SCALE_SEARCH")) == 0:
         parts.append("scale_search=off")
+    if is_tq(k) and env.get("TQ_KEY_CENTER") is not None and c_atoi(env.get("TQ_KEY_CENTER")) == 0:
+        parts.append("key_center=off")
     if has_tq and graph_rot:
         parts.append("graph_rotation=on")
     has_rotated_non_tq = any(is_quantized(t) and not is_tq(t) for t in (k, v))

@@ -75,6 +75,14 @@ def protect_layers_from_env(environ: dict[str, str | None] | None = None) -> int
     return DEFAULT_PROTECT_LAYERS if text is None else max(0, c_atoi(text))
 
 
+def key_center_from_env(environ: dict[str, str | None] | None = None) -> bool:
+    """Whether llama.cpp centres the keys of TQ K layers (TQ_KEY_CENTER, unset: on). The mean
+    vectors add 4 bytes per K value of a layer, once per cache, not per token."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("TQ_KEY_CENTER")
+    return True if text is None else c_atoi(text) != 0
+
+
 def types_for_head_size(head: int) -> list[str]:
     """Cache types whose block size divides a head size (what llama.cpp accepts with flash attention)."""
     return [t for t, (blck, _) in TYPE_BLOCKS.items() if head % blck == 0]

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 from . import REPO_ROOT
 from .errors import UserError
-from .mem import DEFAULT_PROTECT_LAYERS, protect_layers_from_env
+from .mem import DEFAULT_PROTECT_LAYERS, key_center_from_env, protect_layers_from_env
 
 DEFAULT_TYPES = "f16,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_LENGTHS = "1k,2k,4k,8k"
@@ -418,6 +418,7 @@ def render_heatmaps(model: str, data: dict, path: Path) -> bool:
     protect = settings.get("protect_layers", 0)
     sub += f"; TQ caches keep the first and last {protect} layer(s) at q8_0" if protect else \
         "; TQ caches on every layer (TQ_PROTECT_LAYERS=0)"
+    sub += ", TQ keys centred" if settings.get("key_center", "off") == "on" else ", TQ keys not centred"
     if data.get("skipped_lengths"):
         sub += f"; skipped (> n_ctx_train {data.get('n_ctx_train')}): " + \
                ", ".join(fmt_length(x) for x in data["skipped_lengths"])
@@ -633,6 +634,7 @@ def run_niah(args: argparse.Namespace) -> dict:
             "gpu_layers": args.gpu_layers,
             "kv_cache_device": "CPU (every type)",
             "protect_layers": protect_layers_from_env(),
+            "key_center": "on" if key_center_from_env() else "off",
         },
         "skipped_lengths": skipped,
         "notes": notes,
@@ -645,7 +647,7 @@ def run_niah(args: argparse.Namespace) -> dict:
     }
     out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = results_name(label, data["settings"]["protect_layers"])
+    safe = results_name(label, data["settings"]["protect_layers"], data["settings"]["key_center"] == "on")
     json_path = out_dir / f"niah-{safe}.json"
     if args.append and json_path.exists():
         data = merge_runs(json.loads(json_path.read_text()), data)
@@ -657,15 +659,18 @@ def run_niah(args: argparse.Namespace) -> dict:
     return data
 
 
-def results_name(label: str, protect_layers: int) -> str:
-    """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS get their own."""
+def results_name(label: str, protect_layers: int, key_center: bool = True) -> str:
+    """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS or TQ_KEY_CENTER
+    get their own."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
-    return safe if protect_layers == DEFAULT_PROTECT_LAYERS else f"{safe}-protect_layers_{protect_layers}"
+    if protect_layers != DEFAULT_PROTECT_LAYERS:
+        safe += f"-protect_layers_{protect_layers}"
+    return safe if key_center else f"{safe}-key_center_off"
 
 
 # settings that must agree for two runs' cases to belong in one table
 _SAME_SETTINGS = ("needle", "question", "answer_prefix", "instruction", "prompt_format", "filler", "max_new_tokens",
-                  "ctx_margin", "decoding", "protect_layers")
+                  "ctx_margin", "decoding", "protect_layers", "key_center")
 
 
 def merge_runs(old: dict, new: dict) -> dict:

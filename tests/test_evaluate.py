@@ -175,6 +175,11 @@ def test_variant_of():
     assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
     assert ev.variant_of("tq3", "tq2", {"TQ_SCALE_SEARCH": "0"}) == "scale_search=off"
     assert ev.variant_of("tq3_qjl", "q8_0", {"TQ_SCALE_SEARCH": "0"}) == ""  # the QJL types do not search
+    # key centering acts on TQ keys only
+    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "0"}) == "key_center=off"
+    assert ev.variant_of("q8_0", "tq2", {"TQ_KEY_CENTER": "0"}) == ""
+    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "1"}) == ""
+    assert ev.variant_of("tq4", "tq4", {"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0"}) == "scale_search=off,key_center=off"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
@@ -196,6 +201,13 @@ def test_protected_layers_sizes():
     assert per_token == 26 * 3 * (26 + 18) + 4 * 3 * 2 * 68
     assert bpv == pytest.approx((26 * 2.75 + 4 * 8.5) / 30)
     assert ev.pair_sizes(shape, "q8_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
+
+
+def test_key_center_env_is_read_like_atoi(monkeypatch):
+    monkeypatch.delenv("TQ_KEY_CENTER", raising=False)
+    assert mem.key_center_from_env() is True
+    for text, on in (("0", False), ("1", True), (" 2x", True), ("off", False), ("-1", True)):
+        assert mem.key_center_from_env({"TQ_KEY_CENTER": text}) is on, text
 
 
 def test_protect_layers_env_is_read_like_atoi(monkeypatch):

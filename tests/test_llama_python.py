@@ -2,11 +2,11 @@
 determinism, agreement with the f16 cache, state save/restore, validation of type names and head
 sizes before llama.cpp sees them, and streaming chat completions.
 
-Floors for agreement come from results/llama-python-agreement.json (`tq python-agreement`, 8
-prompts, first 8 greedy tokens, 1 thread): tq4/tq4 1/8 prompts identical, 6/8 first tokens, mean
-common prefix 4.12 tokens; tq3/tq3 1/8, 5/8, 2.25; tq3/tq2 1/8, 6/8, 3.38; tq2/tq2 0/8, 3/8, 0.50
-(q8_0 7/8, 8/8, 7.62 and rotated q4_0 4/8, 7/8, 5.50 for reference). The floors sit slightly
-below these numbers.
+Floors for agreement come from results/llama-python-agreement.json (`tq python-agreement`, 24
+prompts, first 8 greedy tokens, 1 thread, keys centred): tq4/tq4 10/24 prompts identical, 21/24
+first tokens, mean common prefix 5.33 tokens; tq3/tq3 6/24, 20/24, 3.92; tq3/tq2 1/24, 19/24, 2.92;
+tq2/tq2 0/24, 11/24, 1.12 (q8_0 18/24, 22/24, 6.62 and rotated q4_0 9/24, 19/24, 4.67 for
+reference). The floors sit slightly below these numbers.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ N_CTX = 256
 # results/llama-python-agreement.json less two prompts (2/24) and 0.75 tokens, room for the float
 # differences between SIMD levels (AVX2 on CI, AVX-512 elsewhere) that can flip a near tie
 FLOORS = {
-    "tq4/tq4": (0.33, 0.75, 3.8),
-    "tq3/tq3": (0.0, 0.62, 1.75),
-    "tq3/tq2": (0.0, 0.58, 1.4),
-    "tq2/tq2": (0.0, 0.33, 0.0),
+    "tq4/tq4": (0.33, 0.79, 4.58),
+    "tq3/tq3": (0.16, 0.75, 3.17),
+    "tq3/tq2": (0.0, 0.70, 2.17),
+    "tq2/tq2": (0.0, 0.37, 0.37),
     "q8_0/q8_0": (0.66, 0.83, 5.85),   # sanity check of the harness itself
 }
 
@@ -187,7 +187,11 @@ def test_chat_completion_streams(llms):
     texts = [c["choices"][0]["delta"].get("content") for c in chunks]
     assert sum(1 for t in texts if t) >= 3
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert "Paris" in "".join(t for t in texts if t)
+    # the stream carries the greedy answer itself (SmolLM2-135M's answer is no fact to check:
+    # with the f16 cache it does not say Paris either)
+    whole = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                       max_tokens=12, temperature=0.0)
+    assert "".join(t for t in texts if t) == whole["choices"][0]["message"]["content"]
 
 
 def test_llama_direct_with_type_ids():
@@ -205,3 +209,146 @@ def test_llama_direct_with_type_ids():
         assert (llm.context_params.type_k, llm.context_params.type_v) == (TQ3, TQ2)
     finally:
         llm.close()
+
+
+# --------------------------------------------------------------------------- key centering
+
+CENTER_TEXT_OFFSET = 5000   # a WikiText-2 passage: natural text, several ubatches
+CENTER_TOKENS = 384
+
+
+def _passage_logprobs(monkeypatch, ctk: str, ctv: str, center: str):
+    """Log-probabilities of every position of a 384-token passage, evaluated in three 128-token
+    ubatches (the means come from the first; the others must be stored against the same means)."""
+    import numpy as np
+
+    from turboquant_llama.evaluate import default_corpus
+    from turboquant_llama.llama_python import load_llama
+
+    corpus = default_corpus()
+    if corpus is None:
+        pytest.skip("WikiText-2 raw test text not found (set TQ_CORPUS)")
+    monkeypatch.setenv("TQ_KEY_CENTER", center)
+    llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=128, logits_all=True)
+    try:
+        text = corpus.read_text(encoding="utf-8")[CENTER_TEXT_OFFSET:CENTER_TEXT_OFFSET + 4000]
+        toks = llm.tokenize(text.encode())[:CENTER_TOKENS]
+        llm.reset()
+        llm.eval(toks)
+        x = np.array(llm.scores[:len(toks)], dtype=np.float64)
+    finally:
+        llm.close()
+    m = x.max(axis=1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("ctk,ctv", [("tq3", "tq2"), ("tq4", "tq4")])
+def test_key_centering_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
+    """Centering changes no logit of an exact cache (softmax ignores a vector subtracted from every
+    key), so with TQ keys it may only cut the quantization error: the mean KL divergence to the f16
+    cache's next-token distributions drops (measured 0.377 -> 0.275 for tq3/tq2, 0.055 -> 0.042 for
+    tq4: ratios 0.73 and 0.77; keys stored against means of different ubatches would raise it)."""
+    import numpy as np
+
+    _require_llama_cpp()
+    ref = _passage_logprobs(monkeypatch, "f16", "f16", "1")
+
+    def kld(center: str) -> float:
+        lp = _passage_logprobs(monkeypatch, ctk, ctv, center)
+        return float((np.exp(ref) * (ref - lp)).sum(axis=1).mean())
+
+    off, on = kld("0"), kld("1")
+    assert on < 0.9 * off, (off, on)
+
+
+@pytest.mark.parametrize("center", ["1", "0"])
+def test_seq_state_restored_next_to_other_keys(monkeypatch, center):
+    """A sequence's saved state restored into an empty cache adopts the saved means: continuing
+    gives the saver's logits bit for bit. Restored next to another sequence's keys (stored against
+    the means of other text), its rows are requantized against the cache's means: the logits move
+    by the requantization only, less than the TQ cache's own distance to f16 (measured KL 0.08
+    against 0.37); without centering the rows are restored as they are, bit for bit."""
+    import ctypes
+
+    import numpy as np
+
+    lc = _require_llama_cpp()
+    from turboquant_llama.llama_python import TQ2, TQ3
+    from turboquant_llama.models import model_path
+
+    monkeypatch.setenv("TQ_KEY_CENTER", center)
+    lc.llama_backend_init()
+    mparams = lc.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    mdl = lc.llama_model_load_from_file(str(model_path("smollm2")).encode(), mparams)
+    assert mdl
+    vocab = lc.llama_model_get_vocab(mdl)
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+
+    def tokenize(text: str) -> list[int]:
+        raw = text.encode()
+        buf = (lc.llama_token * (len(raw) + 8))()
+        n = lc.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+        return list(buf[:n])
+
+    def new_ctx(type_k: int = TQ3, type_v: int = TQ2):
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 512, 256, 256, 2
+        p.n_threads = p.n_threads_batch = 2
+        p.type_k, p.type_v = type_k, type_v
+        p.flash_attn_type = 1
+        p.kv_unified = True
+        ctx = lc.llama_init_from_model(mdl, p)
+        assert ctx
+        ctxs.append(ctx)
+        return ctx
+
+    def decode(ctx, toks: list[int], seq: int, pos0: int) -> np.ndarray:
+        """Log-probabilities after the last token."""
+        batch = lc.llama_batch_init(len(toks), 0, 1)
+        try:
+            for i, t in enumerate(toks):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
+                batch.seq_id[i][0], batch.logits[i] = seq, i == len(toks) - 1
+            batch.n_tokens = len(toks)
+            assert lc.llama_decode(ctx, batch) == 0
+            x = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).astype(np.float64)
+        finally:
+            lc.llama_batch_free(batch)
+        m = x.max()
+        return x - m - np.log(np.exp(x - m).sum())
+
+    def kld(p: np.ndarray, q: np.ndarray) -> float:
+        return float((np.exp(p) * (p - q)).sum())
+
+    prompt = tokenize("The three primary colors are red, yellow and blue. Mixing two of them gives")
+    other = tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n" * 6)
+    ctxs: list = []
+    try:
+        saver = new_ctx()
+        first = int(np.argmax(decode(saver, prompt, 0, 0)))
+        size = lc.llama_state_seq_get_size(saver, 0)
+        state = (ctypes.c_uint8 * size)()
+        assert lc.llama_state_seq_get_data(saver, state, size, 0) == size
+        direct = decode(saver, [first], 0, len(prompt))
+
+        empty = new_ctx()
+        assert lc.llama_state_seq_set_data(empty, state, size, 0) == size
+        assert np.array_equal(decode(empty, [first], 0, len(prompt)), direct)
+
+        busy = new_ctx()
+        decode(busy, other, 1, 0)
+        assert lc.llama_state_seq_set_data(busy, state, size, 0) == size
+        restored = decode(busy, [first], 0, len(prompt))
+        if center == "0":
+            assert np.array_equal(restored, direct)
+        else:
+            f16 = new_ctx(1, 1)
+            decode(f16, prompt, 0, 0)
+            exact = decode(f16, [first], 0, len(prompt))
+            assert 0.0 < kld(direct, restored) < kld(exact, direct), (kld(direct, restored), kld(exact, direct))
+            assert np.argmax(restored) == np.argmax(direct)
+    finally:
+        for ctx in ctxs:
+            lc.llama_free(ctx)
+        lc.llama_model_free(mdl)

@@ -222,6 +222,8 @@ def test_results_name_marks_non_default_protection():
     assert niah.results_name("qwen2.5-coder-0.5b", 1) == "qwen2.5-coder-0.5b"
     assert niah.results_name("qwen2.5-coder-0.5b", 0) == "qwen2.5-coder-0.5b-protect_layers_0"
     assert niah.results_name("my model/x", 2) == "my_model_x-protect_layers_2"
+    assert niah.results_name("smollm2", 1, key_center=False) == "smollm2-key_center_off"
+    assert niah.results_name("smollm2", 0, key_center=False) == "smollm2-protect_layers_0-key_center_off"
 
 
 def test_heatmap_renders(tmp_path):
