@@ -261,50 +261,53 @@ def test_key_centering_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
     assert on < 0.9 * off, (off, on)
 
 
-@pytest.mark.parametrize("center", ["1", "0"])
-def test_seq_state_restored_next_to_other_keys(monkeypatch, center):
-    """A sequence's saved state restored into an empty cache adopts the saved means: continuing
-    gives the saver's logits bit for bit. Restored next to another sequence's keys (stored against
-    the means of other text), its rows are requantized against the cache's means: the logits move
-    by the requantization only, less than the TQ cache's own distance to f16 (measured KL 0.08
-    against 0.37); without centering the rows are restored as they are, bit for bit."""
-    import ctypes
+class _LowLevel:
+    """SmolLM2 through llama-cpp-python's C API: contexts with two sequences in one cache, decoding
+    into a chosen sequence, sequence states. TQ_KEY_CENTER is read when a context is made."""
 
-    import numpy as np
+    def __init__(self):
+        self.lc = lc = _require_llama_cpp()
+        from turboquant_llama.models import model_path
 
-    lc = _require_llama_cpp()
-    from turboquant_llama.llama_python import TQ2, TQ3
-    from turboquant_llama.models import model_path
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.mdl = lc.llama_model_load_from_file(str(model_path("smollm2")).encode(), mparams)
+        assert self.mdl
+        self.vocab = lc.llama_model_get_vocab(self.mdl)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.ctxs: list = []
 
-    monkeypatch.setenv("TQ_KEY_CENTER", center)
-    lc.llama_backend_init()
-    mparams = lc.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mdl = lc.llama_model_load_from_file(str(model_path("smollm2")).encode(), mparams)
-    assert mdl
-    vocab = lc.llama_model_get_vocab(mdl)
-    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    def close(self):
+        for ctx in self.ctxs:
+            self.lc.llama_free(ctx)
+        self.lc.llama_model_free(self.mdl)
 
-    def tokenize(text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         raw = text.encode()
-        buf = (lc.llama_token * (len(raw) + 8))()
-        n = lc.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+        buf = (self.lc.llama_token * (len(raw) + 8))()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
         return list(buf[:n])
 
-    def new_ctx(type_k: int = TQ3, type_v: int = TQ2):
-        p = lc.llama_context_default_params()
+    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2"):
+        from turboquant_llama.llama_python import cache_type_id
+
+        p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 512, 256, 256, 2
         p.n_threads = p.n_threads_batch = 2
-        p.type_k, p.type_v = type_k, type_v
+        p.type_k, p.type_v = cache_type_id(ctk), cache_type_id(ctv)
         p.flash_attn_type = 1
         p.kv_unified = True
-        ctx = lc.llama_init_from_model(mdl, p)
+        ctx = self.lc.llama_init_from_model(self.mdl, p)
         assert ctx
-        ctxs.append(ctx)
+        self.ctxs.append(ctx)
         return ctx
 
-    def decode(ctx, toks: list[int], seq: int, pos0: int) -> np.ndarray:
+    def decode(self, ctx, toks: list[int], seq: int, pos0: int):
         """Log-probabilities after the last token."""
+        import numpy as np
+
+        lc = self.lc
         batch = lc.llama_batch_init(len(toks), 0, 1)
         try:
             for i, t in enumerate(toks):
@@ -312,43 +315,103 @@ def test_seq_state_restored_next_to_other_keys(monkeypatch, center):
                 batch.seq_id[i][0], batch.logits[i] = seq, i == len(toks) - 1
             batch.n_tokens = len(toks)
             assert lc.llama_decode(ctx, batch) == 0
-            x = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).astype(np.float64)
+            x = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,)).astype(np.float64)
         finally:
             lc.llama_batch_free(batch)
         m = x.max()
         return x - m - np.log(np.exp(x - m).sum())
 
-    def kld(p: np.ndarray, q: np.ndarray) -> float:
-        return float((np.exp(p) * (p - q)).sum())
+    def save_seq(self, ctx, seq: int):
+        import ctypes
 
-    prompt = tokenize("The three primary colors are red, yellow and blue. Mixing two of them gives")
-    other = tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n" * 6)
-    ctxs: list = []
-    try:
-        saver = new_ctx()
-        first = int(np.argmax(decode(saver, prompt, 0, 0)))
-        size = lc.llama_state_seq_get_size(saver, 0)
+        size = self.lc.llama_state_seq_get_size(ctx, seq)
         state = (ctypes.c_uint8 * size)()
-        assert lc.llama_state_seq_get_data(saver, state, size, 0) == size
-        direct = decode(saver, [first], 0, len(prompt))
+        assert self.lc.llama_state_seq_get_data(ctx, state, size, seq) == size
+        return state
 
-        empty = new_ctx()
-        assert lc.llama_state_seq_set_data(empty, state, size, 0) == size
-        assert np.array_equal(decode(empty, [first], 0, len(prompt)), direct)
+    def load_seq(self, ctx, state, seq: int):
+        assert self.lc.llama_state_seq_set_data(ctx, state, len(state), seq) == len(state)
 
-        busy = new_ctx()
-        decode(busy, other, 1, 0)
-        assert lc.llama_state_seq_set_data(busy, state, size, 0) == size
-        restored = decode(busy, [first], 0, len(prompt))
-        if center == "0":
-            assert np.array_equal(restored, direct)
-        else:
-            f16 = new_ctx(1, 1)
-            decode(f16, prompt, 0, 0)
-            exact = decode(f16, [first], 0, len(prompt))
-            assert 0.0 < kld(direct, restored) < kld(exact, direct), (kld(direct, restored), kld(exact, direct))
-            assert np.argmax(restored) == np.argmax(direct)
-    finally:
-        for ctx in ctxs:
-            lc.llama_free(ctx)
-        lc.llama_model_free(mdl)
+
+PROMPT = "The three primary colors are red, yellow and blue. Mixing two of them gives"
+OTHER = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 6
+
+
+def _kld(p, q) -> float:
+    import numpy as np
+
+    return float((np.exp(p) * (p - q)).sum())
+
+
+@pytest.fixture()
+def lowlevel():
+    ll = _LowLevel()
+    yield ll
+    ll.close()
+
+
+@pytest.mark.parametrize("center", ["1", "0"])
+def test_seq_state_restored_next_to_other_keys(monkeypatch, lowlevel, center):
+    """A sequence's saved state restored into an empty cache adopts the saved means: continuing
+    gives the saver's logits bit for bit. Restored next to another sequence's keys (stored against
+    the means of other text), its rows are requantized against the cache's means: the logits move
+    by the requantization only, less than the TQ cache's own distance to f16 (measured KL 0.08
+    against 0.37); without centering the rows are restored as they are, bit for bit."""
+    import numpy as np
+
+    ll = lowlevel
+    monkeypatch.setenv("TQ_KEY_CENTER", center)
+    prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
+    saver = ll.new_ctx()
+    first = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
+    state = ll.save_seq(saver, 0)
+    direct = ll.decode(saver, [first], 0, len(prompt))
+
+    empty = ll.new_ctx()
+    ll.load_seq(empty, state, 0)
+    assert np.array_equal(ll.decode(empty, [first], 0, len(prompt)), direct)
+
+    busy = ll.new_ctx()
+    ll.decode(busy, other, 1, 0)
+    ll.load_seq(busy, state, 0)
+    restored = ll.decode(busy, [first], 0, len(prompt))
+    if center == "0":
+        assert np.array_equal(restored, direct)
+    else:
+        f16 = ll.new_ctx("f16", "f16")
+        ll.decode(f16, prompt, 0, 0)
+        exact = ll.decode(f16, [first], 0, len(prompt))
+        assert 0.0 < _kld(direct, restored) < _kld(exact, direct), (_kld(direct, restored), _kld(exact, direct))
+        assert np.argmax(restored) == np.argmax(direct)
+
+
+def test_state_moves_between_centering_settings(monkeypatch, lowlevel):
+    """A state saved without centering (its means are zeros) loads bit for bit into a centring
+    cache; one saved with centred keys loads into a cache without centering with its rows
+    requantized as k, close to the saver's logits."""
+    import numpy as np
+
+    ll = lowlevel
+    prompt = ll.tokenize(PROMPT)
+    states, direct = {}, {}
+    for center in ("0", "1"):
+        monkeypatch.setenv("TQ_KEY_CENTER", center)
+        saver = ll.new_ctx()
+        first = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
+        states[center] = ll.save_seq(saver, 0)
+        direct[center] = ll.decode(saver, [first], 0, len(prompt))
+
+    monkeypatch.setenv("TQ_KEY_CENTER", "1")
+    loader = ll.new_ctx()
+    ll.load_seq(loader, states["0"], 0)
+    assert np.array_equal(ll.decode(loader, [first], 0, len(prompt)), direct["0"])
+
+    monkeypatch.setenv("TQ_KEY_CENTER", "0")
+    loader = ll.new_ctx()
+    ll.load_seq(loader, states["1"], 0)
+    moved = ll.decode(loader, [first], 0, len(prompt))
+    f16 = ll.new_ctx("f16", "f16")
+    ll.decode(f16, prompt, 0, 0)
+    exact = ll.decode(f16, [first], 0, len(prompt))
+    assert 0.0 < _kld(direct["1"], moved) < _kld(exact, direct["1"]), (_kld(direct["1"], moved), _kld(exact, direct["1"]))
+    assert np.argmax(moved) == np.argmax(direct["1"])
