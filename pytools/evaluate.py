@@ -31,8 +31,8 @@ from . import REPO_ROOT
 from .cache_types import CACHE_TYPES, bits_per_value, is_tq
 from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
-from .mem import (DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, c_atoi, kv_shape, protect_layers_from_env,
-                  read_gguf_metadata)
+from .mem import (DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, c_atoi, key_center_from_env, kv_shape,
+                  protect_layers_from_env, read_gguf_metadata)
 from .mem import bits_per_value as mem_bits_per_value
 from .upstream import sha256_file
 
@@ -85,7 +85,7 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
     mse_tq = any(is_tq(t) and "qjl" not in t for t in (k, v))
     if mse_tq and env.get("TQ_SCALE_SEARCH") is not None and c_atoi(env.get("TQ_SCALE_SEARCH")) == 0:
         parts.append("scale_search=off")
-    if is_tq(k) and env.get("TQ_KEY_CENTER") is not None and c_atoi(env.get("TQ_KEY_CENTER")) == 0:
+    if is_tq(k) and not key_center_from_env(env):
         parts.append("key_center=off")
     if has_tq and graph_rot:
         parts.append("graph_rotation=on")
