@@ -626,6 +626,16 @@ void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void 
     tq_mad_rotated_mse_scalar(type, n, acc, x, scale);
 }
 
+void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale) {
+    memcpy(tmp, x, n*sizeof(float));
+    for (int64_t b = 0; b < n / QK_TQ; ++b) {
+        tq_rotate_block(tmp + b*QK_TQ);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        acc[j] += scale * tmp[j];
+    }
+}
+
 void tq_cpu_unrotate_row(float * x, int64_t n) {
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
 #if defined(TQ_X86) && defined(__GNUC__)

@@ -56,6 +56,18 @@ bool tq_is_qjl_type(enum ggml_type type) {
     return type >= GGML_TYPE_TQ2_QJL && type <= GGML_TYPE_TQ4_QJL;
 }
 
+bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n) {
+    const size_t bsz = ggml_type_size(type);
+    for (int64_t b = 0; b < n / QK_TQ; ++b) {
+        uint16_t d; // every block starts with its fp16 norm
+        memcpy(&d, (const char *) x + b*bsz, sizeof(d));
+        if ((d & 0x7C00) == 0x7C00 && (d & 0x03FF) != 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // --- rotation ------------------------------------------------------------------------------------
 
 static void tq_fwht64(float * x) {

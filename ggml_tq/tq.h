@@ -53,6 +53,9 @@ GGML_API float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, co
 
 GGML_API bool tq_is_kv_type(enum ggml_type type);    // tq2 .. tq4_qjl
 GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
+// Whether a coded row holds a NaN block (NaN or Inf in its input, step 1 of tq-blocks.h): the exact
+// sink row of the CPU flash-attention kernel defers to such a row, so NaN travels as in an f16 cache.
+GGML_API bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n);
 
 // Norm correction (store n / ||c[idx]||) is on unless TQ_NORM_CORRECTION=0 is set in the
 // environment: a switch kept for the measurements in results/.
@@ -87,6 +90,9 @@ TQ_CPU_API void tq_cpu_vec_dot_tq4_qjl(int n, float * s, size_t bs, const void *
 // last row, tq_cpu_unrotate_row(acc, n) brings the accumulator back once per query row.
 TQ_CPU_API void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale);
 TQ_CPU_API void tq_cpu_unrotate_row(float * x, int64_t n);
+// acc[0..n) += scale * rotate(x): a float32 row (the exact row of ggml_flash_attn_ext_add_exact_row)
+// joins the rotated-domain accumulator; tmp holds n floats.
+TQ_CPU_API void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale);
 
 // Which SIMD path the CPU kernels use on this machine: "avx512", "avx2" or "scalar" on x86-64,
 // "neon" or "scalar" on aarch64. TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment caps it

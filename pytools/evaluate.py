@@ -31,8 +31,8 @@ from . import REPO_ROOT
 from .cache_types import CACHE_TYPES, bits_per_value, is_tq
 from .cache_types import parse_type_specs as _parse_type_specs
 from .errors import UserError
-from .mem import (DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, c_atoi, key_center_from_env, kv_shape,
-                  protect_layers_from_env, read_gguf_metadata)
+from .mem import (DEFAULT_PROTECT_LAYERS, KvShape, bytes_per_token, c_atoi, exact_sink_from_env, key_center_from_env,
+                  kv_shape, protect_layers_from_env, read_gguf_metadata)
 from .mem import bits_per_value as mem_bits_per_value
 from .upstream import sha256_file
 
@@ -47,7 +47,7 @@ DEFAULT_CTX = 512
 
 # measurement switches read by the patched llama.cpp (passed through from the caller's environment)
 ENV_SWITCHES = ("TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "TQ_SCALE_SEARCH", "LLAMA_ATTN_ROT_DISABLE", "TQ_PROTECT_LAYERS",
-                "TQ_KEY_CENTER")
+                "TQ_KEY_CENTER", "TQ_EXACT_SINK")
 
 
 def is_quantized(type_name: str) -> bool:
@@ -87,6 +87,8 @@ def variant_of(k: str, v: str, env: dict[str, str | None]) -> str:
         parts.append("scale_search=off")
     if is_tq(k) and not key_center_from_env(env):
         parts.append("key_center=off")
+    if has_tq and not exact_sink_from_env(env):
+        parts.append("exact_sink=off")
     if has_tq and graph_rot:
         parts.append("graph_rotation=on")
     has_rotated_non_tq = any(is_quantized(t) and not is_tq(t) for t in (k, v))
@@ -309,7 +311,11 @@ class QualityRun:
         return base, info
 
     def run_pair(self, base: Path, k: str, v: str, variant: str, bar=None) -> tuple[dict, str, Path]:
-        cmd = self.common_args() + ["-ctk", k, "-ctv", v, "--kl-divergence-base", str(base), "--kl-divergence"]
+        # -b ctx: one sequence per context, as llama-cli and llama-cpp-python run (with its default
+        # batch llama-perplexity puts 4 chunks in 4 cache streams, and a TQ cache keeps its exact
+        # sink in single-stream caches only); the saved f16 logits do not depend on it
+        cmd = self.common_args() + ["-b", str(self.ctx), "-ctk", k, "-ctv", v, "--kl-divergence-base", str(base),
+                                    "--kl-divergence"]
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         tag = f"{k}-{v}" + (f"-{re.sub(r'[^A-Za-z0-9]+', '_', variant)}" if variant else "")
         log = self.log_dir / f"{stamp}-{tag}.log"

@@ -110,6 +110,22 @@ class GgmlLib:
         self.cpu.tq_cpu_unrotate_row(acc.ctypes.data, n)
         return acc
 
+    def mad_rotated_with_exact(self, raw: np.ndarray, type_name: str, scales: np.ndarray, exact: np.ndarray,
+                               exact_scale: float) -> np.ndarray:
+        """mad_rotated with one float32 row joining the rotated accumulator (the exact sink's V row)."""
+        n = exact.shape[0]
+        acc = np.zeros(n, dtype=np.float32)
+        tmp = np.zeros(n, dtype=np.float32)
+        exact = np.ascontiguousarray(exact, dtype=np.float32)
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        self.cpu.tq_cpu_mad_f32_rotated(n, acc.ctypes.data, exact.ctypes.data, tmp.ctypes.data,
+                                        ctypes.c_float(exact_scale))
+        for r in range(raw.shape[0]):
+            self.cpu.tq_cpu_mad_rotated(GGML_TYPE_IDS[type_name], n, acc.ctypes.data, raw[r].ctypes.data,
+                                        ctypes.c_float(float(scales[r])))
+        self.cpu.tq_cpu_unrotate_row(acc.ctypes.data, n)
+        return acc
+
     def set_simd_level(self, level: int) -> int:
         return self.cpu.tq_cpu_set_simd_level(level)
 
@@ -140,6 +156,8 @@ def load(bin_dir: str | None = None) -> GgmlLib:
     cpu.ggml_cpu_init()
     cpu.tq_cpu_mad_rotated.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
     cpu.tq_cpu_unrotate_row.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    cpu.tq_cpu_mad_f32_rotated.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_float]
     cpu.tq_cpu_set_simd_level.argtypes = [ctypes.c_int]
     cpu.tq_cpu_set_simd_level.restype = ctypes.c_int
     cpu.tq_cpu_simd_name.restype = ctypes.c_char_p

@@ -75,12 +75,22 @@ def protect_layers_from_env(environ: dict[str, str | None] | None = None) -> int
     return DEFAULT_PROTECT_LAYERS if text is None else max(0, c_atoi(text))
 
 
-def key_center_from_env(environ: dict[str, str | None] | None = None) -> bool:
-    """Whether llama.cpp centres the keys of TQ K layers (TQ_KEY_CENTER, unset: on). The mean
-    vectors add 4 bytes per K value of a layer, once per cache, not per token."""
+# TQ switches that are on unless set to 0: TQ_KEY_CENTER (TQ K layers store k - m, m the first
+# batch's mean key), TQ_EXACT_SINK (TQ layers keep the first token's K and V rows in float32). Both
+# add float32 vectors per layer, once per cache, not per token.
+def tq_switch_from_env(name: str, environ: dict[str, str | None] | None = None) -> bool:
+    """Whether llama.cpp turns an on-by-default TQ switch on (unset: on; C atoi of the text != 0)."""
     environ = os.environ if environ is None else environ
-    text = environ.get("TQ_KEY_CENTER")
+    text = environ.get(name)
     return True if text is None else c_atoi(text) != 0
+
+
+def key_center_from_env(environ: dict[str, str | None] | None = None) -> bool:
+    return tq_switch_from_env("TQ_KEY_CENTER", environ)
+
+
+def exact_sink_from_env(environ: dict[str, str | None] | None = None) -> bool:
+    return tq_switch_from_env("TQ_EXACT_SINK", environ)
 
 
 def types_for_head_size(head: int) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 from . import REPO_ROOT
 from .errors import UserError
-from .mem import DEFAULT_PROTECT_LAYERS, key_center_from_env, protect_layers_from_env
+from .mem import DEFAULT_PROTECT_LAYERS, exact_sink_from_env, key_center_from_env, protect_layers_from_env
 
 DEFAULT_TYPES = "f16,q4_0,tq4,tq3,tq3/tq2"
 DEFAULT_LENGTHS = "1k,2k,4k,8k"
@@ -419,6 +419,7 @@ def render_heatmaps(model: str, data: dict, path: Path) -> bool:
     sub += f"; TQ caches keep the first and last {protect} layer(s) at q8_0" if protect else \
         "; TQ caches on every layer (TQ_PROTECT_LAYERS=0)"
     sub += ", TQ keys centred" if settings.get("key_center", "off") == "on" else ", TQ keys not centred"
+    sub += ", exact sink" if settings.get("exact_sink", "off") == "on" else ""
     if data.get("skipped_lengths"):
         sub += f"; skipped (> n_ctx_train {data.get('n_ctx_train')}): " + \
                ", ".join(fmt_length(x) for x in data["skipped_lengths"])
@@ -635,6 +636,7 @@ def run_niah(args: argparse.Namespace) -> dict:
             "kv_cache_device": "CPU (every type)",
             "protect_layers": protect_layers_from_env(),
             "key_center": "on" if key_center_from_env() else "off",
+            "exact_sink": "on" if exact_sink_from_env() else "off",
         },
         "skipped_lengths": skipped,
         "notes": notes,
@@ -647,7 +649,8 @@ def run_niah(args: argparse.Namespace) -> dict:
     }
     out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = results_name(label, data["settings"]["protect_layers"], data["settings"]["key_center"] == "on")
+    settings = data["settings"]
+    safe = results_name(label, settings["protect_layers"], settings["key_center"] == "on", settings["exact_sink"] == "on")
     json_path = out_dir / f"niah-{safe}.json"
     if args.append and json_path.exists():
         data = merge_runs(json.loads(json_path.read_text()), data)
@@ -659,18 +662,20 @@ def run_niah(args: argparse.Namespace) -> dict:
     return data
 
 
-def results_name(label: str, protect_layers: int, key_center: bool = True) -> str:
-    """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS or TQ_KEY_CENTER
-    get their own."""
+def results_name(label: str, protect_layers: int, key_center: bool = True, exact_sink: bool = True) -> str:
+    """File stem of a model's results: runs with a non-default TQ_PROTECT_LAYERS, TQ_KEY_CENTER or
+    TQ_EXACT_SINK get their own."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
     if protect_layers != DEFAULT_PROTECT_LAYERS:
         safe += f"-protect_layers_{protect_layers}"
-    return safe if key_center else f"{safe}-key_center_off"
+    if not key_center:
+        safe += "-key_center_off"
+    return safe if exact_sink else f"{safe}-exact_sink_off"
 
 
 # settings that must agree for two runs' cases to belong in one table
 _SAME_SETTINGS = ("needle", "question", "answer_prefix", "instruction", "prompt_format", "filler", "max_new_tokens",
-                  "ctx_margin", "decoding", "protect_layers", "key_center")
+                  "ctx_margin", "decoding", "protect_layers", "key_center", "exact_sink")
 
 
 def merge_runs(old: dict, new: dict) -> dict:

@@ -180,6 +180,10 @@ def test_variant_of():
     assert ev.variant_of("q8_0", "tq2", {"TQ_KEY_CENTER": "0"}) == ""
     assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "1"}) == ""
     assert ev.variant_of("tq4", "tq4", {"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0"}) == "scale_search=off,key_center=off"
+    # the exact sink acts on layers with a TQ K or V
+    assert ev.variant_of("q8_0", "tq2", {"TQ_EXACT_SINK": "0"}) == "exact_sink=off"
+    assert ev.variant_of("q8_0", "q4_0", {"TQ_EXACT_SINK": "0"}) == ""
+    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "0", "TQ_EXACT_SINK": "0"}) == "key_center=off,exact_sink=off"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
     assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
@@ -203,11 +207,13 @@ def test_protected_layers_sizes():
     assert ev.pair_sizes(shape, "q8_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
 
 
-def test_key_center_env_is_read_like_atoi(monkeypatch):
-    monkeypatch.delenv("TQ_KEY_CENTER", raising=False)
-    assert mem.key_center_from_env() is True
+@pytest.mark.parametrize("name,read", [("TQ_KEY_CENTER", mem.key_center_from_env),
+                                       ("TQ_EXACT_SINK", mem.exact_sink_from_env)])
+def test_tq_switches_are_read_like_atoi(monkeypatch, name, read):
+    monkeypatch.delenv(name, raising=False)
+    assert read() is True
     for text, on in (("0", False), ("1", True), (" 2x", True), ("off", False), ("-1", True)):
-        assert mem.key_center_from_env({"TQ_KEY_CENTER": text}) is on, text
+        assert read({name: text}) is on, text
 
 
 def test_protect_layers_env_is_read_like_atoi(monkeypatch):

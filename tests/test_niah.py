@@ -224,6 +224,8 @@ def test_results_name_marks_non_default_protection():
     assert niah.results_name("my model/x", 2) == "my_model_x-protect_layers_2"
     assert niah.results_name("smollm2", 1, key_center=False) == "smollm2-key_center_off"
     assert niah.results_name("smollm2", 0, key_center=False) == "smollm2-protect_layers_0-key_center_off"
+    assert niah.results_name("smollm2", 1, exact_sink=False) == "smollm2-exact_sink_off"
+    assert niah.results_name("smollm2", 1, False, False) == "smollm2-key_center_off-exact_sink_off"
 
 
 def test_heatmap_renders(tmp_path):

@@ -7,12 +7,14 @@ are compared with bounds derived from float32 rounding.
 
 from __future__ import annotations
 
+import ctypes
 import zlib
 
 import numpy as np
 import pytest
 
 from turboquant_llama import layout
+from turboquant_llama.ggml_lib import GGML_TYPE_IDS
 from turboquant_llama.layout import QK_TQ, TQ_TYPES
 
 from .conftest import require_build
@@ -89,6 +91,11 @@ def test_non_finite_rows_decode_to_nan(lib, type_name):
     assert np.all(np.isnan(y[0, :64])) and np.all(np.isfinite(y[0, 64:]))
     assert np.all(np.isnan(y[1, 64:])) and np.all(np.isfinite(y[1, :64]))
     assert np.all(np.isfinite(y[2:]))
+    # the exact sink defers to a NaN-coded row (tq_row_is_nan), so NaN travels through it as well
+    is_nan = lib.base.tq_row_is_nan
+    is_nan.restype, is_nan.argtypes = ctypes.c_bool, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+    rows = np.ascontiguousarray(raw)
+    assert [is_nan(GGML_TYPE_IDS[type_name], rows[r].ctypes.data, 128) for r in range(4)] == [True, True, False, False]
 
 
 def _dot_bound(type_name: str, raw: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -124,6 +131,24 @@ def test_vec_dot_simd_and_scalar_within_float_error(lib, type_name, kind):
             assert np.all(np.abs(got - exact) <= bound), f"simd level {simd}"
     finally:
         lib.set_simd_level(99)
+
+
+def test_exact_row_joins_the_rotated_accumulator(lib):
+    """The exact sink's float32 V row, rotated into the same accumulator as the TQ rows, comes out
+    of the one rotation back as itself: the sum equals w0 * x0 + the weighted dequantized rows."""
+    rng = np.random.default_rng(5)
+    x = _rows("outlier_channels", rng, n_rows=12, n=128)
+    w = rng.uniform(0.0, 1.0, x.shape[0]).astype(np.float32)
+    raw = layout.quantize_rows(x[1:], "tq2")
+    ref = w[0] * x[0].astype(np.float64) + (w[1:, None].astype(np.float64) * layout.dequantize_rows(raw, "tq2")).sum(axis=0)
+    mag = np.abs(w[0] * x[0]).max() + (np.abs(w[1:, None]) * np.abs(layout.dequantize_rows_rotated(raw, "tq2"))).sum(axis=0).max()
+    got = lib.mad_rotated_with_exact(raw, "tq2", w[1:], x[0], float(w[0])).astype(np.float64)
+    # the forward and inverse rotations (3 x 6 butterfly stages each) plus the accumulation
+    bound = (x.shape[0] + 36) * EPS32 * np.sqrt(QK_TQ) * mag + 1e-30
+    assert np.all(np.abs(got - ref) <= bound)
+    # the exact row is not its TQ code
+    coded = lib.mad_rotated(layout.quantize_rows(x, "tq2"), "tq2", x.shape[1], w).astype(np.float64)
+    assert np.abs(coded - ref).max() > 10 * bound
 
 
 @pytest.mark.parametrize("type_name", sorted(TQ_TYPES))
