@@ -100,26 +100,17 @@ class GgmlLib:
             out[r] = res.value
         return out
 
-    def mad_rotated(self, raw: np.ndarray, type_name: str, n: int, scales: np.ndarray) -> np.ndarray:
-        """sum_r scales[r] * decode_rotated(row r), rotated back once: the CPU flash-attention V path."""
+    def mad_rotated(self, raw: np.ndarray, type_name: str, n: int, scales: np.ndarray,
+                    exact: np.ndarray | None = None, exact_scale: float = 0.0) -> np.ndarray:
+        """sum_r scales[r] * decode_rotated(row r), rotated back once: the CPU flash-attention V path;
+        with exact, exact_scale * exact (a float32 row, the exact sink's V) joins the accumulator first."""
         acc = np.zeros(n, dtype=np.float32)
+        if exact is not None:
+            tmp = np.zeros(n, dtype=np.float32)
+            exact = np.ascontiguousarray(exact, dtype=np.float32)
+            self.cpu.tq_cpu_mad_f32_rotated(n, acc.ctypes.data, exact.ctypes.data, tmp.ctypes.data,
+                                            ctypes.c_float(exact_scale))
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        for r in range(raw.shape[0]):
-            self.cpu.tq_cpu_mad_rotated(GGML_TYPE_IDS[type_name], n, acc.ctypes.data, raw[r].ctypes.data,
-                                        ctypes.c_float(float(scales[r])))
-        self.cpu.tq_cpu_unrotate_row(acc.ctypes.data, n)
-        return acc
-
-    def mad_rotated_with_exact(self, raw: np.ndarray, type_name: str, scales: np.ndarray, exact: np.ndarray,
-                               exact_scale: float) -> np.ndarray:
-        """mad_rotated with one float32 row joining the rotated accumulator (the exact sink's V row)."""
-        n = exact.shape[0]
-        acc = np.zeros(n, dtype=np.float32)
-        tmp = np.zeros(n, dtype=np.float32)
-        exact = np.ascontiguousarray(exact, dtype=np.float32)
-        raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        self.cpu.tq_cpu_mad_f32_rotated(n, acc.ctypes.data, exact.ctypes.data, tmp.ctypes.data,
-                                        ctypes.c_float(exact_scale))
         for r in range(raw.shape[0]):
             self.cpu.tq_cpu_mad_rotated(GGML_TYPE_IDS[type_name], n, acc.ctypes.data, raw[r].ctypes.data,
                                         ctypes.c_float(float(scales[r])))

@@ -142,7 +142,7 @@ def test_exact_row_joins_the_rotated_accumulator(lib):
     raw = layout.quantize_rows(x[1:], "tq2")
     ref = w[0] * x[0].astype(np.float64) + (w[1:, None].astype(np.float64) * layout.dequantize_rows(raw, "tq2")).sum(axis=0)
     mag = np.abs(w[0] * x[0]).max() + (np.abs(w[1:, None]) * np.abs(layout.dequantize_rows_rotated(raw, "tq2"))).sum(axis=0).max()
-    got = lib.mad_rotated_with_exact(raw, "tq2", w[1:], x[0], float(w[0])).astype(np.float64)
+    got = lib.mad_rotated(raw, "tq2", x.shape[1], w[1:], x[0], float(w[0])).astype(np.float64)
     # the forward and inverse rotations (3 x 6 butterfly stages each) plus the accumulation
     bound = (x.shape[0] + 36) * EPS32 * np.sqrt(QK_TQ) * mag + 1e-30
     assert np.all(np.abs(got - ref) <= bound)
