@@ -312,8 +312,8 @@ class QualityRun:
 
     def run_pair(self, base: Path, k: str, v: str, variant: str, bar=None) -> tuple[dict, str, Path]:
         # -b ctx: one sequence per context, as llama-cli and llama-cpp-python run (with its default
-        # batch llama-perplexity puts 4 chunks in 4 cache streams, and a TQ cache keeps its exact
-        # sink in single-stream caches only); the saved f16 logits do not depend on it
+        # batch llama-perplexity puts 4 chunks in 4 cache streams, whose first ubatch, and so the key
+        # means, mixes 4 chunks); the saved f16 logits do not depend on it
         cmd = self.common_args() + ["-b", str(self.ctx), "-ctk", k, "-ctv", v, "--kl-divergence-base", str(base),
                                     "--kl-divergence"]
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -310,7 +310,8 @@ class _LowLevel:
         n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
         return list(buf[:n])
 
-    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2"):
+    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2", unified: bool = True):
+        """unified=False: one cache stream per sequence (what llama-server's slots get)."""
         from turboquant_llama.llama_python import cache_type_id
 
         p = self.lc.llama_context_default_params()
@@ -318,7 +319,7 @@ class _LowLevel:
         p.n_threads = p.n_threads_batch = 2
         p.type_k, p.type_v = cache_type_id(ctk), cache_type_id(ctv)
         p.flash_attn_type = 1
-        p.kv_unified = True
+        p.kv_unified = unified
         ctx = self.lc.llama_init_from_model(self.mdl, p)
         assert ctx
         self.ctxs.append(ctx)
@@ -470,6 +471,60 @@ def test_exact_sink_ends_when_its_cell_is_overwritten(monkeypatch, lowlevel):
         out[sink] = (first, again)
     assert not np.array_equal(out["1"][0], out["0"][0])
     assert np.array_equal(out["1"][1], out["0"][1])
+
+
+def test_each_stream_keeps_its_own_sink(monkeypatch, lowlevel):
+    """With one cache stream per sequence (llama-server's slots without --kv-unified), every stream
+    keeps the exact rows of its own first token: the second sequence sees the same with or without
+    a first sequence in the other stream, bit for bit, and the same as alone in a one-stream cache;
+    and it does see its sink (the logits differ with TQ_EXACT_SINK=0). Keys are not centred here:
+    the means come from the first ubatch, which the first sequence would otherwise supply."""
+    import numpy as np
+
+    ll = lowlevel
+    monkeypatch.setenv("TQ_KEY_CENTER", "0")
+    prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
+    out = {}
+    for sink in ("1", "0"):
+        monkeypatch.setenv("TQ_EXACT_SINK", sink)
+        both = ll.new_ctx(unified=False)
+        ll.decode(both, prompt, 0, 0)
+        out["both", sink] = ll.decode(both, other, 1, 0)
+        alone = ll.new_ctx(unified=False)
+        out["alone", sink] = ll.decode(alone, other, 1, 0)
+    monkeypatch.setenv("TQ_EXACT_SINK", "1")
+    out["unified"] = ll.decode(ll.new_ctx(), other, 1, 0)
+    assert np.array_equal(out["both", "1"], out["alone", "1"])
+    assert np.array_equal(out["both", "1"], out["unified"])
+    assert np.array_equal(out["both", "0"], out["alone", "0"])
+    assert not np.array_equal(out["both", "1"], out["both", "0"])
+
+
+@pytest.mark.parametrize("center", ["1", "0"])
+def test_seq_state_carries_its_streams_sink(monkeypatch, lowlevel, center):
+    """The saved state of a sequence in the second stream carries that stream's sink rows:
+    restored into an empty two-stream cache it continues bit for bit, and differently from a state
+    restored into a cache without the exact sink."""
+    import numpy as np
+
+    ll = lowlevel
+    monkeypatch.setenv("TQ_KEY_CENTER", center)
+    monkeypatch.setenv("TQ_EXACT_SINK", "1")
+    prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
+    saver = ll.new_ctx(unified=False)
+    ll.decode(saver, prompt, 0, 0)
+    first = int(np.argmax(ll.decode(saver, other, 1, 0)))
+    state = ll.save_seq(saver, 1)
+    direct = ll.decode(saver, [first], 1, len(other))
+
+    loader = ll.new_ctx(unified=False)
+    ll.load_seq(loader, state, 1)
+    assert np.array_equal(ll.decode(loader, [first], 1, len(other)), direct)
+
+    monkeypatch.setenv("TQ_EXACT_SINK", "0")
+    loader = ll.new_ctx(unified=False)
+    ll.load_seq(loader, state, 1)
+    assert not np.array_equal(ll.decode(loader, [first], 1, len(other)), direct)
 
 
 def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
