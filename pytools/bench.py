@@ -127,7 +127,9 @@ def _cmd(args: argparse.Namespace) -> int:
     rows = bench(args.model, parse_pairs(args.types), [int(d) for d in args.depths.split(",")], args.n_gen,
                  args.n_prompt, args.threads, args.reps, args.cuda, extra)
     command = "tq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("tq") else "tq bench " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("model", "types", "depths", "threads"))
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("model", "types", "depths", "n_gen", "n_prompt", "threads", "reps", "tag") and v is not None) + (
+        " --cuda" if args.cuda else "")
     stem = write_results(rows, Path(args.model).stem, args.tag or ("cuda" if args.cuda else "cpu"), command, args.out_dir)
     print("\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)

@@ -527,6 +527,25 @@ def test_seq_state_carries_its_streams_sink(monkeypatch, lowlevel, center):
     assert not np.array_equal(ll.decode(loader, [first], 1, len(other)), direct)
 
 
+def test_reused_graphs_keep_the_cache_updates(lowlevel):
+    """Graphs hold the key-mean and sink-row updates only for the ubatches that make them (patches/
+    0008), and llama.cpp reuses a graph for the next ubatch of the same shape: a one-token ubatch
+    into an emptied cache, after one-token ubatches that made no update, must still set the means
+    and the sink (same logits as in a fresh cache, bit for bit, for it and the token after it)."""
+    import numpy as np
+
+    ll = lowlevel
+    toks = ll.tokenize(PROMPT)
+    used = ll.new_ctx()
+    ll.decode(used, toks[:2], 0, 0)  # a two-token graph makes the updates ...
+    for i, t in enumerate(toks[2:4]):  # ... and a one-token graph without them is built and reused
+        ll.decode(used, [t], 0, 2 + i)
+    ll.seq_rm(used, 0)
+    fresh = ll.new_ctx()
+    for i, t in enumerate(toks[4:6]):
+        assert np.array_equal(ll.decode(used, [t], 0, i), ll.decode(fresh, [t], 0, i))
+
+
 def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
     """A state saved without the exact sink loads bit for bit into a cache that keeps one (there is
     no sink to adopt); one saved with it loads into a cache without it and continues from the TQ
