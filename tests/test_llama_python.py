@@ -310,13 +310,13 @@ class _LowLevel:
         n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
         return list(buf[:n])
 
-    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2", unified: bool = True):
+    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2", unified: bool = True, threads: int = 2):
         """unified=False: one cache stream per sequence (what llama-server's slots get)."""
         from turboquant_llama.llama_python import cache_type_id
 
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 512, 256, 256, 2
-        p.n_threads = p.n_threads_batch = 2
+        p.n_threads = p.n_threads_batch = threads
         p.type_k, p.type_v = cache_type_id(ctk), cache_type_id(ctv)
         p.flash_attn_type = 1
         p.kv_unified = unified
@@ -544,6 +544,24 @@ def test_reused_graphs_keep_the_cache_updates(lowlevel):
     fresh = ll.new_ctx()
     for i, t in enumerate(toks[4:6]):
         assert np.array_equal(ll.decode(used, [t], 0, i), ll.decode(fresh, [t], 0, i))
+
+
+def test_one_token_rows_quantize_the_same_on_any_thread_count(lowlevel):
+    """A decoded token's K/V row (3 blocks of 64 on SmolLM2) is quantized by several threads when
+    there are fewer rows than threads (patches/0009), block by block: the cache holds the same bytes
+    and the logits are the same, bit for bit, with 1, 2 and 4 threads."""
+    import numpy as np
+
+    ll = lowlevel
+    toks = ll.tokenize(PROMPT)[:6]
+    logits, states = {}, {}
+    for threads in (1, 2, 4):
+        ctx = ll.new_ctx(threads=threads)
+        logits[threads] = [ll.decode(ctx, [t], 0, i) for i, t in enumerate(toks)]
+        states[threads] = bytes(ll.save_seq(ctx, 0))
+    for threads in (2, 4):
+        assert states[threads] == states[1]
+        assert all(np.array_equal(a, b) for a, b in zip(logits[threads], logits[1]))
 
 
 def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
