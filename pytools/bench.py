@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -122,15 +123,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd)
 
 
+def _command(args: argparse.Namespace, extra: list[str]) -> str:
+    """The command that makes these results, from the parsed arguments (as `tq eval niah` records it)."""
+    parts = ["tq", "bench", "--model", args.model, "--types", args.types, "--depths", args.depths,
+             "--n-gen", str(args.n_gen), "--n-prompt", str(args.n_prompt), "--threads", str(args.threads),
+             "--reps", str(args.reps)]
+    if args.cuda:
+        parts.append("--cuda")
+    if args.tag:
+        parts += ["--tag", args.tag]
+    return shlex.join(parts + (["--", *extra] if extra else []))
+
+
 def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     rows = bench(args.model, parse_pairs(args.types), [int(d) for d in args.depths.split(",")], args.n_gen,
                  args.n_prompt, args.threads, args.reps, args.cuda, extra)
-    command = "tq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("tq") else "tq bench " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("model", "types", "depths", "n_gen", "n_prompt", "threads", "reps", "tag") and v is not None) + (
-        " --cuda" if args.cuda else "")
-    stem = write_results(rows, Path(args.model).stem, args.tag or ("cuda" if args.cuda else "cpu"), command, args.out_dir)
+    stem = write_results(rows, Path(args.model).stem, args.tag or ("cuda" if args.cuda else "cpu"), _command(args, extra),
+                         args.out_dir)
     print("\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
     return 0
