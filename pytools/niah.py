@@ -29,6 +29,7 @@ import random
 import re
 import shlex
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,11 +389,11 @@ def render_heatmaps(model: str, data: dict, path: Path) -> bool:
     cases = data["cases"]
     rec = data["recall"]
     n = max(1, len(pairs))
-    ncols = min(n, 3)
+    ncols = min(n, 3 if len(lengths) > 1 else 8)  # one length: one row of narrow panels
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.0 + 0.9 * max(2, len(lengths)) * ncols + 0.6 * ncols,
-                                                     1.4 + 0.55 * max(2, len(depths)) * nrows + 0.5 * nrows),
-                             squeeze=False)
+    width = 1.0 + 0.9 * max(2, len(lengths)) * ncols + 0.6 * ncols
+    height = 1.4 + 0.55 * max(2, len(depths)) * nrows + 0.5 * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     cmap = LinearSegmentedColormap.from_list("miss_found", ["#d73027", "#fee08b", "#1a9850"])
     cmap = cmap.with_extremes(bad="#dddddd") if hasattr(cmap, "with_extremes") else cmap
     for idx, (k, v) in enumerate(pairs):
@@ -423,8 +424,11 @@ def render_heatmaps(model: str, data: dict, path: Path) -> bool:
     if data.get("skipped_lengths"):
         sub += f"; skipped (> n_ctx_train {data.get('n_ctx_train')}): " + \
                ", ".join(fmt_length(x) for x in data["skipped_lengths"])
+    # the settings line is wider than a figure of few lengths: wrap it and keep the panels below it
+    sub = "\n".join(textwrap.wrap(sub, max(40, int(width * 12))))
+    title_lines = 2 + sub.count("\n")
     fig.suptitle(f"{model}: needle in a haystack\n{sub}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, max(0.5, 1.0 - (0.17 * title_lines + 0.05) / height)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
