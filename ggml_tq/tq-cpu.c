@@ -17,6 +17,7 @@
 #include "ggml-impl.h"
 
 #include <assert.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -655,4 +656,248 @@ void tq_cpu_unrotate_row(float * x, int64_t n) {
 #endif
         tq_unrotate_block(x + b*QK_TQ);
     }
+}
+
+// --- flash attention over several query rows at once ---------------------------------------------
+
+// Eight explicit partial sums: the compiler turns the loop into SIMD without reassociating floats,
+// so every SIMD level computes the same sums.
+static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
+    float acc[8] = { 0 };
+    for (int64_t j = 0; j < n; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+            acc[l] += a[j + l] * b[j + l];
+        }
+    }
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+static inline void tq_axpy_f32(float * y, const float * x, float a, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+        y[j] += a * x[j];
+    }
+}
+
+// The rotated-domain row of cell ic: the exact float32 row where the cell has one (and its coded
+// row is not a NaN row, which must travel as it would in an f16 cache), else the coded row.
+static void tq_attn_decode(enum ggml_type type, int64_t n, const char * row, int64_t ic,
+                           int64_t exact_cell, const float * exact, float * out) {
+    if (ic == exact_cell && !tq_row_is_nan(type, row, n)) {
+        memcpy(out, exact, n*sizeof(float));
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            tq_rotate_block(out + b*QK_TQ);
+        }
+        return;
+    }
+    memset(out, 0, n*sizeof(float));
+    tq_cpu_mad_rotated(type, n, out, row, 1.0f);
+}
+
+bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv) {
+    return tq_is_kv_type(k_type) && !tq_is_qjl_type(k_type) && tq_is_kv_type(v_type) && !tq_is_qjl_type(v_type) &&
+           dk % QK_TQ == 0 && dv % QK_TQ == 0 && dk <= TQ_ATTN_MAX_D && dv <= TQ_ATTN_MAX_D;
+}
+
+void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
+                      const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out) {
+    enum { T = TQ_ATTN_TILE };
+    const int64_t dk = kv->dk, dv = kv->dv;
+    float qr[TQ_ATTN_MAX_ROWS][TQ_ATTN_MAX_D];
+    float kt[T][TQ_ATTN_MAX_D];
+    float vt[T][TQ_ATTN_MAX_D];
+    float p[TQ_ATTN_MAX_ROWS][T];
+    assert(nr <= TQ_ATTN_MAX_ROWS);
+
+    for (int r = 0; r < nr; ++r) {
+        memcpy(qr[r], q[r], dk*sizeof(float));
+        for (int64_t b = 0; b < dk / QK_TQ; ++b) {
+            tq_rotate_block(qr[r] + b*QK_TQ);
+        }
+        M[r] = -INFINITY;
+        S[r] = 0.0f;
+        memset(out + r*dv, 0, dv*sizeof(float));
+    }
+
+    for (int64_t it = ic0; it < ic1; it += T) {
+        const int nt = (int) (ic1 - it < T ? ic1 - it : T);
+
+        // which cells some row attends to (the others are masked out for every row)
+        bool live[T];
+        bool any = false;
+        for (int t = 0; t < nt; ++t) {
+            live[t] = false;
+            for (int r = 0; r < nr && !live[t]; ++r) {
+                live[t] = !mask || !mask[r] || GGML_FP16_TO_FP32(mask[r][it + t]) != -INFINITY;
+            }
+            any |= live[t];
+        }
+        if (!any) {
+            continue;
+        }
+        for (int t = 0; t < nt; ++t) {
+            if (live[t]) {
+                tq_attn_decode(kv->k_type, dk, kv->k + (it + t)*kv->k_stride, it + t, kv->k_exact_cell, kv->k_exact, kt[t]);
+            }
+        }
+
+        // scores, then one online-softmax step per row for the whole tile
+        for (int r = 0; r < nr; ++r) {
+            float smax = -INFINITY;
+            for (int t = 0; t < nt; ++t) {
+                const float mv = mask && mask[r] ? slope[r]*GGML_FP16_TO_FP32(mask[r][it + t]) : 0.0f;
+                float s = -INFINITY;
+                if (live[t] && mv != -INFINITY) {
+                    s = tq_dot_f32(qr[r], kt[t], dk)*kv->scale + mv;
+                }
+                p[r][t] = s;
+                smax = s > smax ? s : smax;
+            }
+            if (smax == -INFINITY) {
+                for (int t = 0; t < nt; ++t) {
+                    p[r][t] = 0.0f;
+                }
+                continue;
+            }
+            const float m_new = smax > M[r] ? smax : M[r];
+            const float ms    = M[r] == -INFINITY ? 0.0f : expf(M[r] - m_new);
+            float sum = 0.0f;
+            for (int t = 0; t < nt; ++t) {
+                p[r][t] = p[r][t] == -INFINITY ? 0.0f : expf(p[r][t] - m_new);
+                sum += p[r][t];
+            }
+            if (ms != 1.0f) {
+                for (int64_t j = 0; j < dv; ++j) {
+                    out[r*dv + j] *= ms;
+                }
+            }
+            M[r] = m_new;
+            S[r] = S[r]*ms + sum;
+        }
+
+        for (int t = 0; t < nt; ++t) {
+            if (live[t]) {
+                tq_attn_decode(kv->v_type, dv, kv->v + (it + t)*kv->v_stride, it + t, kv->v_exact_cell, kv->v_exact, vt[t]);
+            }
+        }
+        for (int r = 0; r < nr; ++r) {
+            for (int t = 0; t < nt; ++t) {
+                if (p[r][t] != 0.0f) {
+                    tq_axpy_f32(out + r*dv, vt[t], p[r][t], dv);
+                }
+            }
+        }
+    }
+
+    for (int r = 0; r < nr; ++r) {
+        tq_cpu_unrotate_row(out + r*dv, dv);
+    }
+}
+
+bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1,
+                                float * partials, int64_t partial_stride) {
+    const struct ggml_tensor * q     = dst->src[0];
+    const struct ggml_tensor * k     = dst->src[1];
+    const struct ggml_tensor * v     = dst->src[2];
+    const struct ggml_tensor * mask  = dst->src[3];
+    const struct ggml_tensor * sinks = dst->src[4];
+    const struct ggml_tensor * x_k   = dst->src[5];
+    const struct ggml_tensor * x_v   = dst->src[6];
+    const int32_t * x_cell = dst->src[7] ? (const int32_t *) dst->src[7]->data : NULL;
+
+    float scale, max_bias, softcap;
+    memcpy(&scale,    (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&softcap,  (const float *) dst->op_params + 2, sizeof(float));
+
+    const int64_t dk = k->ne[0], dv = v->ne[0];
+    if (q->type != GGML_TYPE_F32 || softcap != 0.0f || !tq_cpu_attn_rows_supported(k->type, v->type, dk, dv) ||
+        !tq_attn_rows_enabled()) {
+        return false;
+    }
+
+    const int64_t neq1 = q->ne[1], neq2 = q->ne[2];
+    const int64_t rk2 = q->ne[2]/k->ne[2], rk3 = q->ne[3]/k->ne[3];
+    const int64_t rv2 = q->ne[2]/v->ne[2], rv3 = q->ne[3]/v->ne[3];
+
+    const uint32_t n_head      = (uint32_t) neq2;
+    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
+    const float m0 = powf(2.0f, -(max_bias       ) / n_head_log2);
+    const float m1 = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+
+    float M[TQ_ATTN_MAX_ROWS], S[TQ_ATTN_MAX_ROWS], slope[TQ_ATTN_MAX_ROWS];
+    const float * qp[TQ_ATTN_MAX_ROWS];
+    const ggml_fp16_t * mp[TQ_ATTN_MAX_ROWS];
+    float out[TQ_ATTN_MAX_ROWS*TQ_ATTN_MAX_D];
+
+    for (int64_t ir = ir0; ir < ir1; ) {
+        // rows ir, ir + 1, ... that read the same K and V head form one group
+        int64_t ik2 = -1, ik3 = -1, iv2 = -1, iv3 = -1;
+        int nr = 0;
+        for (; nr < TQ_ATTN_MAX_ROWS && ir + nr < ir1; ++nr) {
+            const int64_t r   = ir + nr;
+            const int64_t iq3 = r/(neq2*neq1);
+            const int64_t iq2 = (r - iq3*neq2*neq1)/neq1;
+            const int64_t iq1 = r - iq3*neq2*neq1 - iq2*neq1;
+            if (nr > 0 && (iq2/rk2 != ik2 || iq3/rk3 != ik3 || iq2/rv2 != iv2 || iq3/rv3 != iv3)) {
+                break;
+            }
+            ik2 = iq2/rk2; ik3 = iq3/rk3; iv2 = iq2/rv2; iv3 = iq3/rv3;
+            const uint32_t h = (uint32_t) iq2;
+            slope[nr] = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1)) : 1.0f;
+            qp[nr] = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
+            mp[nr] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1] +
+                                                   (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3]) : NULL;
+        }
+
+        tq_attn_kv kv;
+        kv.k_type = k->type; kv.v_type = v->type; kv.dk = dk; kv.dv = dv; kv.scale = scale;
+        kv.k = (const char *) k->data + ik2*k->nb[2] + ik3*k->nb[3]; kv.k_stride = k->nb[1];
+        kv.v = (const char *) v->data + iv2*v->nb[2] + iv3*v->nb[3]; kv.v_stride = v->nb[1];
+        kv.k_exact_cell = x_k && x_cell ? x_cell[ik3] : -1;
+        kv.v_exact_cell = x_v && x_cell ? x_cell[iv3] : -1;
+        kv.k_exact = kv.k_exact_cell >= 0 ? (const float *) ((const char *) x_k->data + ik3*x_k->nb[1]) + ik2*dk : NULL;
+        kv.v_exact = kv.v_exact_cell >= 0 ? (const float *) ((const char *) x_v->data + iv3*x_v->nb[1]) + iv2*dv : NULL;
+
+        tq_cpu_attn_rows(&kv, nr, qp, mp, slope, ic0, ic1, M, S, out);
+
+        for (int r = 0; r < nr; ++r) {
+            const int64_t row = ir + r;
+            const int64_t iq3 = row/(neq2*neq1);
+            const int64_t iq2 = (row - iq3*neq2*neq1)/neq1;
+            const int64_t iq1 = row - iq3*neq2*neq1 - iq2*neq1;
+            float * o = out + r*dv;
+
+            // the attention sinks of the op (not ours): once, with the first chunk of cells
+            if (sinks && ic0 == 0) {
+                const float s = ((const float *) sinks->data)[iq2];
+                float ms = 1.0f, vs = 1.0f;
+                if (s > M[r]) {
+                    ms = expf(M[r] - s);
+                    M[r] = s;
+                    for (int64_t j = 0; j < dv; ++j) {
+                        o[j] *= ms;
+                    }
+                } else {
+                    vs = expf(s - M[r]);
+                }
+                S[r] = S[r]*ms + vs;
+            }
+
+            if (partials) {
+                float * part = partials + row*partial_stride;
+                part[0] = M[r];
+                part[1] = S[r];
+                memcpy(part + 2, o, dv*sizeof(float));
+            } else {
+                const float s_inv = S[r] == 0.0f ? 0.0f : 1.0f/S[r];
+                for (int64_t j = 0; j < dv; ++j) {
+                    o[j] *= s_inv;
+                }
+                // dst is permute(0, 2, 1, 3) of the rows
+                memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], o, dst->nb[1]);
+            }
+        }
+        ir += nr;
+    }
+    return true;
 }

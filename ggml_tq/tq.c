@@ -48,6 +48,11 @@ bool tq_scale_search_enabled(void) {
     return tq_env_switch("TQ_SCALE_SEARCH", &enabled);
 }
 
+bool tq_attn_rows_enabled(void) {
+    static int enabled = -1;
+    return tq_env_switch("TQ_ATTN_ROWS", &enabled);
+}
+
 bool tq_is_kv_type(enum ggml_type type) {
     return type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL;
 }

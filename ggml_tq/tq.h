@@ -61,6 +61,7 @@ GGML_API bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n);
 // environment: a switch kept for the measurements in results/.
 GGML_API bool tq_norm_correction_enabled(void);
 GGML_API bool tq_scale_search_enabled(void);   // TQ_SCALE_SEARCH=0 turns step 3's scale search off
+GGML_API bool tq_attn_rows_enabled(void);      // TQ_ATTN_ROWS=0: every query row reads the cache alone
 
 // --- CPU kernels (ggml-cpu): faster copies of the reference, chosen at run time ----------------
 // Exported from the CPU backend library so that the parity tests can call each SIMD path.
@@ -93,6 +94,35 @@ TQ_CPU_API void tq_cpu_unrotate_row(float * x, int64_t n);
 // acc[0..n) += scale * rotate(x): a float32 row (the exact row of ggml_flash_attn_ext_add_exact_row)
 // joins the rotated-domain accumulator; tmp holds n floats.
 TQ_CPU_API void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale);
+
+// Flash attention for several query rows that share one K/V head (a GQA group while decoding, a
+// run of tokens of one head in a prompt): each cell's K and V rows are decoded once for all rows,
+// and the rows go through the cells a tile at a time in the rotated domain. MSE types only.
+#define TQ_ATTN_MAX_ROWS 16
+#define TQ_ATTN_MAX_D    256
+#define TQ_ATTN_TILE     16
+typedef struct {
+    enum ggml_type k_type, v_type;
+    int64_t dk, dv;
+    const char * k; size_t k_stride;   // the head's row of cell ic: k + ic*k_stride
+    const char * v; size_t v_stride;
+    float scale;                       // applied to q.k before the mask
+    int64_t k_exact_cell; const float * k_exact; // ggml_flash_attn_ext_add_exact_row (-1: none)
+    int64_t v_exact_cell; const float * v_exact;
+} tq_attn_kv;
+TQ_CPU_API bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv);
+// Rows r < nr (nr <= TQ_ATTN_MAX_ROWS): query q[r] (float32, not rotated), mask row mask[r] (NULL:
+// none; cell ic's value is mask[r][ic], times slope[r]) over the cells [ic0, ic1). Returns each row's
+// running maximum M[r], sum S[r] and out[r*dv ..] = sum of exp(s - M) v, not divided by S.
+TQ_CPU_API void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
+                                 const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out);
+
+// The CPU flash-attention op (GGML_OP_FLASH_ATTN_EXT, its exact rows included) for the query rows
+// [ir0, ir1) over the cells [ic0, ic1) through tq_cpu_attn_rows: writes dst, or M, S and the
+// unnormalised output of each row to partials + row*partial_stride when partials is not NULL.
+// Returns false, touching nothing, where it does not apply (QJL types, soft-capped logits, ...).
+TQ_CPU_API bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1,
+                                           float * partials, int64_t partial_stride);
 
 // Which SIMD path the CPU kernels use on this machine: "avx512", "avx2" or "scalar" on x86-64,
 // "neon" or "scalar" on aarch64. TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment caps it

@@ -25,6 +25,20 @@ enum ggml_type {
     GGML_TYPE_COUNT      = 51,
 };
 
+#define GGML_MAX_DIMS      4
+#define GGML_MAX_SRC       10
+#define GGML_MAX_OP_PARAMS 64
+
+// The members tq_cpu_flash_attn_ext_rows reads (not ggml's layout: the check does not call it).
+struct ggml_tensor {
+    enum ggml_type type;
+    int64_t ne[GGML_MAX_DIMS];
+    size_t  nb[GGML_MAX_DIMS];
+    int32_t op_params[GGML_MAX_OP_PARAMS / sizeof(int32_t)];
+    struct ggml_tensor * src[GGML_MAX_SRC];
+    void * data;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif
