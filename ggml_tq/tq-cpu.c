@@ -627,11 +627,16 @@ void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void 
     tq_mad_rotated_mse_scalar(type, n, acc, x, scale);
 }
 
-void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale) {
-    memcpy(tmp, x, n*sizeof(float));
+// y = x rotated block by block (a float32 row joining the rotated domain)
+static void tq_rotated_copy(float * y, const float * x, int64_t n) {
+    memcpy(y, x, n*sizeof(float));
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
-        tq_rotate_block(tmp + b*QK_TQ);
+        tq_rotate_block(y + b*QK_TQ);
     }
+}
+
+void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale) {
+    tq_rotated_copy(tmp, x, n);
     for (int64_t j = 0; j < n; ++j) {
         acc[j] += scale * tmp[j];
     }
@@ -683,10 +688,7 @@ static inline void tq_axpy_f32(float * y, const float * x, float a, int64_t n) {
 static void tq_attn_decode(enum ggml_type type, int64_t n, const char * row, int64_t ic,
                            int64_t exact_cell, const float * exact, float * out) {
     if (ic == exact_cell && !tq_row_is_nan(type, row, n)) {
-        memcpy(out, exact, n*sizeof(float));
-        for (int64_t b = 0; b < n / QK_TQ; ++b) {
-            tq_rotate_block(out + b*QK_TQ);
-        }
+        tq_rotated_copy(out, exact, n);
         return;
     }
     memset(out, 0, n*sizeof(float));
@@ -709,10 +711,7 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
     assert(nr <= TQ_ATTN_MAX_ROWS);
 
     for (int r = 0; r < nr; ++r) {
-        memcpy(qr[r], q[r], dk*sizeof(float));
-        for (int64_t b = 0; b < dk / QK_TQ; ++b) {
-            tq_rotate_block(qr[r] + b*QK_TQ);
-        }
+        tq_rotated_copy(qr[r], q[r], dk);
         M[r] = -INFINITY;
         S[r] = 0.0f;
         memset(out + r*dv, 0, dv*sizeof(float));
