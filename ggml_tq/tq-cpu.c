@@ -176,6 +176,23 @@ static void tq_mad_rotated_mse_scalar(enum ggml_type type, int64_t n, float * ac
     }
 }
 
+// Decode: rows r < count of the coded rows at x + r*stride, n values each, into out + r*n in the
+// rotated domain (what tq_cpu_mad_rotated adds with scale 1 to a zeroed row, bit for bit).
+static void tq_decode_rows_mse_scalar(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
+    const float * c = tq_type_centroids(type);
+    uint8_t idx[QK_TQ];
+    for (int r = 0; r < count; ++r) {
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            float d;
+            tq_unpack_block(type, x + r*stride, b, &d, idx);
+            float * o = out + r*n + b*QK_TQ;
+            for (int j = 0; j < QK_TQ; ++j) {
+                o[j] = 0.0f + d * c[idx[j]];
+            }
+        }
+    }
+}
+
 // --- AVX2 ----------------------------------------------------------------------------------------
 #if defined(TQ_X86) && defined(__GNUC__)
 
@@ -278,6 +295,35 @@ static void tq_mad_rotated_mse_avx2(enum ggml_type type, int64_t n, float * acc,
     }
 }
 
+__attribute__((target("avx2,fma")))
+static void tq_decode_rows_mse_avx2(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
+    const float * c = tq_type_centroids(type);
+    const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
+    float ctab[16] = {0};
+    memcpy(ctab, c, ncent*sizeof(float));
+    const __m256 c_lo = _mm256_loadu_ps(ctab);
+    const __m256 c_hi = _mm256_loadu_ps(ctab + 8);
+    const int wide = ncent == 16;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int r = 0; r < count; ++r) {
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            float d = 0.0f;
+            __m128i idx[4];
+            for (int g = 0; g < 4; ++g) {
+                idx[g] = tq_avx2_idx16(type, x + r*stride, b, g, &d);
+            }
+            const __m256 ds = _mm256_set1_ps(d);
+            float * o = out + r*n + b*QK_TQ;
+            for (int g = 0; g < 4; ++g) {
+                const __m256 v0 = tq_avx2_lookup8(idx[g], c_lo, c_hi, wide);
+                const __m256 v1 = tq_avx2_lookup8(_mm_unpackhi_epi64(idx[g], idx[g]), c_lo, c_hi, wide);
+                _mm256_storeu_ps(o + 16*g,     _mm256_fmadd_ps(ds, v0, zero));
+                _mm256_storeu_ps(o + 16*g + 8, _mm256_fmadd_ps(ds, v1, zero));
+            }
+        }
+    }
+}
+
 // The inverse rotation of an accumulator row: FWHT stages with h >= 8 are whole-register
 // butterflies; h = 1, 2, 4 happen inside each register.
 __attribute__((target("avx2,fma")))
@@ -368,6 +414,29 @@ static void tq_mad_rotated_mse_avx512(enum ggml_type type, int64_t n, float * ac
         for (int g = 0; g < 4; ++g) {
             const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx[g]), c16);
             _mm512_storeu_ps(acc + 16*g, _mm512_fmadd_ps(ds, v, _mm512_loadu_ps(acc + 16*g)));
+        }
+    }
+}
+
+TQ_AVX512_TARGET
+static void tq_decode_rows_mse_avx512(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
+    float ctab[16];
+    tq_centroid_table16(type, ctab);
+    const __m512 c16 = _mm512_loadu_ps(ctab);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int r = 0; r < count; ++r) {
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            float d = 0.0f;
+            __m128i idx[4];
+            for (int g = 0; g < 4; ++g) {
+                idx[g] = tq_avx2_idx16(type, x + r*stride, b, g, &d);
+            }
+            const __m512 ds = _mm512_set1_ps(d);
+            float * o = out + r*n + b*QK_TQ;
+            for (int g = 0; g < 4; ++g) {
+                const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx[g]), c16);
+                _mm512_storeu_ps(o + 16*g, _mm512_fmadd_ps(ds, v, zero));
+            }
         }
     }
 }
@@ -513,6 +582,28 @@ static void tq_mad_rotated_mse_neon(enum ggml_type type, int64_t n, float * acc,
     }
 }
 
+static void tq_decode_rows_mse_neon(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
+    const uint8x16x4_t tab = tq_neon_table(type);
+    const float32x4_t zero = vdupq_n_f32(0.0f);
+    for (int r = 0; r < count; ++r) {
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            float d = 0.0f;
+            uint8x16_t idx[4];
+            for (int g = 0; g < 4; ++g) {
+                idx[g] = tq_neon_idx16(type, x + r*stride, b, g, &d);
+            }
+            float * o = out + r*n + b*QK_TQ;
+            for (int g = 0; g < 4; ++g) {
+                float32x4_t v[4];
+                tq_neon_lookup16(tab, idx[g], v);
+                for (int k = 0; k < 4; ++k) {
+                    vst1q_f32(o + 16*g + 4*k, vfmaq_n_f32(zero, v[k], d));
+                }
+            }
+        }
+    }
+}
+
 // FWHT stages h = 1, 2 of 4 values: (x0, x1, x2, x3) -> (x0 + x1, x0 - x1, x2 + x3, x2 - x3), then
 // (y0, y1, y2, y3) -> (y0 + y2, y1 + y3, y0 - y2, y1 - y3).
 static inline float32x4_t tq_neon_fwht4(float32x4_t v) {
@@ -627,6 +718,32 @@ void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void 
     tq_mad_rotated_mse_scalar(type, n, acc, x, scale);
 }
 
+void tq_cpu_decode_rows_rotated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
+    if (tq_is_qjl_type(type)) {
+        for (int r = 0; r < count; ++r) {
+            memset(out + r*n, 0, n*sizeof(float));
+            tq_cpu_mad_rotated(type, n, out + r*n, (const char *) x + r*stride, 1.0f);
+        }
+        return;
+    }
+#if defined(TQ_X86) && defined(__GNUC__)
+    if (tq_simd() >= TQ_SIMD_AVX512) {
+        tq_decode_rows_mse_avx512(type, n, (const char *) x, stride, count, out);
+        return;
+    }
+    if (tq_simd() >= TQ_SIMD_AVX2) {
+        tq_decode_rows_mse_avx2(type, n, (const char *) x, stride, count, out);
+        return;
+    }
+#elif defined(TQ_NEON)
+    if (tq_simd() >= TQ_SIMD_NEON) {
+        tq_decode_rows_mse_neon(type, n, (const char *) x, stride, count, out);
+        return;
+    }
+#endif
+    tq_decode_rows_mse_scalar(type, n, (const char *) x, stride, count, out);
+}
+
 // y = x rotated block by block (a float32 row joining the rotated domain)
 static void tq_rotated_copy(float * y, const float * x, int64_t n) {
     memcpy(y, x, n*sizeof(float));
@@ -665,8 +782,64 @@ void tq_cpu_unrotate_row(float * x, int64_t n) {
 
 // --- flash attention over several query rows at once ---------------------------------------------
 
-// Eight explicit partial sums: the compiler turns the loop into SIMD without reassociating floats,
-// so every SIMD level computes the same sums.
+// exp(x) for the softmax's x = s - max <= 0 (and NaN, which it keeps): 2^k e^r with k = round(x log2 e)
+// and a degree-6 Taylor polynomial on |r| <= ln(2)/2 (relative error below 2e-7). Branch-free
+// float32 and int32 operations only, so a loop of it is vectorised as written and gives the same
+// bits at every SIMD width; a scalar expf per score cost more than the dot products.
+static inline float tq_exp_nonpos(float x) {
+    const float shift = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+    const float xc = x >= -87.0f ? x : -87.0f; // also NaN, so that the conversion below is defined
+    const float t  = xc*1.44269504088896341f + shift;
+    const float k  = t - shift;
+    const float r  = (xc - k*0.693145751953125f) - k*1.42860682030941723e-6f;
+    float p = 1.0f/720.0f;
+    p = p*r + 1.0f/120.0f;
+    p = p*r + 1.0f/24.0f;
+    p = p*r + 1.0f/6.0f;
+    p = p*r + 0.5f;
+    p = p*r + 1.0f;
+    p = p*r + 1.0f;
+    const int32_t e = ((int32_t) k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &e, sizeof(two_k));
+    return x >= -87.0f ? p*two_k : (x < -87.0f ? 0.0f : x);
+}
+
+// p[t] = exp(p[t] - m) for t < n; returns their sum. Eight explicit partial sums: the compiler turns
+// the loop into SIMD without reassociating floats.
+static float tq_exp_sum_row(float * p, int n, float m) {
+    for (int t = 0; t < n; ++t) {
+        p[t] = tq_exp_nonpos(p[t] - m);
+    }
+    float acc[8] = { 0 };
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        for (int l = 0; l < 8; ++l) {
+            acc[l] += p[t + l];
+        }
+    }
+    for (; t < n; ++t) {
+        acc[0] += p[t];
+    }
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// The tile's rows in the rotated domain: each live cell's coded row, decoded, but the exact float32
+// row where the cell has one (and its coded row is not a NaN row, which must travel as it would in
+// an f16 cache); zeros for the cells no row attends to.
+static void tq_attn_decode_tile(enum ggml_type type, int64_t n, const char * rows, size_t stride, int64_t it, int nt,
+                                const bool * live, int64_t exact_cell, const float * exact, float * out) {
+    tq_cpu_decode_rows_rotated(type, n, rows + it*stride, stride, nt, out);
+    for (int t = 0; t < nt; ++t) {
+        if (!live[t]) {
+            memset(out + t*n, 0, n*sizeof(float));
+        } else if (it + t == exact_cell && !tq_row_is_nan(type, rows + (it + t)*stride, n)) {
+            tq_rotated_copy(out + t*n, exact, n);
+        }
+    }
+}
+
+// Eight explicit partial sums: the compiler turns the loop into SIMD without reassociating floats.
 static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
     float acc[8] = { 0 };
     for (int64_t j = 0; j < n; j += 8) {
@@ -677,43 +850,125 @@ static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-static inline void tq_axpy_f32(float * y, const float * x, float a, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-        y[j] += a * x[j];
-    }
-}
-
-// The rotated-domain row of cell ic: the exact float32 row where the cell has one (and its coded
-// row is not a NaN row, which must travel as it would in an f16 cache), else the coded row.
-static void tq_attn_decode(enum ggml_type type, int64_t n, const char * row, int64_t ic,
-                           int64_t exact_cell, const float * exact, float * out) {
-    if (ic == exact_cell && !tq_row_is_nan(type, row, n)) {
-        tq_rotated_copy(out, exact, n);
-        return;
-    }
-    memset(out, 0, n*sizeof(float));
-    tq_cpu_mad_rotated(type, n, out, row, 1.0f);
-}
-
 bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv) {
     return tq_is_kv_type(k_type) && !tq_is_qjl_type(k_type) && tq_is_kv_type(v_type) && !tq_is_qjl_type(v_type) &&
            dk % QK_TQ == 0 && dv % QK_TQ == 0 && dk <= TQ_ATTN_MAX_D && dv <= TQ_ATTN_MAX_D;
 }
 
-void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
-                      const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out) {
-    enum { T = TQ_ATTN_TILE };
-    const int64_t dk = kv->dk, dv = kv->dv;
-    float qr[TQ_ATTN_MAX_ROWS][TQ_ATTN_MAX_D];
-    float kt[T][TQ_ATTN_MAX_D];
-    float vt[T][TQ_ATTN_MAX_D];
-    float p[TQ_ATTN_MAX_ROWS][T];
-    assert(nr <= TQ_ATTN_MAX_ROWS);
+size_t tq_cpu_attn_rows_work_size(int64_t dk, int64_t dv) {
+    enum { R = TQ_ATTN_MAX_ROWS, T = TQ_ATTN_TILE };
+    return sizeof(float)*(R*dk + 2*T*dk + T*dv + R*T);
+}
 
-    for (int r = 0; r < nr; ++r) {
-        tq_rotated_copy(qr[r], q[r], dk);
-        M[r] = -INFINITY;
-        S[r] = 0.0f;
+// The two products of a tile, in register blocks of 4 rows by 16 columns; every element is one
+// sequential sum, whatever the number of rows. GCC and Clang get the blocks as vector types (the
+// auto-vectoriser unrolls the short inner loops first and then vectorises nothing); the plain
+// loops are for other compilers (and for -DTQ_NO_VECTOR_EXT, which checks them).
+#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+typedef float tq_f32x16 __attribute__((vector_size(64)));
+// macros, not functions: a function returning a 64-byte vector has another ABI with and without AVX-512
+#define TQ_LOAD16(v, p)  memcpy(&(v), (p), sizeof(tq_f32x16))
+#define TQ_STORE16(p, v) memcpy((p), &(v), sizeof(tq_f32x16))
+#endif
+
+// c[r][t] = sum_d a[r][d] b[d][t] for r < nr4 (a multiple of 4), t < TQ_ATTN_TILE
+static void tq_tile_scores(float * c, const float * a, const float * b, int nr4, int64_t n) {
+    enum { T = TQ_ATTN_TILE };
+    for (int r = 0; r < nr4; r += 4) {
+        const float * a0 = a + (r + 0)*n, * a1 = a + (r + 1)*n, * a2 = a + (r + 2)*n, * a3 = a + (r + 3)*n;
+        for (int t0 = 0; t0 < T; t0 += 16) {
+#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+            tq_f32x16 c0 = { 0 }, c1 = { 0 }, c2 = { 0 }, c3 = { 0 };
+            for (int64_t d = 0; d < n; ++d) {
+                tq_f32x16 bd;
+                TQ_LOAD16(bd, b + d*T + t0);
+                c0 += a0[d]*bd;
+                c1 += a1[d]*bd;
+                c2 += a2[d]*bd;
+                c3 += a3[d]*bd;
+            }
+            TQ_STORE16(c + (r + 0)*T + t0, c0);
+            TQ_STORE16(c + (r + 1)*T + t0, c1);
+            TQ_STORE16(c + (r + 2)*T + t0, c2);
+            TQ_STORE16(c + (r + 3)*T + t0, c3);
+#else
+            for (int i = 0; i < 4; ++i) {
+                float * ci = c + (r + i)*T + t0;
+                memset(ci, 0, 16*sizeof(float));
+                for (int64_t d = 0; d < n; ++d) {
+                    const float ai = a[(r + i)*n + d];
+                    for (int j = 0; j < 16; ++j) {
+                        ci[j] += ai*b[d*T + t0 + j];
+                    }
+                }
+            }
+#endif
+        }
+    }
+}
+
+// out[r][j] += sum_t p[r][t] v[t][j] for r < nr4, t < nt, j < dv
+static void tq_tile_values(float * out, const float * p, const float * v, int nr4, int nt, int64_t dv) {
+    enum { T = TQ_ATTN_TILE };
+    for (int r = 0; r < nr4; r += 4) {
+        const float * p0 = p + (r + 0)*T, * p1 = p + (r + 1)*T, * p2 = p + (r + 2)*T, * p3 = p + (r + 3)*T;
+        for (int64_t j0 = 0; j0 < dv; j0 += 16) {
+            float * o0 = out + (r + 0)*dv + j0, * o1 = out + (r + 1)*dv + j0;
+            float * o2 = out + (r + 2)*dv + j0, * o3 = out + (r + 3)*dv + j0;
+#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+            tq_f32x16 c0, c1, c2, c3;
+            TQ_LOAD16(c0, o0);
+            TQ_LOAD16(c1, o1);
+            TQ_LOAD16(c2, o2);
+            TQ_LOAD16(c3, o3);
+            for (int t = 0; t < nt; ++t) {
+                tq_f32x16 vt;
+                TQ_LOAD16(vt, v + t*dv + j0);
+                c0 += p0[t]*vt;
+                c1 += p1[t]*vt;
+                c2 += p2[t]*vt;
+                c3 += p3[t]*vt;
+            }
+            TQ_STORE16(o0, c0);
+            TQ_STORE16(o1, c1);
+            TQ_STORE16(o2, c2);
+            TQ_STORE16(o3, c3);
+#else
+            for (int t = 0; t < nt; ++t) {
+                const float * vt = v + t*dv + j0;
+                for (int j = 0; j < 16; ++j) {
+                    o0[j] += p0[t]*vt[j];
+                    o1[j] += p1[t]*vt[j];
+                    o2[j] += p2[t]*vt[j];
+                    o3[j] += p3[t]*vt[j];
+                }
+            }
+#endif
+        }
+    }
+}
+
+void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
+                      const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out, float * work) {
+    enum { T = TQ_ATTN_TILE, R = TQ_ATTN_MAX_ROWS };
+    const int64_t dk = kv->dk, dv = kv->dv;
+    assert(nr >= 1 && nr <= R);
+    const int nr4 = (nr + 3) & ~3;
+
+    float * qr = work;           // [nr4][dk]  queries in the rotated domain, zero rows past nr
+    float * kr = qr + R*dk;      // [T][dk]    the tile's keys
+    float * kt = kr + T*dk;      // [dk][T]    the same, transposed
+    float * vt = kt + dk*T;      // [T][dv]    the tile's values
+    float * p  = vt + T*dv;      // [nr4][T]   scores, then weights
+
+    for (int r = 0; r < nr4; ++r) {
+        if (r < nr) {
+            tq_rotated_copy(qr + r*dk, q[r], dk);
+            M[r] = -INFINITY;
+            S[r] = 0.0f;
+        } else {
+            memset(qr + r*dk, 0, dk*sizeof(float));
+        }
         memset(out + r*dv, 0, dv*sizeof(float));
     }
 
@@ -733,37 +988,50 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
         if (!any) {
             continue;
         }
-        for (int t = 0; t < nt; ++t) {
-            if (live[t]) {
-                tq_attn_decode(kv->k_type, dk, kv->k + (it + t)*kv->k_stride, it + t, kv->k_exact_cell, kv->k_exact, kt[t]);
+        tq_attn_decode_tile(kv->k_type, dk, kv->k, kv->k_stride, it, nt, live, kv->k_exact_cell, kv->k_exact, kr);
+        if (kv->score_dots) {
+            for (int r = 0; r < nr; ++r) {
+                for (int t = 0; t < nt; ++t) {
+                    p[r*T + t] = tq_dot_f32(qr + r*dk, kr + t*dk, dk);
+                }
             }
+        } else {
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                for (int64_t d0 = 0; d0 < dk; d0 += 8) {
+                    for (int t = t0; t < t0 + 8; ++t) {
+                        for (int64_t d = d0; d < d0 + 8; ++d) {
+                            kt[d*T + t] = t < nt ? kr[t*dk + d] : 0.0f;
+                        }
+                    }
+                }
+            }
+            tq_tile_scores(p, qr, kt, nr4, dk);
         }
 
-        // scores, then one online-softmax step per row for the whole tile
-        for (int r = 0; r < nr; ++r) {
+        // the mask, then one online-softmax step per row for the whole tile
+        for (int r = 0; r < nr4; ++r) {
+            float * pr = p + r*T;
+            if (r >= nr) {
+                memset(pr, 0, T*sizeof(float));
+                continue;
+            }
             float smax = -INFINITY;
             for (int t = 0; t < nt; ++t) {
                 const float mv = mask && mask[r] ? slope[r]*GGML_FP16_TO_FP32(mask[r][it + t]) : 0.0f;
-                float s = -INFINITY;
-                if (live[t] && mv != -INFINITY) {
-                    s = tq_dot_f32(qr[r], kt[t], dk)*kv->scale + mv;
-                }
-                p[r][t] = s;
+                const float s  = live[t] && mv != -INFINITY ? pr[t]*kv->scale + mv : -INFINITY;
+                pr[t] = s;
                 smax = s > smax ? s : smax;
             }
+            for (int t = nt; t < T; ++t) {
+                pr[t] = 0.0f;
+            }
             if (smax == -INFINITY) {
-                for (int t = 0; t < nt; ++t) {
-                    p[r][t] = 0.0f;
-                }
+                memset(pr, 0, nt*sizeof(float));
                 continue;
             }
             const float m_new = smax > M[r] ? smax : M[r];
             const float ms    = M[r] == -INFINITY ? 0.0f : expf(M[r] - m_new);
-            float sum = 0.0f;
-            for (int t = 0; t < nt; ++t) {
-                p[r][t] = p[r][t] == -INFINITY ? 0.0f : expf(p[r][t] - m_new);
-                sum += p[r][t];
-            }
+            const float sum   = tq_exp_sum_row(pr, nt, m_new);
             if (ms != 1.0f) {
                 for (int64_t j = 0; j < dv; ++j) {
                     out[r*dv + j] *= ms;
@@ -773,18 +1041,8 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
             S[r] = S[r]*ms + sum;
         }
 
-        for (int t = 0; t < nt; ++t) {
-            if (live[t]) {
-                tq_attn_decode(kv->v_type, dv, kv->v + (it + t)*kv->v_stride, it + t, kv->v_exact_cell, kv->v_exact, vt[t]);
-            }
-        }
-        for (int r = 0; r < nr; ++r) {
-            for (int t = 0; t < nt; ++t) {
-                if (p[r][t] != 0.0f) {
-                    tq_axpy_f32(out + r*dv, vt[t], p[r][t], dv);
-                }
-            }
-        }
+        tq_attn_decode_tile(kv->v_type, dv, kv->v, kv->v_stride, it, nt, live, kv->v_exact_cell, kv->v_exact, vt);
+        tq_tile_values(out, p, vt, nr4, nt, dv);
     }
 
     for (int r = 0; r < nr; ++r) {
@@ -826,7 +1084,13 @@ bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int
     float M[TQ_ATTN_MAX_ROWS], S[TQ_ATTN_MAX_ROWS], slope[TQ_ATTN_MAX_ROWS];
     const float * qp[TQ_ATTN_MAX_ROWS];
     const ggml_fp16_t * mp[TQ_ATTN_MAX_ROWS];
-    float out[TQ_ATTN_MAX_ROWS*TQ_ATTN_MAX_D];
+    // one allocation per call (a chunk of rows and cells of one thread): tiles of 64 rows and cells
+    // do not fit every thread's stack
+    float * out = (float *) malloc(sizeof(float)*TQ_ATTN_MAX_ROWS*dv + tq_cpu_attn_rows_work_size(dk, dv));
+    if (out == NULL) {
+        GGML_ABORT("out of memory for the TQ attention tiles");
+    }
+    float * work = out + TQ_ATTN_MAX_ROWS*dv;
 
     for (int64_t ir = ir0; ir < ir1; ) {
         // rows ir, ir + 1, ... that read the same K and V head form one group
@@ -850,6 +1114,7 @@ bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int
 
         tq_attn_kv kv;
         kv.k_type = k->type; kv.v_type = v->type; kv.dk = dk; kv.dv = dv; kv.scale = scale;
+        kv.score_dots = neq1 == 1;
         kv.k = (const char *) k->data + ik2*k->nb[2] + ik3*k->nb[3]; kv.k_stride = k->nb[1];
         kv.v = (const char *) v->data + iv2*v->nb[2] + iv3*v->nb[3]; kv.v_stride = v->nb[1];
         kv.k_exact_cell = x_k && x_cell ? x_cell[ik3] : -1;
@@ -857,7 +1122,7 @@ bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int
         kv.k_exact = kv.k_exact_cell >= 0 ? (const float *) ((const char *) x_k->data + ik3*x_k->nb[1]) + ik2*dk : NULL;
         kv.v_exact = kv.v_exact_cell >= 0 ? (const float *) ((const char *) x_v->data + iv3*x_v->nb[1]) + iv2*dv : NULL;
 
-        tq_cpu_attn_rows(&kv, nr, qp, mp, slope, ic0, ic1, M, S, out);
+        tq_cpu_attn_rows(&kv, nr, qp, mp, slope, ic0, ic1, M, S, out, work);
 
         for (int r = 0; r < nr; ++r) {
             const int64_t row = ir + r;
@@ -898,5 +1163,6 @@ bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int
         }
         ir += nr;
     }
+    free(out);
     return true;
 }

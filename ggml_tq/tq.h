@@ -91,6 +91,9 @@ TQ_CPU_API void tq_cpu_vec_dot_tq4_qjl(int n, float * s, size_t bs, const void *
 // last row, tq_cpu_unrotate_row(acc, n) brings the accumulator back once per query row.
 TQ_CPU_API void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale);
 TQ_CPU_API void tq_cpu_unrotate_row(float * x, int64_t n);
+// out[r*n .. r*n + n) = row r (at x + r*stride) decoded in the rotated domain, for r < count: the
+// same values as tq_cpu_mad_rotated with scale 1 into a zeroed row, without the per-row set-up.
+TQ_CPU_API void tq_cpu_decode_rows_rotated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out);
 // acc[0..n) += scale * rotate(x): a float32 row (the exact row of ggml_flash_attn_ext_add_exact_row)
 // joins the rotated-domain accumulator; tmp holds n floats.
 TQ_CPU_API void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp, float scale);
@@ -98,24 +101,31 @@ TQ_CPU_API void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, 
 // Flash attention for several query rows that share one K/V head (a GQA group while decoding, a
 // run of tokens of one head in a prompt): each cell's K and V rows are decoded once for all rows,
 // and the rows go through the cells a tile at a time in the rotated domain. MSE types only.
-#define TQ_ATTN_MAX_ROWS 16
+#define TQ_ATTN_MAX_ROWS 64
 #define TQ_ATTN_MAX_D    256
-#define TQ_ATTN_TILE     16
+#define TQ_ATTN_TILE     64
 typedef struct {
     enum ggml_type k_type, v_type;
     int64_t dk, dv;
     const char * k; size_t k_stride;   // the head's row of cell ic: k + ic*k_stride
     const char * v; size_t v_stride;
     float scale;                       // applied to q.k before the mask
+    bool score_dots;                   // scores as dot products (a few rows of one token: a GQA
+                                       // group while decoding), else a transposed tile and a product
+                                       // of tiles; the same choice for every chunk of rows, so that
+                                       // results do not depend on the number of threads
     int64_t k_exact_cell; const float * k_exact; // ggml_flash_attn_ext_add_exact_row (-1: none)
     int64_t v_exact_cell; const float * v_exact;
 } tq_attn_kv;
 TQ_CPU_API bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv);
 // Rows r < nr (nr <= TQ_ATTN_MAX_ROWS): query q[r] (float32, not rotated), mask row mask[r] (NULL:
 // none; cell ic's value is mask[r][ic], times slope[r]) over the cells [ic0, ic1). Returns each row's
-// running maximum M[r], sum S[r] and out[r*dv ..] = sum of exp(s - M) v, not divided by S.
+// running maximum M[r], sum S[r] and out[r*dv ..] = sum of exp(s - M) v, not divided by S; out has
+// room for nr rounded up to a multiple of 4 rows, work for tq_cpu_attn_rows_work_size(dk, dv) bytes.
+TQ_CPU_API size_t tq_cpu_attn_rows_work_size(int64_t dk, int64_t dv);
 TQ_CPU_API void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
-                                 const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out);
+                                 const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out,
+                                 float * work);
 
 // The CPU flash-attention op (GGML_OP_FLASH_ATTN_EXT, its exact rows included) for the query rows
 // [ir0, ir1) over the cells [ic0, ic1) through tq_cpu_attn_rows: writes dst, or M, S and the

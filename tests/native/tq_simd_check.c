@@ -6,8 +6,9 @@
 //   vec_dot:       within 2 n eps sum |k_j q_j| of the exact dot product and of the scalar level
 //                  (the bound of tests/test_parity_c.py); the _qjl types (reference at every level)
 //                  identical
-//   decode:        one row mad_rotated into a zero accumulator with weight 1 equals the reference
-//                  decode (tq_dequantize_row_rotated_ref) at every level
+//   decode:        one row mad_rotated into a zero accumulator with weight 1, and all rows through
+//                  tq_cpu_decode_rows_rotated, equal the reference decode (tq_dequantize_row_rotated_ref)
+//                  at every level
 //   mad_rotated:   sum_r w_r * row_r accumulated in the rotated domain and rotated back once, within
 //                  (rows + 16) eps sqrt(64) max_j sum_r |w_r k_rj| of the float64 sum of the decoded
 //                  rows, and of the scalar level
@@ -233,6 +234,22 @@ static void check_type_kind(enum ggml_type type, int kind) {
             }
         }
         check(first < 0, "decode %s %s %s: one row's mad_rotated differs from the reference decode (first at row %d, value %d)",
+              level_names[level], tname, kname, first / N_ROW, first % N_ROW);
+    }
+
+    // all rows at once (tq_cpu_decode_rows_rotated, the attention tiles' decoder): the same values
+    static float decs[N_ROWS*N_ROW];
+    for (int level = 0; level < n_levels; ++level) {
+        set_level(level);
+        memset(decs, 0xff, sizeof(decs)); // NaN everywhere: every value must be written
+        tq_cpu_decode_rows_rotated(type, N_ROW, ref, rs, N_ROWS, decs);
+        int first = -1;
+        for (int i = 0; i < N_ROWS*N_ROW && first < 0; ++i) {
+            if (!(decs[i] == krot[i / N_ROW][i % N_ROW])) {
+                first = i;
+            }
+        }
+        check(first < 0, "decode_rows %s %s %s: differs from the reference decode (first at row %d, value %d)",
               level_names[level], tname, kname, first / N_ROW, first % N_ROW);
     }
 
