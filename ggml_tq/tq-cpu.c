@@ -163,31 +163,19 @@ static float tq_vec_dot_mse_scalar(enum ggml_type type, int n, const void * x, c
     return sum;
 }
 
-static void tq_mad_rotated_mse_scalar(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
-    const float * c = tq_type_centroids(type);
-    uint8_t idx[QK_TQ];
-    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
-        float d;
-        tq_unpack_block(type, x, b, &d, idx);
-        const float ds = d * scale;
-        for (int j = 0; j < QK_TQ; ++j) {
-            acc[j] += ds * c[idx[j]];
-        }
-    }
-}
-
-// Decode: rows r < count of the coded rows at x + r*stride, n values each, into out + r*n in the
-// rotated domain (what tq_cpu_mad_rotated adds with scale 1 to a zeroed row, bit for bit).
-static void tq_decode_rows_mse_scalar(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
+// acc + r*n += scale * (row r at x + r*stride, decoded in the rotated domain), for r < count: the
+// set-up (table, dispatch) once for all rows.
+static void tq_mad_rows_mse_scalar(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
     const float * c = tq_type_centroids(type);
     uint8_t idx[QK_TQ];
     for (int r = 0; r < count; ++r) {
         for (int64_t b = 0; b < n / QK_TQ; ++b) {
             float d;
             tq_unpack_block(type, x + r*stride, b, &d, idx);
-            float * o = out + r*n + b*QK_TQ;
+            const float ds = d * scale;
+            float * a = acc + r*n + b*QK_TQ;
             for (int j = 0; j < QK_TQ; ++j) {
-                o[j] = 0.0f + d * c[idx[j]];
+                a[j] += ds * c[idx[j]];
             }
         }
     }
@@ -271,7 +259,7 @@ static float tq_vec_dot_mse_avx2(enum ggml_type type, int n, const void * x, con
 }
 
 __attribute__((target("avx2,fma")))
-static void tq_mad_rotated_mse_avx2(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+static void tq_mad_rows_mse_avx2(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
     const float * c = tq_type_centroids(type);
     const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
     float ctab[16] = {0};
@@ -279,32 +267,6 @@ static void tq_mad_rotated_mse_avx2(enum ggml_type type, int64_t n, float * acc,
     const __m256 c_lo = _mm256_loadu_ps(ctab);
     const __m256 c_hi = _mm256_loadu_ps(ctab + 8);
     const int wide = ncent == 16;
-    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
-        float d = 0.0f;
-        __m128i idx[4];
-        for (int g = 0; g < 4; ++g) {
-            idx[g] = tq_avx2_idx16(type, x, b, g, &d);
-        }
-        const __m256 ds = _mm256_set1_ps(d * scale);
-        for (int g = 0; g < 4; ++g) {
-            const __m256 v0 = tq_avx2_lookup8(idx[g], c_lo, c_hi, wide);
-            const __m256 v1 = tq_avx2_lookup8(_mm_unpackhi_epi64(idx[g], idx[g]), c_lo, c_hi, wide);
-            _mm256_storeu_ps(acc + 16*g,     _mm256_fmadd_ps(ds, v0, _mm256_loadu_ps(acc + 16*g)));
-            _mm256_storeu_ps(acc + 16*g + 8, _mm256_fmadd_ps(ds, v1, _mm256_loadu_ps(acc + 16*g + 8)));
-        }
-    }
-}
-
-__attribute__((target("avx2,fma")))
-static void tq_decode_rows_mse_avx2(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
-    const float * c = tq_type_centroids(type);
-    const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
-    float ctab[16] = {0};
-    memcpy(ctab, c, ncent*sizeof(float));
-    const __m256 c_lo = _mm256_loadu_ps(ctab);
-    const __m256 c_hi = _mm256_loadu_ps(ctab + 8);
-    const int wide = ncent == 16;
-    const __m256 zero = _mm256_setzero_ps();
     for (int r = 0; r < count; ++r) {
         for (int64_t b = 0; b < n / QK_TQ; ++b) {
             float d = 0.0f;
@@ -312,13 +274,13 @@ static void tq_decode_rows_mse_avx2(enum ggml_type type, int64_t n, const char *
             for (int g = 0; g < 4; ++g) {
                 idx[g] = tq_avx2_idx16(type, x + r*stride, b, g, &d);
             }
-            const __m256 ds = _mm256_set1_ps(d);
-            float * o = out + r*n + b*QK_TQ;
+            const __m256 ds = _mm256_set1_ps(d * scale);
+            float * a = acc + r*n + b*QK_TQ;
             for (int g = 0; g < 4; ++g) {
                 const __m256 v0 = tq_avx2_lookup8(idx[g], c_lo, c_hi, wide);
                 const __m256 v1 = tq_avx2_lookup8(_mm_unpackhi_epi64(idx[g], idx[g]), c_lo, c_hi, wide);
-                _mm256_storeu_ps(o + 16*g,     _mm256_fmadd_ps(ds, v0, zero));
-                _mm256_storeu_ps(o + 16*g + 8, _mm256_fmadd_ps(ds, v1, zero));
+                _mm256_storeu_ps(a + 16*g,     _mm256_fmadd_ps(ds, v0, _mm256_loadu_ps(a + 16*g)));
+                _mm256_storeu_ps(a + 16*g + 8, _mm256_fmadd_ps(ds, v1, _mm256_loadu_ps(a + 16*g + 8)));
             }
         }
     }
@@ -400,30 +362,10 @@ static float tq_vec_dot_mse_avx512(enum ggml_type type, int n, const void * x, c
 }
 
 TQ_AVX512_TARGET
-static void tq_mad_rotated_mse_avx512(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+static void tq_mad_rows_mse_avx512(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
     float ctab[16];
     tq_centroid_table16(type, ctab);
     const __m512 c16 = _mm512_loadu_ps(ctab);
-    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
-        float d = 0.0f;
-        __m128i idx[4];
-        for (int g = 0; g < 4; ++g) {
-            idx[g] = tq_avx2_idx16(type, x, b, g, &d);
-        }
-        const __m512 ds = _mm512_set1_ps(d * scale);
-        for (int g = 0; g < 4; ++g) {
-            const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx[g]), c16);
-            _mm512_storeu_ps(acc + 16*g, _mm512_fmadd_ps(ds, v, _mm512_loadu_ps(acc + 16*g)));
-        }
-    }
-}
-
-TQ_AVX512_TARGET
-static void tq_decode_rows_mse_avx512(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
-    float ctab[16];
-    tq_centroid_table16(type, ctab);
-    const __m512 c16 = _mm512_loadu_ps(ctab);
-    const __m512 zero = _mm512_setzero_ps();
     for (int r = 0; r < count; ++r) {
         for (int64_t b = 0; b < n / QK_TQ; ++b) {
             float d = 0.0f;
@@ -431,11 +373,11 @@ static void tq_decode_rows_mse_avx512(enum ggml_type type, int64_t n, const char
             for (int g = 0; g < 4; ++g) {
                 idx[g] = tq_avx2_idx16(type, x + r*stride, b, g, &d);
             }
-            const __m512 ds = _mm512_set1_ps(d);
-            float * o = out + r*n + b*QK_TQ;
+            const __m512 ds = _mm512_set1_ps(d * scale);
+            float * a = acc + r*n + b*QK_TQ;
             for (int g = 0; g < 4; ++g) {
                 const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx[g]), c16);
-                _mm512_storeu_ps(o + 16*g, _mm512_fmadd_ps(ds, v, zero));
+                _mm512_storeu_ps(a + 16*g, _mm512_fmadd_ps(ds, v, _mm512_loadu_ps(a + 16*g)));
             }
         }
     }
@@ -562,29 +504,8 @@ static float tq_vec_dot_mse_neon(enum ggml_type type, int n, const void * x, con
     return vaddvq_f32(total);
 }
 
-static void tq_mad_rotated_mse_neon(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+static void tq_mad_rows_mse_neon(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
     const uint8x16x4_t tab = tq_neon_table(type);
-    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
-        float d = 0.0f;
-        uint8x16_t idx[4];
-        for (int g = 0; g < 4; ++g) {
-            idx[g] = tq_neon_idx16(type, x, b, g, &d);
-        }
-        const float ds = d * scale;
-        for (int g = 0; g < 4; ++g) {
-            float32x4_t v[4];
-            tq_neon_lookup16(tab, idx[g], v);
-            for (int k = 0; k < 4; ++k) {
-                float * a = acc + 16*g + 4*k;
-                vst1q_f32(a, vfmaq_n_f32(vld1q_f32(a), v[k], ds));
-            }
-        }
-    }
-}
-
-static void tq_decode_rows_mse_neon(enum ggml_type type, int64_t n, const char * x, size_t stride, int count, float * out) {
-    const uint8x16x4_t tab = tq_neon_table(type);
-    const float32x4_t zero = vdupq_n_f32(0.0f);
     for (int r = 0; r < count; ++r) {
         for (int64_t b = 0; b < n / QK_TQ; ++b) {
             float d = 0.0f;
@@ -592,12 +513,13 @@ static void tq_decode_rows_mse_neon(enum ggml_type type, int64_t n, const char *
             for (int g = 0; g < 4; ++g) {
                 idx[g] = tq_neon_idx16(type, x + r*stride, b, g, &d);
             }
-            float * o = out + r*n + b*QK_TQ;
+            const float ds = d * scale;
             for (int g = 0; g < 4; ++g) {
                 float32x4_t v[4];
                 tq_neon_lookup16(tab, idx[g], v);
                 for (int k = 0; k < 4; ++k) {
-                    vst1q_f32(o + 16*g + 4*k, vfmaq_n_f32(zero, v[k], d));
+                    float * a = acc + r*n + b*QK_TQ + 16*g + 4*k;
+                    vst1q_f32(a, vfmaq_n_f32(vld1q_f32(a), v[k], ds));
                 }
             }
         }
@@ -688,60 +610,46 @@ TQ_VEC_DOT(tq2_qjl, GGML_TYPE_TQ2_QJL)
 TQ_VEC_DOT(tq3_qjl, GGML_TYPE_TQ3_QJL)
 TQ_VEC_DOT(tq4_qjl, GGML_TYPE_TQ4_QJL)
 
-void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+// acc + r*n += scale * row r (at x + r*stride) in the rotated domain, for r < count
+static void tq_mad_rows(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
     if (tq_is_qjl_type(type)) {
         float tmp[QK_TQ];
         const size_t bsz = ggml_type_size(type);
-        for (int64_t b = 0; b < n / QK_TQ; ++b) {
-            tq_dequantize_row_rotated_ref(type, (const char *) x + b*bsz, tmp, QK_TQ);
-            for (int j = 0; j < QK_TQ; ++j) {
-                acc[b*QK_TQ + j] += scale * tmp[j];
+        for (int r = 0; r < count; ++r) {
+            for (int64_t b = 0; b < n / QK_TQ; ++b) {
+                tq_dequantize_row_rotated_ref(type, x + r*stride + b*bsz, tmp, QK_TQ);
+                for (int j = 0; j < QK_TQ; ++j) {
+                    acc[r*n + b*QK_TQ + j] += scale * tmp[j];
+                }
             }
         }
         return;
     }
 #if defined(TQ_X86) && defined(__GNUC__)
     if (tq_simd() >= TQ_SIMD_AVX512) {
-        tq_mad_rotated_mse_avx512(type, n, acc, x, scale);
+        tq_mad_rows_mse_avx512(type, n, acc, x, stride, count, scale);
         return;
     }
     if (tq_simd() >= TQ_SIMD_AVX2) {
-        tq_mad_rotated_mse_avx2(type, n, acc, x, scale);
+        tq_mad_rows_mse_avx2(type, n, acc, x, stride, count, scale);
         return;
     }
 #elif defined(TQ_NEON)
     if (tq_simd() >= TQ_SIMD_NEON) {
-        tq_mad_rotated_mse_neon(type, n, acc, x, scale);
+        tq_mad_rows_mse_neon(type, n, acc, x, stride, count, scale);
         return;
     }
 #endif
-    tq_mad_rotated_mse_scalar(type, n, acc, x, scale);
+    tq_mad_rows_mse_scalar(type, n, acc, x, stride, count, scale);
+}
+
+void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    tq_mad_rows(type, n, acc, (const char *) x, 0, 1, scale);
 }
 
 void tq_cpu_decode_rows_rotated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
-    if (tq_is_qjl_type(type)) {
-        for (int r = 0; r < count; ++r) {
-            memset(out + r*n, 0, n*sizeof(float));
-            tq_cpu_mad_rotated(type, n, out + r*n, (const char *) x + r*stride, 1.0f);
-        }
-        return;
-    }
-#if defined(TQ_X86) && defined(__GNUC__)
-    if (tq_simd() >= TQ_SIMD_AVX512) {
-        tq_decode_rows_mse_avx512(type, n, (const char *) x, stride, count, out);
-        return;
-    }
-    if (tq_simd() >= TQ_SIMD_AVX2) {
-        tq_decode_rows_mse_avx2(type, n, (const char *) x, stride, count, out);
-        return;
-    }
-#elif defined(TQ_NEON)
-    if (tq_simd() >= TQ_SIMD_NEON) {
-        tq_decode_rows_mse_neon(type, n, (const char *) x, stride, count, out);
-        return;
-    }
-#endif
-    tq_decode_rows_mse_scalar(type, n, (const char *) x, stride, count, out);
+    memset(out, 0, count*n*sizeof(float));
+    tq_mad_rows(type, n, out, (const char *) x, stride, count, 1.0f);
 }
 
 // y = x rotated block by block (a float32 row joining the rotated domain)
