@@ -93,17 +93,26 @@ def _plot(rows: list[dict], title: str, out: Path) -> None:
     plt.close(fig)
 
 
+def model_label(model: str) -> str:
+    """The name results files carry: a manifest name as given, a GGUF path without folder and .gguf
+    (not Path.stem, which would cut qwen2.5-coder-0.5b at its last dot)."""
+    name = Path(model).name
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
 def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"bench-{tag}-{model}"
     meta = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "llama_cpp_commit": UPSTREAM.llama_cpp_commit, "machine": platform.platform(),
             "cpu": rows[0]["cpu"] if rows else "", "gpu": rows[0]["gpu"] if rows else ""}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    # not with_suffix: a model name such as qwen2.5-coder-0.5b has a dot of its own
+    out = {ext: out_dir / f"{stem.name}.{ext}" for ext in ("json", "md", "png")}
+    out["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = [f"# llama-bench, {model}, {tag}", "", f"Made by `{command}` on {meta['date']}.", "",
           f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    _plot(rows, f"{model} ({tag})", stem.with_suffix(".png"))
+    out["md"].write_text("\n".join(md))
+    _plot(rows, f"{model} ({tag})", out["png"])
     return stem
 
 
@@ -139,7 +148,7 @@ def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     rows = bench(args.model, parse_pairs(args.types), [int(d) for d in args.depths.split(",")], args.n_gen,
                  args.n_prompt, args.threads, args.reps, args.cuda, extra)
-    stem = write_results(rows, Path(args.model).stem, args.tag or ("cuda" if args.cuda else "cpu"), _command(args, extra),
+    stem = write_results(rows, model_label(args.model), args.tag or ("cuda" if args.cuda else "cpu"), _command(args, extra),
                          args.out_dir)
     print("\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)

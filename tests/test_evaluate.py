@@ -353,3 +353,19 @@ def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
     assert tq["env"] == {name: None for name in ev.ENV_SWITCHES}
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"quality-smollm2.{ext}").exists()
+
+
+def test_bench_results_keep_a_dotted_model_name(tmp_path):
+    """`tq bench --model qwen2.5-coder-0.5b` once wrote bench-cpu-qwen2.*: Path.stem and
+    with_suffix cut the name at its last dot."""
+    from turboquant_llama import bench
+
+    assert bench.model_label("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    assert bench.model_label("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    rows = [{"k": k, "v": k, "test": "tg", "n": 32, "depth": 0, "tokens_per_s": t, "stddev": 0.0, "bpv": b,
+             "protect_layers": 1, "backend": "CPU", "cpu": "x", "gpu": ""}
+            for k, t, b in (("f16", 50.0, 16.0), ("q8_0", 52.0, 8.5), ("q4_0", 51.0, 4.5), ("tq3", 49.0, 3.25))]
+    bench.write_results(rows, bench.model_label("qwen2.5-coder-0.5b"), "cpu", "tq bench", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"bench-cpu-qwen2.5-coder-0.5b.{ext}" for ext in ("json", "md", "png")]
+    assert "# llama-bench, qwen2.5-coder-0.5b, cpu" in (tmp_path / "bench-cpu-qwen2.5-coder-0.5b.md").read_text()

@@ -569,6 +569,22 @@ def test_one_token_rows_quantize_the_same_on_any_thread_count(lowlevel):
         assert all(np.array_equal(a, b) for a, b in zip(logits[threads], logits[1]))
 
 
+def test_prompt_attention_is_the_same_on_any_thread_count(lowlevel):
+    """A prompt's query rows are split between threads in chunks whose size depends on the thread
+    count, and the TQ attention tiles group up to 64 rows of a chunk that read one K/V head
+    (patches/0010). With 86 tokens, SmolLM2's 3 query heads per K/V head make blocks of 258 rows:
+    one thread groups them 64, 64, 64, 64 and 2, other counts differently. Each row's arithmetic
+    must not depend on its group, so the logits after the prompt are the same, bit for bit, with 1,
+    2 and 4 threads."""
+    import numpy as np
+
+    ll = lowlevel
+    toks = (ll.tokenize(PROMPT) * 8)[:86]
+    logits = {threads: ll.decode(ll.new_ctx(threads=threads), toks, 0, 0) for threads in (1, 2, 4)}
+    assert np.array_equal(logits[2], logits[1])
+    assert np.array_equal(logits[4], logits[1])
+
+
 def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
     """A state saved without the exact sink loads bit for bit into a cache that keeps one (there is
     no sink to adopt); one saved with it loads into a cache without it and continues from the TQ
