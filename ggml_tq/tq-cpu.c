@@ -772,7 +772,7 @@ size_t tq_cpu_attn_rows_work_size(int64_t dk, int64_t dv) {
 // sequential sum, whatever the number of rows. GCC and Clang get the blocks as vector types (the
 // auto-vectoriser unrolls the short inner loops first and then vectorises nothing); the plain
 // loops are for other compilers (and for -DTQ_NO_VECTOR_EXT, which checks them).
-#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(TQ_NO_VECTOR_EXT)
 typedef float tq_f32x16 __attribute__((vector_size(64)));
 // macros, not functions: a function returning a 64-byte vector has another ABI with and without AVX-512
 #define TQ_LOAD16(v, p)  memcpy(&(v), (p), sizeof(tq_f32x16))
@@ -783,9 +783,9 @@ typedef float tq_f32x16 __attribute__((vector_size(64)));
 static void tq_tile_scores(float * c, const float * a, const float * b, int nr4, int64_t n) {
     enum { T = TQ_ATTN_TILE };
     for (int r = 0; r < nr4; r += 4) {
-        const float * a0 = a + (r + 0)*n, * a1 = a + (r + 1)*n, * a2 = a + (r + 2)*n, * a3 = a + (r + 3)*n;
         for (int t0 = 0; t0 < T; t0 += 16) {
-#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(TQ_NO_VECTOR_EXT)
+            const float * a0 = a + (r + 0)*n, * a1 = a + (r + 1)*n, * a2 = a + (r + 2)*n, * a3 = a + (r + 3)*n;
             tq_f32x16 c0 = { 0 }, c1 = { 0 }, c2 = { 0 }, c3 = { 0 };
             for (int64_t d = 0; d < n; ++d) {
                 tq_f32x16 bd;
@@ -801,14 +801,15 @@ static void tq_tile_scores(float * c, const float * a, const float * b, int nr4,
             TQ_STORE16(c + (r + 3)*T + t0, c3);
 #else
             for (int i = 0; i < 4; ++i) {
-                float * ci = c + (r + i)*T + t0;
-                memset(ci, 0, 16*sizeof(float));
+                float acc[16] = { 0 };
                 for (int64_t d = 0; d < n; ++d) {
-                    const float ai = a[(r + i)*n + d];
+                    const float   ai = a[(r + i)*n + d];
+                    const float * bd = b + d*T + t0;
                     for (int j = 0; j < 16; ++j) {
-                        ci[j] += ai*b[d*T + t0 + j];
+                        acc[j] += ai*bd[j];
                     }
                 }
+                memcpy(c + (r + i)*T + t0, acc, sizeof(acc));
             }
 #endif
         }
@@ -823,7 +824,7 @@ static void tq_tile_values(float * out, const float * p, const float * v, int nr
         for (int64_t j0 = 0; j0 < dv; j0 += 16) {
             float * o0 = out + (r + 0)*dv + j0, * o1 = out + (r + 1)*dv + j0;
             float * o2 = out + (r + 2)*dv + j0, * o3 = out + (r + 3)*dv + j0;
-#if defined(__GNUC__) && !defined(TQ_NO_VECTOR_EXT)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(TQ_NO_VECTOR_EXT)
             tq_f32x16 c0, c1, c2, c3;
             TQ_LOAD16(c0, o0);
             TQ_LOAD16(c1, o1);
@@ -842,15 +843,24 @@ static void tq_tile_values(float * out, const float * p, const float * v, int nr
             TQ_STORE16(o2, c2);
             TQ_STORE16(o3, c3);
 #else
+            float acc[4][16];
+            memcpy(acc[0], o0, sizeof(acc[0]));
+            memcpy(acc[1], o1, sizeof(acc[1]));
+            memcpy(acc[2], o2, sizeof(acc[2]));
+            memcpy(acc[3], o3, sizeof(acc[3]));
             for (int t = 0; t < nt; ++t) {
                 const float * vt = v + t*dv + j0;
                 for (int j = 0; j < 16; ++j) {
-                    o0[j] += p0[t]*vt[j];
-                    o1[j] += p1[t]*vt[j];
-                    o2[j] += p2[t]*vt[j];
-                    o3[j] += p3[t]*vt[j];
+                    acc[0][j] += p0[t]*vt[j];
+                    acc[1][j] += p1[t]*vt[j];
+                    acc[2][j] += p2[t]*vt[j];
+                    acc[3][j] += p3[t]*vt[j];
                 }
             }
+            memcpy(o0, acc[0], sizeof(acc[0]));
+            memcpy(o1, acc[1], sizeof(acc[1]));
+            memcpy(o2, acc[2], sizeof(acc[2]));
+            memcpy(o3, acc[3], sizeof(acc[3]));
 #endif
         }
     }
