@@ -348,6 +348,57 @@ static void check_unrotate(void) {
     }
 }
 
+// The attention tiles (tq_cpu_attn_rows) group query rows that read one K/V head; how many rows a
+// group holds follows how rows are split between threads. Each row's result must not depend on
+// its group: rows computed 64 at a time, and in groups of 1, 2, 3, 5 and 7, are bit-identical,
+// for both ways of computing scores (dot products while decoding, tile products in prompts), with a
+// causal mask over 150 cells (three tiles, the last one partial) and an exact row at cell 0.
+static void check_attn_rows_grouping(void) {
+    enum { D = 128, NC = 150, NQ = 64 };
+    static float x[D], q[NQ][D], out_all[NQ*D], out_grp[NQ*D], exact_k[D], exact_v[D];
+    static ggml_fp16_t mask[NQ][NC];
+    static char kbuf[NC*sizeof(block_tq3)*(D/QK_TQ)], vbuf[NC*sizeof(block_tq2)*(D/QK_TQ)];
+    const size_t kb = sizeof(block_tq3)*(D/QK_TQ), vb = sizeof(block_tq2)*(D/QK_TQ);
+    for (int c = 0; c < NC; ++c) {
+        make_row(0, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ3, x, kbuf + c*kb, D);
+        make_row(2, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf + c*vb, D);
+    }
+    make_row(0, exact_k, D);
+    make_row(0, exact_v, D);
+    const float * qp[NQ];
+    const ggml_fp16_t * mp[NQ];
+    float slope[NQ], M[NQ], S[NQ];
+    for (int r = 0; r < NQ; ++r) {
+        make_row(0, q[r], D);
+        qp[r] = q[r];
+        mp[r] = mask[r];
+        slope[r] = 1.0f;
+        for (int c = 0; c < NC; ++c) {      // row r sees the cells up to 80 + r
+            mask[r][c] = c <= 80 + r ? 0 : 0xFC00; // 0, -inf
+        }
+    }
+    float * work = malloc(tq_cpu_attn_rows_work_size(D, D));
+    float * out = malloc(sizeof(float)*TQ_ATTN_MAX_ROWS*D);
+    const int sizes[] = { 1, 2, 3, 5, 7 };
+    for (int dots = 0; dots < 2; ++dots) {
+        tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf, kb, vbuf, vb, 0.088f, dots != 0, 0, exact_k, 0, exact_v };
+        tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M, S, out, work);
+        memcpy(out_all, out, sizeof(out_all));
+        for (int r0 = 0, g = 0; r0 < NQ; ++g) {
+            const int n = sizes[g % 5] < NQ - r0 ? sizes[g % 5] : NQ - r0;
+            tq_cpu_attn_rows(&kv, n, qp + r0, mp + r0, slope + r0, 0, NC, M + r0, S + r0, out, work);
+            memcpy(out_grp + r0*D, out, sizeof(float)*n*D);
+            r0 += n;
+        }
+        check(memcmp(out_all, out_grp, sizeof(out_all)) == 0,
+              "attn_rows (%s): a row's output depends on the size of its group", dots ? "dot products" : "tile products");
+    }
+    free(work);
+    free(out);
+}
+
 int main(int argc, char ** argv) {
     const char * expect[8];
     int n_expect = 0;
@@ -383,6 +434,7 @@ int main(int argc, char ** argv) {
         }
     }
     check_unrotate();
+    check_attn_rows_grouping();
 
     printf("reference checksum: %016llx\n", (unsigned long long) checksum);
     printf("%d passed, %d failed\n", n_pass, n_fail);
