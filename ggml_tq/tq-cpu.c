@@ -713,8 +713,13 @@ static inline float tq_exp_nonpos(float x) {
     return x >= -87.0f ? p*two_k : (x < -87.0f ? 0.0f : x);
 }
 
-// p[t] = exp(p[t] - m) for t < n; returns their sum. Eight explicit partial sums: the compiler turns
-// the loop into SIMD without reassociating floats.
+// Sums kept as eight explicit partial sums, combined in this fixed order: the compiler turns their
+// loops into SIMD without reassociating floats, so every SIMD level computes the same sums.
+static inline float tq_sum8(const float * acc) {
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// p[t] = exp(p[t] - m) for t < n; returns their sum
 static float tq_exp_sum_row(float * p, int n, float m) {
     for (int t = 0; t < n; ++t) {
         p[t] = tq_exp_nonpos(p[t] - m);
@@ -729,7 +734,7 @@ static float tq_exp_sum_row(float * p, int n, float m) {
     for (; t < n; ++t) {
         acc[0] += p[t];
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    return tq_sum8(acc);
 }
 
 // The tile's rows in the rotated domain: each live cell's coded row, decoded, but the exact float32
@@ -747,7 +752,7 @@ static void tq_attn_decode_tile(enum ggml_type type, int64_t n, const char * row
     }
 }
 
-// Eight explicit partial sums: the compiler turns the loop into SIMD without reassociating floats.
+// n a multiple of 8
 static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
     float acc[8] = { 0 };
     for (int64_t j = 0; j < n; j += 8) {
@@ -755,7 +760,7 @@ static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
             acc[l] += a[j + l] * b[j + l];
         }
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    return tq_sum8(acc);
 }
 
 bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv) {
