@@ -46,6 +46,8 @@ UPSTREAM = PinnedUpstream(
 
 COMPACT_NAME = f"llama.cpp-{UPSTREAM.llama_cpp_commit[:12]}-compact.tar.xz"
 PATCHES_DIR = REPO_ROOT / "patches"
+# patches to the sdist's Python package (llama_cpp/), applied by `tq install-python`
+PYTHON_PATCHES_DIR = PATCHES_DIR / "llama-cpp-python"
 
 # What the compact tarball leaves out: documentation, assets, the web UI sources and the vocab
 # GGUFs (tests that need them are not built). tools/ui keeps the four files its CMake needs.
@@ -222,6 +224,40 @@ def prepare_tree(source: Path | None = None, dest: Path | None = None) -> Path:
     stamp_path.write_text(want + "\n")
     print(f"tq: {written} files changed in the patched tree", file=sys.stderr)
     return dest
+
+
+def python_patch_files() -> list[Path]:
+    return sorted(PYTHON_PATCHES_DIR.glob("*.patch"))
+
+
+def prepare_python_source() -> Path:
+    """The pinned llama-cpp-python sdist unpacked and patched by patches/llama-cpp-python/ (the
+    Python side of the TQ cache options), for `pip install`: made once per patch set."""
+    if shutil.which("git") is None:
+        raise UserError("git is needed to apply patches/ (git apply); install git")
+    sdist = fetch_sdist()
+    digest = hashlib.sha256(UPSTREAM.sdist_sha256.encode())
+    for p in python_patch_files():
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes())
+    dest = cache_dir() / "llama-cpp-python-src"
+    stamp = dest / ".tq-patched"
+    if stamp.exists() and stamp.read_text().strip() == digest.hexdigest():
+        return dest / UPSTREAM.vendor_prefix.split("/")[0]
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest)
+    root = dest / UPSTREAM.vendor_prefix.split("/")[0]
+    for p in python_patch_files():
+        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=root, capture_output=True, text=True)
+        if check.returncode != 0:
+            raise UserError(f"patch {p.relative_to(REPO_ROOT)} does not apply to {UPSTREAM.package}=={UPSTREAM.version}:\n"
+                            f"{check.stderr.strip()}")
+        subprocess.run(["git", "apply", "-p1", str(p)], cwd=root, check=True)
+    stamp.write_text(digest.hexdigest() + "\n")
+    return root
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
