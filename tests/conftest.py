@@ -47,6 +47,7 @@ def require_llama_cpp(cuda: bool | None = None):
 def _default_measurement_switches(monkeypatch):
     """Tests assert the default behaviour of the patched llama.cpp: switches a developer may have
     exported for a measurement (TQ_PROTECT_LAYERS=0, ...) must not leak into them."""
-    for name in ("TQ_PROTECT_LAYERS", "TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "TQ_SCALE_SEARCH", "TQ_KEY_CENTER", "TQ_EXACT_SINK",
-                 "LLAMA_ATTN_ROT_DISABLE"):
+    from turboquant_llama.switches import ENV_NAMES
+
+    for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
