@@ -17,6 +17,8 @@ _SWA_PATTERNS: dict[str, tuple[int, bool]] = {
     "gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
     "cohere2": (4, False), "cohere2moe": (4, True), "llama4": (4, False), "exaone4": (4, False),
     "exaone-moe": (4, False), "afmoe": (4, False), "mellum": (4, False), "muse-glimmer": (4, False),
+    "olmo2": (4, False), "plamo3": (8, False), "gpt-oss": (2, False), "laguna": (4, True),
+    "smallthinker": (4, True), "modern-bert": (3, True),
 }
 
 
