@@ -1,6 +1,6 @@
 """`tq eval niah`: needle-in-a-haystack retrieval with each KV-cache type.
 
-A haystack of WikiText-2 text (consecutive lines from a seeded offset, no network) hides one
+A haystack of WikiText-2 text (the packaged test set unless --filler or TQ_CORPUS name another) (consecutive lines from a seeded offset, no network) hides one
 needle sentence, "The special magic number for <city> is <6-7 digits>.", at a given depth
 (a fraction of the haystack, snapped to a sentence or line boundary); a question at the end asks
 for the number. The whole prompt, chat template, instruction, question and answer prefix
@@ -16,7 +16,9 @@ length, the depth and the needle index, so every cache type answers the same pro
 
 One Llama per (type pair, length): n_ctx = length + a small margin; lengths above the model's
 training context (n_ctx_train) are skipped with a note. Results go to
-<out-dir>/niah-<model>.{json,png} (one heat map per type pair: rows depth, columns length).
+<out-dir>/niah-<model>.{json,md,png} (one heat map per type pair: rows depth, columns length).
+
+Prompts: niah_prompt.py; the results file: niah_results.py.
 """
 
 from __future__ import annotations
