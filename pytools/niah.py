@@ -1,9 +1,9 @@
 """`tq eval niah`: needle-in-a-haystack retrieval with each KV-cache type.
 
-A haystack of WikiText-2 text (the packaged test set unless --filler or TQ_CORPUS name another) (consecutive lines from a seeded offset, no network) hides one
-needle sentence, "The special magic number for <city> is <6-7 digits>.", at a given depth
-(a fraction of the haystack, snapped to a sentence or line boundary); a question at the end asks
-for the number. The whole prompt, chat template, instruction, question and answer prefix
+A haystack of WikiText-2 text (the packaged test set unless --filler or TQ_CORPUS name another;
+consecutive lines from a seeded offset) hides one needle sentence, "The special magic number for
+<city> is <6-7 digits>.", at a given depth (a fraction of the haystack, snapped to a sentence or
+line boundary); a question at the end asks for the number. The whole prompt, chat template, instruction, question and answer prefix
 included, is sized to the target length in the model's own tokens (1k = 1024 tokens, trimmed
 word by word at the start of the haystack, so it comes out at most a few tokens short).
 
