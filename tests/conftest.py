@@ -17,6 +17,19 @@ def require_build() -> None:
         pytest.skip("the patched llama.cpp is not built (run `tq build`)")
 
 
+def require_binary(name: str):
+    """A program `tq build` makes (llama-bench, llama-server, ...), with the same skip/fail rule."""
+    require_build()
+    from turboquant_llama.build import bin_dir
+
+    path = bin_dir() / name
+    if not path.exists():
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(f"{path} is not built: run `tq build`")
+        pytest.skip(f"{name} is not built (run `tq build`)")
+    return path
+
+
 def require_model(name: str):
     from turboquant_llama.errors import UserError
     from turboquant_llama.models import model_path

@@ -328,13 +328,10 @@ def test_write_results_accumulates(tmp_path):
 
 
 def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
-    from tests.conftest import require_build, require_model
+    from tests.conftest import require_binary, require_model
 
-    require_build()
+    require_binary("llama-perplexity")
     require_model("smollm2")
-    from turboquant_llama.build import bin_dir
-
-    assert (bin_dir() / "llama-perplexity").exists(), "tq build makes llama-perplexity"
     monkeypatch.delenv("TQ_CORPUS", raising=False)   # the packaged WikiText-2 test text
     from turboquant_llama.cli import main
 

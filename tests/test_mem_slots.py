@@ -18,7 +18,7 @@ from turboquant_llama.kv_memory import Slots, kv_size
 from turboquant_llama.kv_shape import model_kv_shape
 from turboquant_llama.mem import report, server_slots
 
-from .conftest import require_build, require_model
+from .conftest import require_binary, require_model
 
 _SIZE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +(\d+) layers, +(\d+)/(\d+) seqs\), "
                    r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
@@ -157,7 +157,7 @@ def test_slots_layout_follows_llama_context():
 # llama-completion has no --kv-unified: the unified layout is checked against llama-server below
 @pytest.mark.parametrize("ctk,ctv,ctx,parallel", [("tq3", "tq2", 1024, 3), ("tq3", "tq2", 4096, 1), ("q8_0", "tq3", 2000, 4)])
 def test_mem_equals_llama_completion_smollm2(ctk, ctv, ctx, parallel):
-    require_build()
+    require_binary("llama-completion")
     model = require_model("smollm2")
     r = report("smollm2", ctx, ctk, ctv, n_seq=parallel)
     _check(_completion_log(model, ctk, ctv, ctx, parallel), r)
@@ -165,7 +165,7 @@ def test_mem_equals_llama_completion_smollm2(ctk, ctv, ctx, parallel):
 
 @pytest.mark.parametrize("parallel", [1, 2, 4])
 def test_mem_equals_llama_completion_sliding_window(swa_model, parallel):
-    require_build()
+    require_binary("llama-completion")
     shape = model_kv_shape(swa_model)
     assert shape.n_swa == 512 and [l.swa for l in shape.layers] == [True, True, True, False]
     assert {l.head_k for l in shape.layers} == {256}
@@ -178,7 +178,7 @@ def test_mem_equals_llama_completion_sliding_window(swa_model, parallel):
 def test_mem_equals_llama_server_allocation(swa_model):
     """The issue's case: a sliding-window model at ctx 8192 under `tq serve` (4 slots: one stream
     each) and under a plain llama-server (automatic slots: 4, unified)."""
-    require_build()
+    require_binary("llama-server")
     smollm2 = require_model("smollm2")
     served = report(swa_model, 8192, "tq3", "tq2", n_seq=4)
     _check(_server_log(swa_model, "tq3", "tq2", 8192, ["--parallel", "4"], 18391), served)
