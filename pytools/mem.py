@@ -149,7 +149,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="n_batch (caps n_ubatch; default 2048)")
     p.add_argument("--protect-layers", type=int, default=None, metavar="N", dest="protect_layers",
                    help="the same as --tq-protect-layers")
-    switches.add_option_arguments(p)
+    switches.add_option_arguments(p, ("protect_layers",))   # the other options do not change the size
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_mem)
 

@@ -241,10 +241,12 @@ def _count(text: str) -> int:
     return n
 
 
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tq-protect-layers, --tq-key-center, --tq-exact-sink (default: the environment variable,
-    else the built-in default)."""
+def add_option_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """--tq-protect-layers, --tq-key-center, --tq-exact-sink, or those of `names` (default: the
+    environment variable, else the built-in default)."""
     for s in OPTIONS:
+        if names is not None and s.name not in names:
+            continue
         default = f"{s.env}, else {s.show(s.default)}"
         if s.kind == "int":
             parser.add_argument(s.flag, type=_count, default=None, metavar="N", help=f"{s.help} (default: {default})")
