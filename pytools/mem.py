@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import switches
-from .cache_types import is_tq
+from .cache_types import CACHE_TYPES, is_tq
 from .errors import UserError
 from .kv_memory import (DEFAULT_BATCH, DEFAULT_PROTECT_LAYERS, DEFAULT_UBATCH, KvSize, Slots, bits_per_value,
                         bytes_per_token, kv_bytes_for_tokens, kv_size, max_ctx)
@@ -20,14 +20,9 @@ from .kv_shape import HeadSizeError, KvShape, check_head_size, model_kv_shape, t
 BASELINES = ("f16", "q8_0", "q4_0")
 DEFAULT_BUDGET_GIB = 8.0
 
-# Names serve.py, chat.py, generate.py and llama_python.py import from here (kept until they
-# import from kv_shape and kv_memory themselves).
-__all__ = ["report", "allocated", "server_slots", "KvShape", "kv_size", "kv_bytes_for_tokens", "model_kv_shape",
-           "check_pair", "check_head_size", "types_for_head_size", "TYPE_BLOCKS"]
-TYPE_BLOCKS: dict[str, tuple[int, int]] = {}
-from .cache_types import CACHE_TYPES as _CACHE_TYPES  # noqa: E402
-
-TYPE_BLOCKS.update({n: (t.block_values, t.block_bytes) for n, t in _CACHE_TYPES.items()})
+# Names serve.py, chat.py, generate.py and llama_python.py import from here (until they import
+# from kv_shape and kv_memory themselves).
+TYPE_BLOCKS: dict[str, tuple[int, int]] = {n: (t.block_values, t.block_bytes) for n, t in CACHE_TYPES.items()}
 
 
 def check_pair(shape: KvShape, ctk: str, ctv: str) -> None:
@@ -46,9 +41,19 @@ def server_slots(n_ctx: int, parallel: int | None, extra: list[str] = (), n_ubat
                  swa_full="--swa-full" in extra)
 
 
-def allocated(shape: KvShape, ctk: str, ctv: str, slots: Slots, protect: int | None = None) -> KvSize:
-    """The KV cache llama.cpp allocates for this layout (what chat and serve print)."""
-    return kv_size(shape, ctk, ctv, slots, protect=protect)
+def allocation_summary(shape: KvShape, ctk: str, ctv: str, slots: Slots, protect: int | None = None) -> str:
+    """One line on the KV cache llama.cpp allocates for a context of this layout, against f16
+    (what `tq serve` and `tq chat` print)."""
+    size = kv_size(shape, ctk, ctv, slots, protect=protect)
+    f16 = kv_size(shape, "f16", "f16", slots, protect=protect)
+    if slots.n_seq == 1:
+        layout = f"n_ctx {slots.n_ctx}"
+    elif slots.unified:
+        layout = f"{slots.n_seq} slots sharing {size.cells} cells"
+    else:
+        layout = f"{slots.n_seq} slots of {size.cells} cells"
+    return (f"KV cache {ctk}/{ctv}: {_fmt_bytes(size.total)} allocated for {layout} "
+            f"(f16: {_fmt_bytes(f16.total)}, {f16.total / size.total:.2f}x smaller)")
 
 
 def report(model: str | Path, n_ctx: int, ctk: str, ctv: str, budget_gib: float = DEFAULT_BUDGET_GIB,

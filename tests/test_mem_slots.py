@@ -16,7 +16,7 @@ import pytest
 from turboquant_llama.build import find_binary
 from turboquant_llama.kv_memory import Slots, kv_size
 from turboquant_llama.kv_shape import model_kv_shape
-from turboquant_llama.mem import report, server_slots
+from turboquant_llama.mem import allocation_summary, report, server_slots
 
 from .conftest import require_binary, require_model
 
@@ -202,6 +202,8 @@ def test_mem_parallel_cli(swa_model):
     # three SWA layers of 1 KV head x 256 values, K and V at 2 bytes: 1024 cells once, 4 x 1024 with 4 slots;
     # protected layers are q8_0 only for TQ types
     assert four - one == 3 * 2 * 256 * 2 * (4 * 1024 - 1024)
+    line = allocation_summary(shape, "f16", "f16", server_slots(8192, 4))
+    assert line.startswith(f"KV cache f16/f16: {four / 2**20:.2f} MiB allocated for 4 slots of 2048 cells")
     import contextlib
     import io
 
