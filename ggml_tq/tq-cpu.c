@@ -649,25 +649,28 @@ static float tq_exp_sum_row(float * p, int n, float m) {
 
 // The tile's rows in the rotated domain: each live cell's coded row, decoded, but the exact float32
 // row where the cell has one (and its coded row is not a NaN row, which must travel as it would in
-// an f16 cache); zeros for the cells no row attends to. nonfinite (NULL: not wanted) marks the cells
-// whose decoded row holds NaN or Inf (a block with a non-finite norm).
+// an f16 cache); zeros for the cells no row attends to.
 static void tq_attn_decode_tile(enum ggml_type type, int64_t n, const char * rows, size_t stride, int64_t it, int nt,
-                                const bool * live, int64_t exact_cell, const float * exact, float * out, bool * nonfinite) {
+                                const bool * live, int64_t exact_cell, const float * exact, float * out) {
     tq_cpu_decode_rows_rotated(type, n, rows + it*stride, stride, nt, out);
     for (int t = 0; t < nt; ++t) {
-        const char * row = rows + (it + t)*stride;
-        bool coded = false;
         if (!live[t]) {
             memset(out + t*n, 0, n*sizeof(float));
-        } else if (it + t == exact_cell && !tq_row_is_nan(type, row, n)) {
+        } else if (it + t == exact_cell && !tq_row_is_nan(type, rows + (it + t)*stride, n)) {
             tq_rotated_copy(out + t*n, exact, n);
-        } else {
-            coded = true;
-        }
-        if (nonfinite) {
-            nonfinite[t] = coded && !tq_row_is_finite(type, row, n);
         }
     }
+}
+
+// Whether a decoded row holds NaN or Inf: a block decodes to d times centroids below 1, so its first
+// value is finite exactly when its norm d is (an exact row is finite: a non-finite input codes a
+// NaN row, which the exact row defers to).
+static inline bool tq_decoded_row_finite(const float * y, int64_t n) {
+    bool finite = true;
+    for (int64_t b = 0; b < n; b += QK_TQ) {
+        finite &= isfinite(y[b]) != 0;
+    }
+    return finite;
 }
 
 // n a multiple of 8
@@ -884,9 +887,10 @@ static void tq_attn_values(const tq_attn_kv * kv, int nr, int nr4, const ggml_fp
     enum { T = TQ_ATTN_TILE };
     const int64_t dv = kv->dv;
     bool nonfinite[T];
-    tq_attn_decode_tile(kv->v_type, dv, kv->v, kv->v_stride, it, nt, live, kv->v_exact_cell, kv->v_exact, vt, nonfinite);
+    tq_attn_decode_tile(kv->v_type, dv, kv->v, kv->v_stride, it, nt, live, kv->v_exact_cell, kv->v_exact, vt);
     bool any = false;
     for (int t = 0; t < nt; ++t) {
+        nonfinite[t] = !tq_decoded_row_finite(vt + t*dv, dv);
         if (nonfinite[t]) {
             memset(vt + t*dv, 0, dv*sizeof(float));
             any = true;
@@ -939,7 +943,7 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
         if (!tq_attn_live_cells(nr, mask, it, nt, live)) {
             continue;
         }
-        tq_attn_decode_tile(kv->k_type, dk, kv->k, kv->k_stride, it, nt, live, kv->k_exact_cell, kv->k_exact, kr, NULL);
+        tq_attn_decode_tile(kv->k_type, dk, kv->k, kv->k_stride, it, nt, live, kv->k_exact_cell, kv->k_exact, kr);
         tq_attn_scores(kv, nr, nr4, qr, kr, kt, nt, p);
         tq_attn_softmax_tile(kv, nr, nr4, mask, slope, it, nt, live, p, M, S, out);
         tq_attn_values(kv, nr, nr4, mask, slope, it, nt, live, p, vt, kr, out);
