@@ -19,11 +19,12 @@ value llama.cpp uses, parsed the way llama.cpp parses it (C atoi).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from .cache_types import is_tq
 
@@ -206,6 +207,41 @@ def llama_kwargs(setting: Mapping[str, Value]) -> dict[str, Value]:
     if not OPTIONS_AS_FLAGS:
         return {}
     return {s.param: setting[s.name] for s in OPTIONS if setting.get(s.name, s.default) != s.default}
+
+
+@contextlib.contextmanager
+def options_for_context(kwargs: dict) -> Iterator[dict]:
+    """For llama-cpp-python: takes the option keyword arguments (tq_protect_layers, tq_key_center,
+    tq_exact_sink) out of kwargs and yields the keyword arguments llama_cpp.Llama gets for them;
+    while llama.cpp reads the options from the environment, the block runs with them set there
+    (context creation reads them) and the environment is restored after it."""
+    given = {s.name: kwargs.pop(s.param) for s in OPTIONS if s.param in kwargs}
+    for name, value in given.items():
+        s = BY_NAME[name]
+        if s.kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{s.param} must be a whole number of 0 or more, not {value!r}")
+        if s.kind == "on" and not isinstance(value, bool):
+            raise ValueError(f"{s.param} must be True or False, not {value!r}")
+    setting = from_env()
+    setting.update(given)
+    if OPTIONS_AS_FLAGS:
+        yield {BY_NAME[n].param: v for n, v in given.items()}
+        return
+    saved = {s.env: os.environ.get(s.env) for s in OPTIONS}
+    wanted = child_env(setting)
+    try:
+        for s in OPTIONS:
+            if s.env in wanted:
+                os.environ[s.env] = wanted[s.env]
+            else:
+                os.environ.pop(s.env, None)
+        yield {}
+    finally:
+        for env, text in saved.items():
+            if text is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = text
 
 
 def apply_to_process(setting: Mapping[str, Value]) -> None:

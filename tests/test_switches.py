@@ -111,3 +111,25 @@ def test_bad_option_values_are_clear_errors(capsys):
     assert "must be 0 or more" in capsys.readouterr().err
     with pytest.raises(SystemExit):   # tq mem takes only the option that changes a cache's size
         main(["mem", "--tq-key-center", "off"])
+
+
+def test_options_for_context_takes_the_keyword_arguments(monkeypatch):
+    import os
+
+    monkeypatch.setenv("TQ_EXACT_SINK", "0")
+    monkeypatch.delenv("TQ_KEY_CENTER", raising=False)
+    kwargs = {"tq_key_center": False, "tq_protect_layers": 2, "n_ctx": 256}
+    with switches.options_for_context(kwargs) as extra:
+        assert kwargs == {"n_ctx": 256}
+        if switches.OPTIONS_AS_FLAGS:
+            assert extra == {"tq_key_center": False, "tq_protect_layers": 2}
+        else:
+            assert extra == {}
+            assert (os.environ["TQ_KEY_CENTER"], os.environ["TQ_PROTECT_LAYERS"]) == ("0", "2")
+            assert os.environ["TQ_EXACT_SINK"] == "0"       # not given: the environment's stays
+    assert "TQ_KEY_CENTER" not in os.environ and "TQ_PROTECT_LAYERS" not in os.environ
+    assert os.environ["TQ_EXACT_SINK"] == "0"
+    for bad in ({"tq_key_center": 1}, {"tq_protect_layers": -1}, {"tq_protect_layers": True}):
+        with pytest.raises(ValueError):
+            with switches.options_for_context(dict(bad)):
+                pass
