@@ -64,3 +64,10 @@ def default_corpus() -> Path:
             raise UserError(f"TQ_CORPUS={override} is not a file")
         return path
     return wikitext2_test_path()
+
+
+def is_packaged(path: Path) -> bool:
+    """Whether path is the packaged WikiText-2 test text (a recorded command then need not name it)."""
+    from .upstream import cache_dir
+
+    return Path(path).resolve() == (cache_dir() / "corpus" / WIKITEXT2_TEST_NAME).resolve()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import REPO_ROOT, results, switches
 from .cache_types import CACHE_TYPES, bits_per_value, parse_type_specs
-from .corpus import default_corpus
+from .corpus import default_corpus, is_packaged
 from .errors import UserError
 from .kv_memory import bits_per_value as layers_bits_per_value
 from .kv_memory import bytes_per_token
@@ -52,11 +52,11 @@ def pair_sizes(shape: KvShape, k: str, v: str, setting: Mapping[str, switches.Va
 # --- the command -------------------------------------------------------------------------------------------
 
 
-def _tq_command(args: argparse.Namespace, setting: Mapping[str, switches.Value]) -> str:
+def _tq_command(args: argparse.Namespace, setting: Mapping[str, switches.Value], corpus: Path) -> str:
     parts = ["tq", "eval", "quality", "--model", args.model, "--types", args.types, "--chunks", str(args.chunks),
              "--ctx", str(args.ctx), "--threads", str(args.threads)]
-    if args.corpus:
-        parts += ["--corpus", str(args.corpus)]
+    if args.corpus or not is_packaged(corpus):   # TQ_CORPUS as an argument: the command says which text
+        parts += ["--corpus", str(args.corpus or corpus)]
     if args.cuda:
         parts.append("--cuda")
     if args.out_dir:
@@ -93,7 +93,7 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
 
     setting = switches.apply_args(args)
     env = switches.env_texts(switches.child_env(setting))
-    tq_command = _tq_command(args, setting)
+    tq_command = _tq_command(args, setting, corpus)
     date = results.now()
     out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "results"
     run = QualityRun(args.model, model, label, corpus, args.ctx, args.chunks, args.threads, args.cuda, binary,

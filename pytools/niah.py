@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import REPO_ROOT, results, switches
 from .cache_types import parse_type_specs
-from .corpus import default_corpus
+from .corpus import default_corpus, is_packaged
 from .errors import UserError
 from .niah_prompt import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, VocabTokenizer, build_prompt, is_found, load_filler
 from .niah_results import fmt_length, merge_runs, pair_key, recall, recall_by_length, render_heatmaps, render_markdown, results_name
@@ -88,14 +88,14 @@ def parse_depths(text: str) -> list[float]:
     return out
 
 
-def _command(args: argparse.Namespace, setting: dict) -> str:
+def _command(args: argparse.Namespace, setting: dict, filler: Path) -> str:
     parts = ["tq", "eval", "niah", "--model", args.model, "--types", args.types, "--lengths", args.lengths,
              "--depths", args.depths, "--needles", str(args.needles), "--seed", str(args.seed),
              "--threads", str(args.threads)]
     if args.gpu_layers:
         parts += ["--gpu-layers", str(args.gpu_layers)]
-    if args.filler:
-        parts += ["--filler", str(args.filler)]
+    if args.filler or not is_packaged(filler):   # TQ_CORPUS as an argument: the command says which text
+        parts += ["--filler", str(args.filler or filler)]
     if args.out_dir:
         parts += ["--out-dir", str(args.out_dir)]
     if args.append:
@@ -205,7 +205,7 @@ def run_niah(args: argparse.Namespace) -> dict:
     from .upstream import UPSTREAM
 
     data = {
-        "command": _command(args, setting),
+        "command": _command(args, setting, filler_path),
         "date": results.now(),
         "model": label,
         "model_file": path.name,

@@ -370,3 +370,20 @@ def test_bench_results_keep_a_dotted_model_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"bench-cpu-qwen2.5-coder-0.5b.{ext}" for ext in ("json", "md", "png")]
     assert "# llama-bench, qwen2.5-coder-0.5b, cpu" in (tmp_path / "bench-cpu-qwen2.5-coder-0.5b.md").read_text()
+
+
+def test_recorded_command_names_a_corpus_that_is_not_the_packaged_one(tmp_path):
+    """TQ_CORPUS is not an argument: a command recorded under it names the text it read."""
+    from turboquant_llama import niah
+    from turboquant_llama.cli import build_parser
+    from turboquant_llama.corpus import wikitext2_test_path
+
+    other = tmp_path / "text.raw"
+    other.write_text("x\n")
+    setting = switches.from_env({})
+    args = build_parser().parse_args(["eval", "quality", "--model", "m"])
+    assert "--corpus" not in ev._tq_command(args, setting, wikitext2_test_path())
+    assert ev._tq_command(args, setting, other).endswith(f"--corpus {other}")
+    args = build_parser().parse_args(["eval", "niah", "--model", "m"])
+    assert "--filler" not in niah._command(args, setting, wikitext2_test_path())
+    assert f"--filler {other}" in niah._command(args, setting, other)
