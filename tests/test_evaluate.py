@@ -158,9 +158,30 @@ def test_gguf_header_reader(tmp_path):
     meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert meta["test.numbers"] == [1, 2, 3]
+    assert "tokenizer.ggml.tokens" not in meta          # the vocabulary is not metadata we need
     shape = kv_shape(meta)
     assert shape.n_layer == 4 and [layer.n_head_kv for layer in shape.layers] == [2, 2, 2, 2]
     assert shape.head_sizes() == ({64}, {64})
+    # the same path written again is read again (the reader's cache keys on size and mtime)
+    import os
+    import time
+
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(2)
+    w.add_embedding_length(256)
+    w.add_head_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    assert read_gguf_metadata(path)["general.architecture"] == "qwen2"
+    with pytest.raises(UserError):
+        read_gguf_metadata(tmp_path / "missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(UserError):
+        read_gguf_metadata(tmp_path / "bad.gguf")
 
 
 # --- switches ----------------------------------------------------------------------------------------------
