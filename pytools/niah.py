@@ -159,7 +159,7 @@ def run_niah(args: argparse.Namespace) -> dict:
 
     total = len(pairs) * len(prompts)
     bar = tqdm(total=total, desc=f"{label}: niah", unit="case", file=sys.stderr, dynamic_ncols=True)
-    switches.apply_to_process(setting)   # llama.cpp reads the TQ cache options at context creation
+    options = {s.param: setting[s.name] for s in switches.OPTIONS}
     cases: list[dict] = []
     failures: list[str] = []
     for k, v in pairs:
@@ -168,11 +168,12 @@ def run_niah(args: argparse.Namespace) -> dict:
             n_ctx = n + CTX_MARGIN
             t_load = time.time()
             try:
-                llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
-                                 n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
-                                 # every type's cache and attention on the CPU: TQ has CPU kernels only,
-                                 # and the baselines then run the same attention code
-                                 offload_kqv=False, **switches.llama_kwargs(setting))
+                with switches.options_for_context(dict(options)) as extra:
+                    llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
+                                     n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
+                                     # every type's cache and attention on the CPU: TQ has CPU kernels only,
+                                     # and the baselines then run the same attention code
+                                     offload_kqv=False, **extra)
             except (ValueError, RuntimeError) as exc:
                 failures.append(f"{pair_key(k, v)} at n_ctx {n_ctx}: {exc}")
                 bar.update(len(depths) * args.needles)

@@ -201,14 +201,6 @@ def llama_args(setting: Mapping[str, Value]) -> list[str]:
     return args
 
 
-def llama_kwargs(setting: Mapping[str, Value]) -> dict[str, Value]:
-    """llama-cpp-python keyword arguments of the options that differ from their defaults (none
-    while llama.cpp reads them from the environment: see child_env)."""
-    if not OPTIONS_AS_FLAGS:
-        return {}
-    return {s.param: setting[s.name] for s in OPTIONS if setting.get(s.name, s.default) != s.default}
-
-
 @contextlib.contextmanager
 def options_for_context(kwargs: dict) -> Iterator[dict]:
     """For llama-cpp-python: takes the option keyword arguments (tq_protect_layers, tq_key_center,
@@ -242,17 +234,6 @@ def options_for_context(kwargs: dict) -> Iterator[dict]:
                 os.environ.pop(env, None)
             else:
                 os.environ[env] = text
-
-
-def apply_to_process(setting: Mapping[str, Value]) -> None:
-    """Set this process's environment to the setting (llama-cpp-python reads it at context
-    creation while the options are environment variables)."""
-    wanted = child_env(setting)
-    for s in SWITCHES:
-        if s.env in wanted:
-            os.environ[s.env] = wanted[s.env]
-        else:
-            os.environ.pop(s.env, None)
 
 
 # --- tq's own command line ---------------------------------------------------------------------------

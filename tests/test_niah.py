@@ -314,3 +314,96 @@ def test_end_to_end_json(tmp_path, capsys, monkeypatch):
     assert data["settings"]["filler"] == "wiki.test.raw" and data["switches"]["key_center"] == "on"
     assert (tmp_path / "niah-smollm2.png").stat().st_size > 1000
     assert "| f16/f16 |" in (tmp_path / "niah-smollm2.md").read_text()
+
+
+# --- the whole run, with a stand-in model -----------------------------------------------------------------
+
+
+_VOCAB: dict[str, int] = {}
+
+
+def _word_tokenize(text: str, add_bos: bool) -> list[int]:
+    """Words, numbers and punctuation as tokens of a vocabulary that grows as it meets them."""
+    pieces = re.findall(r"\w+|[^\w\s]|\n", text)
+    return ([1] if add_bos else []) + [_VOCAB.setdefault(p, len(_VOCAB) + 2) for p in pieces]
+
+
+def _detokenize(tokens: list[int]) -> str:
+    words = {i: p for p, i in _VOCAB.items()}
+    return " ".join(words[t] for t in tokens if t in words)
+
+
+class _FakeVocab:
+    """The model's vocabulary: words (the stand-in model reads its prompt back)."""
+
+    def __init__(self, path):
+        pass
+
+    def prompt_format(self):
+        return niah_prompt.PromptFormat(_word_tokenize, None, add_bos=True, name="plain (no chat template)")
+
+    def close(self):
+        pass
+
+
+class _FakeLlama:
+    """Answers the needle's number when its K type is f16, a wrong number otherwise, and records
+    the TQ cache options it was created with."""
+
+    created: list[dict] = []
+
+    def __init__(self, ctk: str, kwargs: dict):
+        import os
+
+        self.ctk = ctk
+        _FakeLlama.created.append({"ctk": ctk, "n_ctx": kwargs["n_ctx"], "key_center": os.environ.get("TQ_KEY_CENTER"),
+                                   "extra": sorted(k for k in kwargs if k.startswith("tq_"))})
+
+    def create_completion(self, prompt, **kw):
+        number = re.search(r"magic number for [A-Za-z ]+ is (\d+) \.", _detokenize(prompt)).group(1)
+        return {"choices": [{"text": f" {number}." if self.ctk == "f16" else " 12."}]}
+
+    def close(self):
+        pass
+
+
+def test_run_with_a_stand_in_model(tmp_path, monkeypatch, filler, capsys):
+    from turboquant_llama import llama_python
+    from turboquant_llama.cli import main
+
+    from .test_head_size import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf", 64)   # n_ctx_train 256
+    text = tmp_path / "filler.raw"
+    text.write_text("\n".join(filler) + "\n")
+    monkeypatch.setattr(niah, "VocabTokenizer", _FakeVocab)
+    monkeypatch.setattr(llama_python, "load_llama", lambda path, k, v, **kw: _FakeLlama(k, kw))
+    _FakeLlama.created = []
+    argv = ["eval", "niah", "--model", str(model), "--types", "f16,tq3/tq2", "--lengths", "200,256,512",
+            "--depths", "0,1", "--filler", str(text), "--out-dir", str(tmp_path), "--tq-key-center", "off", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recall"] == {"f16/f16": 1.0, "tq3/tq2": 0.0}
+    assert len(out["cases"]) == 2 * 2 * 2                  # 512 is above n_ctx_train: skipped
+    assert [c["n_ctx"] for c in _FakeLlama.created] == [264, 320, 264, 320]
+    assert all(c["key_center"] == ("0" if not switches_as_flags() else None) for c in _FakeLlama.created)
+    assert "TQ_KEY_CENTER" not in __import__("os").environ  # set around context creation only
+    stem = tmp_path / "niah-tiny-key_center_off"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["command"].endswith("--json --tq-key-center off") and f"--filler {text}" in data["command"]
+    assert data["switches"]["key_center"] == "off" and data["settings"]["key_center"] == "off"
+    assert data["skipped_lengths"] == [512] and data["settings"]["lengths_run"] == [200, 256]
+    assert "| tq3/tq2 | 0.00 |" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    # --append adds the cases of a second run to the file
+    assert main(argv[:5] + ["f16,q8_0"] + argv[6:] + ["--append"]) == 0
+    capsys.readouterr()
+    merged = json.loads(stem.with_suffix(".json").read_text())
+    assert merged["recall"] == {"f16/f16": 1.0, "tq3/tq2": 0.0, "q8_0/q8_0": 0.0}
+    assert len(merged["commands"]) == 2
+
+
+def switches_as_flags() -> bool:
+    from turboquant_llama.switches import OPTIONS_AS_FLAGS
+
+    return OPTIONS_AS_FLAGS
