@@ -7,12 +7,12 @@ repository."""
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import os
 from pathlib import Path
 
 from .errors import UserError
+from .upstream import cache_dir, sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WIKITEXT2_TEST_XZ = DATA_DIR / "wiki.test.raw.xz"
@@ -20,21 +20,11 @@ WIKITEXT2_TEST_NAME = "wiki.test.raw"   # results record the corpus by this name
 WIKITEXT2_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def wikitext2_test_path() -> Path:
     """The WikiText-2 raw test text as a plain file (<cache>/corpus/wiki.test.raw), decompressed
     from the package on first use; UserError when the shipped file does not match its sha256."""
-    from .upstream import cache_dir
-
     target = cache_dir() / "corpus" / WIKITEXT2_TEST_NAME
-    if target.is_file() and _sha256(target) == WIKITEXT2_TEST_SHA256:
+    if target.is_file() and sha256_file(target) == WIKITEXT2_TEST_SHA256:
         return target
     if not WIKITEXT2_TEST_XZ.is_file():
         raise UserError(f"the packaged evaluation text {WIKITEXT2_TEST_XZ} is missing")
@@ -47,7 +37,7 @@ def wikitext2_test_path() -> Path:
     except (lzma.LZMAError, EOFError) as exc:
         part.unlink(missing_ok=True)
         raise UserError(f"{WIKITEXT2_TEST_XZ} is damaged: {exc}") from None
-    if _sha256(part) != WIKITEXT2_TEST_SHA256:
+    if sha256_file(part) != WIKITEXT2_TEST_SHA256:
         part.unlink()
         raise UserError(f"{WIKITEXT2_TEST_XZ} does not decompress to the WikiText-2 test text "
                         f"(sha256 {WIKITEXT2_TEST_SHA256})")
@@ -68,6 +58,4 @@ def default_corpus() -> Path:
 
 def is_packaged(path: Path) -> bool:
     """Whether path is the packaged WikiText-2 test text (a recorded command then need not name it)."""
-    from .upstream import cache_dir
-
     return Path(path).resolve() == (cache_dir() / "corpus" / WIKITEXT2_TEST_NAME).resolve()

@@ -94,20 +94,11 @@ def render_markdown(model: str, data: dict) -> str:
         lines.append("")
     base_cmd = next((r.get("command") for r in rows if r.get("command") and r["k"] == r["v"] == "f16"), None)
     example = next((r.get("command") for r in rows if r.get("command") and (r["k"], r["v"]) != ("f16", "f16")), None)
-    if base_cmd:
-        lines.append("The f16 base run (saves the logits; cached and reused):")
-        lines.append("")
-        lines.append("```sh")
-        lines.append(base_cmd.replace(str(Path.home()), "~"))
-        lines.append("```")
-        lines.append("")
-    if example:
-        lines.append("Each pair runs (K/V and the base file vary; logs in the cache, see `log` in the JSON):")
-        lines.append("")
-        lines.append("```sh")
-        lines.append(example.replace(str(Path.home()), "~"))
-        lines.append("```")
-        lines.append("")
+    for title, command in (("The f16 base run (saves the logits; cached and reused):", base_cmd),
+                           ("Each pair runs (K/V and the base file vary; logs in the cache, see `log` in the JSON):",
+                            example)):
+        if command:
+            lines += [title, "", "```sh", command.replace(str(Path.home()), "~"), "```", ""]
     return "\n".join(lines)
 
 
