@@ -70,26 +70,16 @@ bool tq_is_qjl_type(enum ggml_type type) {
     return type >= GGML_TYPE_TQ2_QJL && type <= GGML_TYPE_TQ4_QJL;
 }
 
-// The fp16 norm of each block of a coded row (every block starts with it): NaN marks a block whose
-// input held NaN or Inf (step 1 of tq-blocks.h), Inf a norm beyond fp16's range.
-static bool tq_row_any_norm(enum ggml_type type, const void * x, int64_t n, bool nan_only) {
+bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n) {
     const size_t bsz = ggml_type_size(type);
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
-        uint16_t d;
+        uint16_t d; // every block starts with its fp16 norm
         memcpy(&d, (const char *) x + b*bsz, sizeof(d));
-        if ((d & 0x7C00) == 0x7C00 && (!nan_only || (d & 0x03FF) != 0)) {
+        if ((d & 0x7C00) == 0x7C00 && (d & 0x03FF) != 0) {
             return true;
         }
     }
     return false;
-}
-
-bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n) {
-    return tq_row_any_norm(type, x, n, true);
-}
-
-bool tq_row_is_finite(enum ggml_type type, const void * x, int64_t n) {
-    return !tq_row_any_norm(type, x, n, false);
 }
 
 // --- rotation ------------------------------------------------------------------------------------

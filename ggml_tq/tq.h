@@ -41,8 +41,8 @@ GGML_API void dequantize_row_tq_q(const block_tq_q * x, float * y, int64_t k);
 GGML_API void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k);
 
 // The quantizer with step 3's scale search or step 4's norm correction off (tq-blocks.h): variants
-// kept for measurements (results/ rows marked "search off"), reached through the CPU backend's
-// measurement knobs (tq-cpu.c) and pytools/ggml_lib.py. {true, true} is quantize_row_*_ref. The
+// kept for measurements (results/ rows marked "search off"), reached through the measurement knobs
+// (tq_knobs below, in the CPU quantizer) and pytools/ggml_lib.py. {true, true} is quantize_row_*_ref. The
 // scale search needs norm correction; the _qjl types have neither.
 typedef struct {
     bool norm_correction;
@@ -71,9 +71,6 @@ GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
 // Whether a coded row holds a NaN block (NaN or Inf in its input, step 1 of tq-blocks.h): the exact
 // sink row of the CPU flash-attention kernel defers to such a row, so NaN travels as in an f16 cache.
 GGML_API bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n);
-// Whether every block of a coded row has a finite norm, so that the row decodes to finite values
-// (not: a NaN block, or a norm beyond fp16's range, which an f16 cache would hold as Inf).
-GGML_API bool tq_row_is_finite(enum ggml_type type, const void * x, int64_t n);
 
 // --- measurement knobs (ggml-base) ----------------------------------------------------------------
 // The environment, read once by tq_knobs() and nowhere else: switches that exist to measure the
