@@ -19,6 +19,8 @@
 //   attn_rows:     a row's output does not depend on its group (rows computed 64 at a time and in
 //                  small groups are bit-identical); a NaN or Inf K/V row reaches only the rows that
 //                  attend to its cell: the others are bit-identical to a run without it, as with f16
+//   flash_attn op: tq_cpu_flash_attn_ext_rows keeps to its share of the op's work buffer, and dst does
+//                  not depend on how the rows are split between threads
 //
 // The data come from splitmix64 with exact arithmetic only (no libm), so every platform sees the
 // same rows; the "reference checksum" line hashes what the scalar reference in tq.c (built with
@@ -501,6 +503,68 @@ static void check_attn_nan_containment(void) {
     free(work);
 }
 
+// The FLASH_ATTN_EXT op over TQ rows (tq_cpu_flash_attn_ext_rows), as ops.cpp calls it: 6 query heads
+// over 2 K/V heads, 5 tokens, a causal mask, the rows split between 3 threads. Each thread works in
+// its share of the end of the op's work buffer and leaves the start (ops.cpp's scratch) alone, and
+// dst is the same whichever way the rows are split.
+static void check_flash_attn_op(void) {
+    enum { D = 64, NC = 90, NT = 5, NH = 6, NHKV = 2, SCRATCH = 4096 };
+    const size_t kb = sizeof(block_tq3)*(D/QK_TQ), vb = sizeof(block_tq2)*(D/QK_TQ);
+    static char kbuf[NHKV*NC*sizeof(block_tq3)*(D/QK_TQ)], vbuf[NHKV*NC*sizeof(block_tq2)*(D/QK_TQ)];
+    static float qd[NT*NH*D], out1[NT*NH*D], out3[NT*NH*D], x[D];
+    static ggml_fp16_t mask[NT][NC];
+    for (int c = 0; c < NHKV*NC; ++c) {
+        make_row(0, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ3, x, kbuf + c*kb, D);
+        make_row(2, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf + c*vb, D);
+    }
+    for (int i = 0; i < NT*NH; ++i) {
+        make_row(0, qd + i*D, D);
+    }
+    for (int t = 0; t < NT; ++t) {
+        for (int c = 0; c < NC; ++c) {
+            mask[t][c] = c <= NC - NT + t ? 0 : 0xFC00;
+        }
+    }
+    // ggml's layouts: q [D, NT, NH], k/v [D, NC, NHKV], mask [NC, NT], dst [D, NH, NT] (permuted)
+    struct ggml_tensor q = { GGML_TYPE_F32, { D, NT, NH, 1 }, { 4, 4*D, 4*D*NT, 4*D*NT*NH }, { 0 }, { 0 }, qd };
+    struct ggml_tensor k = { GGML_TYPE_TQ3, { D, NC, NHKV, 1 }, { kb, kb, kb*NC, kb*NC*NHKV }, { 0 }, { 0 }, kbuf };
+    struct ggml_tensor v = { GGML_TYPE_TQ2, { D, NC, NHKV, 1 }, { vb, vb, vb*NC, vb*NC*NHKV }, { 0 }, { 0 }, vbuf };
+    struct ggml_tensor m = { GGML_TYPE_F16, { NC, NT, 1, 1 }, { 2, 2*NC, 2*NC*NT, 2*NC*NT }, { 0 }, { 0 }, mask };
+    struct ggml_tensor dst = { GGML_TYPE_F32, { D, NH, NT, 1 }, { 4, 4*D, 4*D*NH, 4*D*NH*NT }, { 0 }, { 0 }, NULL };
+    dst.src[0] = &q; dst.src[1] = &k; dst.src[2] = &v; dst.src[3] = &m;
+    const float params[3] = { 0.125f, 0.0f, 0.0f }; // scale, max_bias, softcap
+    memcpy(dst.op_params, params, sizeof(params));
+
+    const int nr = NT*NH;
+    for (int nth = 1; nth <= 3; nth += 2) {
+        const size_t wsize = SCRATCH + tq_cpu_flash_attn_ext_work_size(&dst, nth) + 24; // 24: an unaligned end
+        unsigned char * wdata = malloc(wsize);
+        memset(wdata, 0x5A, SCRATCH);
+        dst.data = nth == 1 ? out1 : out3;
+        int handled = 1;
+        for (int ith = 0; ith < nth; ++ith) {   // thread ith takes every nth-th chunk of 4 rows
+            for (int ir0 = 4*ith; ir0 < nr; ir0 += 4*nth) {
+                handled &= tq_cpu_flash_attn_ext_rows(&dst, wdata, wsize, ith, nth, ir0, ir0 + 4 < nr ? ir0 + 4 : nr, 0, NC, NULL, 0);
+            }
+        }
+        int kept = 1;
+        for (int i = 0; i < SCRATCH; ++i) {
+            kept &= wdata[i] == 0x5A;
+        }
+        check(handled, "flash_attn op (%d threads): the TQ rows declined an op they take", nth);
+        check(kept, "flash_attn op (%d threads): the TQ rows wrote into the scratch before their share", nth);
+        free(wdata);
+    }
+    check(memcmp(out1, out3, sizeof(out1)) == 0, "flash_attn op: dst depends on how the rows are split between threads");
+    int finite = 1;
+    for (int i = 0; i < NT*NH*D; ++i) {
+        finite &= isfinite(out1[i]) != 0;
+    }
+    check(finite, "flash_attn op: dst is not finite");
+}
+
 int main(int argc, char ** argv) {
     const char * expect[8];
     int n_expect = 0;
@@ -538,6 +602,7 @@ int main(int argc, char ** argv) {
     check_unrotate();
     check_attn_rows_grouping();
     check_attn_nan_containment();
+    check_flash_attn_op();
 
     printf("reference checksum: %016llx\n", (unsigned long long) checksum);
     printf("%d passed, %d failed\n", n_pass, n_fail);
