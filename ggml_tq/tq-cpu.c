@@ -51,12 +51,15 @@ void tq_cpu_quantize_row(enum ggml_type type, const float * x, void * y, int64_t
     }
 }
 
-void tq_cpu_quantize_row_tq2(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ2, x, y, k); }
-void tq_cpu_quantize_row_tq3(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ3, x, y, k); }
-void tq_cpu_quantize_row_tq4(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ4, x, y, k); }
-void tq_cpu_quantize_row_tq2_qjl(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ2_QJL, x, y, k); }
-void tq_cpu_quantize_row_tq3_qjl(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ3_QJL, x, y, k); }
-void tq_cpu_quantize_row_tq4_qjl(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(GGML_TYPE_TQ4_QJL, x, y, k); }
+#define TQ_CPU_QUANTIZE(name, type) \
+    void tq_cpu_quantize_row_##name(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(type, x, y, k); }
+
+TQ_CPU_QUANTIZE(tq2, GGML_TYPE_TQ2)
+TQ_CPU_QUANTIZE(tq3, GGML_TYPE_TQ3)
+TQ_CPU_QUANTIZE(tq4, GGML_TYPE_TQ4)
+TQ_CPU_QUANTIZE(tq2_qjl, GGML_TYPE_TQ2_QJL)
+TQ_CPU_QUANTIZE(tq3_qjl, GGML_TYPE_TQ3_QJL)
+TQ_CPU_QUANTIZE(tq4_qjl, GGML_TYPE_TQ4_QJL)
 void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k) { quantize_row_tq_q_ref(x, y, k); }
 void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k) { quantize_row_tq_qjl_q_ref(x, y, k); }
 
