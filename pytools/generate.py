@@ -190,16 +190,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     # the text streams as llama-completion prints it, its bytes unchanged (the terminal decodes them)
+    out = getattr(sys.stdout, "buffer", None)
     sys.stdout.flush()
-    out = sys.stdout.buffer
     try:
         text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
                                    args.threads, args.seed, extra, echo=out)
+        if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
+            sys.stdout.write(text)
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")   # after the streamed bytes: run_completion flushed them
+        sys.stdout.flush()
     except BrokenPipeError:   # `tq run | head -1`: the reader has gone, and llama-completion with it
         sys.stdout = open(os.devnull, "w")   # the interpreter's final flush must not fail again
         return 141
-    if not text.endswith("\n"):
-        out.write(b"\n")
-    out.flush()
     print(mem.summary() if mem else "KV cache size: not reported by llama.cpp", file=sys.stderr)
     return 0

@@ -230,9 +230,11 @@ class _LogCapture:
         return self
 
     def __exit__(self, *exc):
-        from llama_cpp import _logger
-
-        self.llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+        try:
+            from llama_cpp._logger import llama_log_callback as printer
+        except ImportError:   # another llama-cpp-python layout: llama.cpp's own printer
+            printer = None
+        self.llama_cpp.llama_log_set(printer, None)
         return False
 
     @property
