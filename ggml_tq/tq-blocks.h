@@ -13,7 +13,8 @@
 //      flush to zero).
 //   3. MSE index: idx_j = number of boundaries B_k (tq-codebooks.h, dimension 64) with u_j > B_k,
 //      so a value exactly on a boundary takes the lower cell.
-//      MSE types with norm correction and scale search (both default): the decoder restores the
+//      MSE types with norm correction and scale search (both on in the reference; only the
+//      measurement variants of tq_quantize_row_with, tq.h, turn them off): the decoder restores the
 //      norm, so what counts is the angle between u and the centroid vector C[idx]. For each scale
 //      s_m of TQ_SCALE_GRID in order (1 first), idx_m,j = number of boundaries with
 //      u_j > (float)(s_m * B_k); score_m = dot_m / sqrt(cs_m) with dot_m = sum_j (double) u_j * C[idx_m,j]

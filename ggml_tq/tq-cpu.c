@@ -1,16 +1,18 @@
-// TurboQuant KV-cache types: CPU kernels. Each SIMD path is a faster copy of the scalar reference
-// in tq.c and is chosen at run time from what the processor supports:
+// TurboQuant KV-cache types: CPU kernels. The scalar level is the reference (tq.c) itself; each SIMD
+// level is a faster copy of it, chosen once at run time from what the processor supports:
 //   x86-64:  level 2 AVX-512 (avx512f, with avx2 and fma), level 1 AVX2 (avx2 and fma), level 0 scalar;
 //            the AVX2 and AVX-512 functions carry target attributes, so the file needs no -mavx flags.
 //   aarch64: level 1 NEON (always present there), level 0 scalar.
-// The SIMD paths cover the MSE types (tq2, tq3, tq4): the key dot product against the rotated query
+// The SIMD copies cover the MSE types (tq2, tq3, tq4): the key dot product against the rotated query
 // (block_tq_q), the V accumulation in the rotated domain and the inverse rotation of the
-// accumulator. Their dot products and sums may differ from the scalar ones by float32 accumulation
-// error (other summation order, fused multiply-add); the inverse rotation is bit-identical (the same
-// a + b / a - b butterflies, multiplication by 0.125f and sign flips). The _qjl types use the reference.
-// TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment, or tq_cpu_set_simd_level(), caps the level.
-// Quantization goes through the reference itself: it runs once per cached token and its bytes
-// must equal the NumPy reference's.
+// accumulator. Their dot products and sums may differ from the reference by float32 accumulation
+// error (other summation order, fused multiply-add); a row decoded with weight 1 and the inverse
+// rotation are bit-identical (the same d * c products, a + b / a - b butterflies, multiplication by
+// 0.125f and sign flips); tests/native/tq_simd_check.c checks every level against the reference.
+// The _qjl types use the reference at every level. Quantization is the reference: it runs once per
+// cached token and its bytes must equal the NumPy reference's.
+// Then the flash-attention rows (tq_cpu_attn_rows, tq_cpu_flash_attn_ext_rows): one C path for all
+// levels, decoding through the level's kernels.
 #include "tq.h"
 #include "tq-codebooks.h"
 
@@ -33,103 +35,48 @@
 #    include <arm_neon.h>
 #endif
 
-// --- run-time dispatch ---------------------------------------------------------------------------
-
 // Levels: 0 scalar; x86: 1 AVX2, 2 AVX-512; aarch64: 1 NEON.
-enum { TQ_SIMD_SCALAR = 0, TQ_SIMD_AVX2 = 1, TQ_SIMD_AVX512 = 2, TQ_SIMD_NEON = 1, TQ_SIMD_MAX = 2 };
+enum { TQ_SIMD_SCALAR = 0, TQ_SIMD_AVX2 = 1, TQ_SIMD_AVX512 = 2, TQ_SIMD_NEON = 1 };
 
-static int tq_simd_supported(void) {
-#if defined(TQ_X86) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        if (__builtin_cpu_supports("avx512f")) {
-            return TQ_SIMD_AVX512;
-        }
-        return TQ_SIMD_AVX2;
-    }
-#elif defined(TQ_NEON)
-    return TQ_SIMD_NEON;
-#endif
-    return TQ_SIMD_SCALAR;
-}
+// --- quantize: the reference -----------------------------------------------------------------------
 
-// The cap that TQ_CPU_SIMD names; an unknown name caps nothing.
-static int tq_simd_cap(const char * name) {
-    if (strcmp(name, "scalar") == 0) return TQ_SIMD_SCALAR;
-    if (strcmp(name, "avx2") == 0)   return TQ_SIMD_AVX2;
-    if (strcmp(name, "neon") == 0)   return TQ_SIMD_NEON;
-    return TQ_SIMD_MAX;
-}
-
-static int tq_simd_level = -1;
-
-static int tq_simd(void) {
-    if (tq_simd_level < 0) {
-        int level = tq_simd_supported();
-        const char * env = getenv("TQ_CPU_SIMD");
-        if (env != NULL) {
-            const int cap = tq_simd_cap(env);
-            level = level < cap ? level : cap;
-        }
-        tq_simd_level = level;
-    }
-    return tq_simd_level;
-}
-
-int tq_cpu_set_simd_level(int level) {
-    const int supported = tq_simd_supported();
-    tq_simd_level = level < supported ? level : supported;
-    return tq_simd_level;
-}
-
-const char * tq_cpu_simd_name(void) {
-    switch (tq_simd()) {
-#if defined(TQ_NEON)
-        case TQ_SIMD_NEON:   return "neon";
-#else
-        case TQ_SIMD_AVX2:   return "avx2";
-        case TQ_SIMD_AVX512: return "avx512";
-#endif
-        default:             return "scalar";
+// The reference (from_float of SET_ROWS and CPY); TQ_SCALE_SEARCH=0 or TQ_NORM_CORRECTION=0
+// (tq_knobs) pick its measurement variant.
+void tq_cpu_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
+    const tq_measurement_knobs * knobs = tq_knobs();
+    if (knobs->quant.norm_correction && knobs->quant.scale_search) {
+        quantize_tq(type, x, y, 1, k, NULL);
+    } else {
+        tq_quantize_row_with(type, x, y, k, &knobs->quant);
     }
 }
 
-// --- quantize: the reference ---------------------------------------------------------------------
+#define TQ_CPU_QUANTIZE(name, type) \
+    void tq_cpu_quantize_row_##name(const float * x, void * y, int64_t k) { tq_cpu_quantize_row(type, x, y, k); }
 
-void tq_cpu_quantize_row_tq2(const float * x, void * y, int64_t k) { quantize_row_tq2_ref(x, y, k); }
-void tq_cpu_quantize_row_tq3(const float * x, void * y, int64_t k) { quantize_row_tq3_ref(x, y, k); }
-void tq_cpu_quantize_row_tq4(const float * x, void * y, int64_t k) { quantize_row_tq4_ref(x, y, k); }
-void tq_cpu_quantize_row_tq2_qjl(const float * x, void * y, int64_t k) { quantize_row_tq2_qjl_ref(x, y, k); }
-void tq_cpu_quantize_row_tq3_qjl(const float * x, void * y, int64_t k) { quantize_row_tq3_qjl_ref(x, y, k); }
-void tq_cpu_quantize_row_tq4_qjl(const float * x, void * y, int64_t k) { quantize_row_tq4_qjl_ref(x, y, k); }
+TQ_CPU_QUANTIZE(tq2, GGML_TYPE_TQ2)
+TQ_CPU_QUANTIZE(tq3, GGML_TYPE_TQ3)
+TQ_CPU_QUANTIZE(tq4, GGML_TYPE_TQ4)
+TQ_CPU_QUANTIZE(tq2_qjl, GGML_TYPE_TQ2_QJL)
+TQ_CPU_QUANTIZE(tq3_qjl, GGML_TYPE_TQ3_QJL)
+TQ_CPU_QUANTIZE(tq4_qjl, GGML_TYPE_TQ4_QJL)
 void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k) { quantize_row_tq_q_ref(x, y, k); }
 void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k) { quantize_row_tq_qjl_q_ref(x, y, k); }
 
-void tq_cpu_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
-    quantize_tq(type, x, y, 1, k, NULL);
+// --- the scalar level: the reference ---------------------------------------------------------------
+
+static float tq_vec_dot_scalar(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
+    return tq_vec_dot_ref(type, n, x, q);
 }
 
-// --- index unpacking shared by the scalar paths --------------------------------------------------
-
-static inline void tq_unpack_block(enum ggml_type type, const void * blocks, int64_t b, float * d, uint8_t * idx) {
-    switch (type) {
-        case GGML_TYPE_TQ2: {
-            const block_tq2 * x = (const block_tq2 *) blocks + b;
-            *d = GGML_FP16_TO_FP32(x->d);
-            for (int j = 0; j < QK_TQ; ++j) idx[j] = (x->qs[j % 16] >> (2*(j / 16))) & 3;
-        } break;
-        case GGML_TYPE_TQ3: {
-            const block_tq3 * x = (const block_tq3 *) blocks + b;
-            *d = GGML_FP16_TO_FP32(x->d);
-            for (int j = 0; j < QK_TQ; ++j) idx[j] = ((x->qs[j % 16] >> (2*(j / 16))) & 3) | (((x->qh[j % 8] >> (j / 8)) & 1) << 2);
-        } break;
-        default: {
-            const block_tq4 * x = (const block_tq4 *) blocks + b;
-            *d = GGML_FP16_TO_FP32(x->d);
-            for (int j = 0; j < QK_TQ; ++j) idx[j] = j < 32 ? x->qs[j] & 15 : x->qs[j - 32] >> 4;
-        } break;
+// acc + r*n += scale * (row r at x + r*stride, decoded in the rotated domain), for r < count
+static void tq_mad_rows_scalar(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
+    for (int r = 0; r < count; ++r) {
+        tq_mad_row_rotated_ref(type, n, acc + r*n, x + r*stride, scale);
     }
 }
+
+// --- tables shared by the SIMD levels ----------------------------------------------------------------
 
 static inline const float * tq_type_centroids(enum ggml_type type) {
     switch (type) {
@@ -145,40 +92,6 @@ static inline void tq_centroid_table16(enum ggml_type type, float * ctab) {
     const int ncent = type == GGML_TYPE_TQ2 ? 4 : type == GGML_TYPE_TQ3 ? 8 : 16;
     memset(ctab, 0, 16*sizeof(float));
     memcpy(ctab, tq_type_centroids(type), ncent*sizeof(float));
-}
-
-static float tq_vec_dot_mse_scalar(enum ggml_type type, int n, const void * x, const block_tq_q * q) {
-    const float * c = tq_type_centroids(type);
-    float sum = 0.0f;
-    uint8_t idx[QK_TQ];
-    for (int b = 0; b < n / QK_TQ; ++b) {
-        float d;
-        tq_unpack_block(type, x, b, &d, idx);
-        float s = 0.0f;
-        for (int j = 0; j < QK_TQ; ++j) {
-            s += c[idx[j]] * q[b].y[j];
-        }
-        sum += d * s;
-    }
-    return sum;
-}
-
-// acc + r*n += scale * (row r at x + r*stride, decoded in the rotated domain), for r < count: the
-// set-up (table, dispatch) once for all rows.
-static void tq_mad_rows_mse_scalar(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
-    const float * c = tq_type_centroids(type);
-    uint8_t idx[QK_TQ];
-    for (int r = 0; r < count; ++r) {
-        for (int64_t b = 0; b < n / QK_TQ; ++b) {
-            float d;
-            tq_unpack_block(type, x + r*stride, b, &d, idx);
-            const float ds = d * scale;
-            float * a = acc + r*n + b*QK_TQ;
-            for (int j = 0; j < QK_TQ; ++j) {
-                a[j] += ds * c[idx[j]];
-            }
-        }
-    }
 }
 
 // --- AVX2 ----------------------------------------------------------------------------------------
@@ -570,37 +483,84 @@ static void tq_unrotate_block_neon(float * x) {
 
 #endif // TQ_NEON
 
-// --- entry points --------------------------------------------------------------------------------
+// --- dispatch: one table of kernels per level, the level chosen once ---------------------------------
 
-static inline void tq_vec_dot_dispatch(enum ggml_type type, int n, float * s, const void * x, const void * y) {
-    if (tq_is_qjl_type(type)) {
-        *s = tq_vec_dot_ref(type, n, x, y);
-        return;
-    }
+typedef struct {
+    const char * name;
+    // MSE types only (the _qjl types take the scalar level's, the reference)
+    float (*vec_dot)(enum ggml_type type, int n, const void * x, const block_tq_q * q);
+    void  (*mad_rows)(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale);
+    void  (*unrotate_block)(float * x);
+} tq_simd_kernels;
+
+static const tq_simd_kernels tq_levels[] = {
+    { "scalar", tq_vec_dot_scalar, tq_mad_rows_scalar, tq_unrotate_block },
 #if defined(TQ_X86) && defined(__GNUC__)
-    if (tq_simd() >= TQ_SIMD_AVX512) {
-        *s = tq_vec_dot_mse_avx512(type, n, x, (const block_tq_q *) y);
-        return;
-    }
-    if (tq_simd() >= TQ_SIMD_AVX2) {
-        *s = tq_vec_dot_mse_avx2(type, n, x, (const block_tq_q *) y);
-        return;
+    { "avx2",   tq_vec_dot_mse_avx2,   tq_mad_rows_mse_avx2,   tq_unrotate_block_avx2 },
+    { "avx512", tq_vec_dot_mse_avx512, tq_mad_rows_mse_avx512, tq_unrotate_block_avx512 },
+#elif defined(TQ_NEON)
+    { "neon",   tq_vec_dot_mse_neon,   tq_mad_rows_mse_neon,   tq_unrotate_block_neon },
+#endif
+};
+
+static int tq_simd_supported(void) {
+#if defined(TQ_X86) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        return __builtin_cpu_supports("avx512f") ? TQ_SIMD_AVX512 : TQ_SIMD_AVX2;
     }
 #elif defined(TQ_NEON)
-    if (tq_simd() >= TQ_SIMD_NEON) {
-        *s = tq_vec_dot_mse_neon(type, n, x, (const block_tq_q *) y);
-        return;
-    }
+    return TQ_SIMD_NEON;
 #endif
-    *s = tq_vec_dot_mse_scalar(type, n, x, (const block_tq_q *) y);
+    return TQ_SIMD_SCALAR;
 }
+
+// The cap that TQ_CPU_SIMD names (a name caps at its level number; NULL or a name this build does
+// not know caps nothing).
+static int tq_simd_cap(const char * name) {
+    if (name == NULL)                return TQ_SIMD_AVX512;
+    if (strcmp(name, "scalar") == 0) return TQ_SIMD_SCALAR;
+    if (strcmp(name, "avx2") == 0)   return TQ_SIMD_AVX2;
+    if (strcmp(name, "neon") == 0)   return TQ_SIMD_NEON;
+    return TQ_SIMD_AVX512;
+}
+
+// The level in use; -1 until chosen. One int, written whole: threads that race to choose it choose
+// the same level.
+static volatile int tq_simd_level = -1;
+
+int tq_cpu_set_simd_level(int level) {
+    const int supported = tq_simd_supported();
+    level = level < 0 ? 0 : level < supported ? level : supported;
+    tq_simd_level = level;
+    return level;
+}
+
+static const tq_simd_kernels * tq_kernels(void) {
+    int level = tq_simd_level;
+    if (level < 0) {
+        level = tq_cpu_set_simd_level(tq_simd_cap(tq_knobs()->cpu_simd));
+    }
+    return &tq_levels[level];
+}
+
+// The kernels of a type: the level's for the MSE types, the reference for the _qjl types.
+static const tq_simd_kernels * tq_kernels_for(enum ggml_type type) {
+    return tq_is_qjl_type(type) ? &tq_levels[TQ_SIMD_SCALAR] : tq_kernels();
+}
+
+const char * tq_cpu_simd_name(void) {
+    return tq_kernels()->name;
+}
+
+// --- entry points --------------------------------------------------------------------------------
 
 #define TQ_VEC_DOT(name, type)                                                                          \
     void tq_cpu_vec_dot_##name(int n, float * s, size_t bs, const void * x, size_t bx, const void * y,  \
                                size_t by, int nrc) {                                                    \
         assert(nrc == 1);                                                                               \
         (void) bs; (void) bx; (void) by; (void) nrc;                                                    \
-        tq_vec_dot_dispatch(type, n, s, x, y);                                                          \
+        *s = tq_kernels_for(type)->vec_dot(type, n, x, (const block_tq_q *) y);                         \
     }
 
 TQ_VEC_DOT(tq2, GGML_TYPE_TQ2)
@@ -610,46 +570,13 @@ TQ_VEC_DOT(tq2_qjl, GGML_TYPE_TQ2_QJL)
 TQ_VEC_DOT(tq3_qjl, GGML_TYPE_TQ3_QJL)
 TQ_VEC_DOT(tq4_qjl, GGML_TYPE_TQ4_QJL)
 
-// acc + r*n += scale * row r (at x + r*stride) in the rotated domain, for r < count
-static void tq_mad_rows(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale) {
-    if (tq_is_qjl_type(type)) {
-        float tmp[QK_TQ];
-        const size_t bsz = ggml_type_size(type);
-        for (int r = 0; r < count; ++r) {
-            for (int64_t b = 0; b < n / QK_TQ; ++b) {
-                tq_dequantize_row_rotated_ref(type, x + r*stride + b*bsz, tmp, QK_TQ);
-                for (int j = 0; j < QK_TQ; ++j) {
-                    acc[r*n + b*QK_TQ + j] += scale * tmp[j];
-                }
-            }
-        }
-        return;
-    }
-#if defined(TQ_X86) && defined(__GNUC__)
-    if (tq_simd() >= TQ_SIMD_AVX512) {
-        tq_mad_rows_mse_avx512(type, n, acc, x, stride, count, scale);
-        return;
-    }
-    if (tq_simd() >= TQ_SIMD_AVX2) {
-        tq_mad_rows_mse_avx2(type, n, acc, x, stride, count, scale);
-        return;
-    }
-#elif defined(TQ_NEON)
-    if (tq_simd() >= TQ_SIMD_NEON) {
-        tq_mad_rows_mse_neon(type, n, acc, x, stride, count, scale);
-        return;
-    }
-#endif
-    tq_mad_rows_mse_scalar(type, n, acc, x, stride, count, scale);
-}
-
 void tq_cpu_mad_rotated(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
-    tq_mad_rows(type, n, acc, (const char *) x, 0, 1, scale);
+    tq_kernels_for(type)->mad_rows(type, n, acc, (const char *) x, 0, 1, scale);
 }
 
 void tq_cpu_decode_rows_rotated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
     memset(out, 0, count*n*sizeof(float));
-    tq_mad_rows(type, n, out, (const char *) x, stride, count, 1.0f);
+    tq_kernels_for(type)->mad_rows(type, n, out, (const char *) x, stride, count, 1.0f);
 }
 
 // y = x rotated block by block (a float32 row joining the rotated domain)
@@ -668,23 +595,9 @@ void tq_cpu_mad_f32_rotated(int64_t n, float * acc, const float * x, float * tmp
 }
 
 void tq_cpu_unrotate_row(float * x, int64_t n) {
+    void (*unrotate_block)(float *) = tq_kernels()->unrotate_block;
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
-#if defined(TQ_X86) && defined(__GNUC__)
-        if (tq_simd() >= TQ_SIMD_AVX512) {
-            tq_unrotate_block_avx512(x + b*QK_TQ);
-            continue;
-        }
-        if (tq_simd() >= TQ_SIMD_AVX2) {
-            tq_unrotate_block_avx2(x + b*QK_TQ);
-            continue;
-        }
-#elif defined(TQ_NEON)
-        if (tq_simd() >= TQ_SIMD_NEON) {
-            tq_unrotate_block_neon(x + b*QK_TQ);
-            continue;
-        }
-#endif
-        tq_unrotate_block(x + b*QK_TQ);
+        unrotate_block(x + b*QK_TQ);
     }
 }
 
@@ -750,6 +663,17 @@ static void tq_attn_decode_tile(enum ggml_type type, int64_t n, const char * row
             tq_rotated_copy(out + t*n, exact, n);
         }
     }
+}
+
+// Whether a decoded row holds NaN or Inf: a block decodes to d times centroids below 1, so its first
+// value is finite exactly when its norm d is (an exact row is finite: a non-finite input codes a
+// NaN row, which the exact row defers to).
+static inline bool tq_decoded_row_finite(const float * y, int64_t n) {
+    bool finite = true;
+    for (int64_t b = 0; b < n; b += QK_TQ) {
+        finite &= isfinite(y[b]) != 0;
+    }
+    return finite;
 }
 
 // n a multiple of 8
@@ -871,6 +795,127 @@ static void tq_tile_values(float * out, const float * p, const float * v, int nr
     }
 }
 
+
+// Which cells of the tile [it, it + nt) some row attends to (the others are masked out for every
+// row); returns whether any is.
+static bool tq_attn_live_cells(int nr, const ggml_fp16_t * const * mask, int64_t it, int nt, bool * live) {
+    bool any = false;
+    for (int t = 0; t < nt; ++t) {
+        live[t] = false;
+        for (int r = 0; r < nr && !live[t]; ++r) {
+            live[t] = !mask || !mask[r] || GGML_FP16_TO_FP32(mask[r][it + t]) != -INFINITY;
+        }
+        any |= live[t];
+    }
+    return any;
+}
+
+// Row r's mask value of cell ic (times its ALiBi slope); -INFINITY: the row skips the cell.
+static inline float tq_attn_mask_value(const ggml_fp16_t * const * mask, const float * slope, int r, int64_t ic) {
+    return mask && mask[r] ? slope[r]*GGML_FP16_TO_FP32(mask[r][ic]) : 0.0f;
+}
+
+// p[r][t] = q_r . k_t for the tile's nt cells (kr: [T][dk]; kt: room for the transposed tile)
+static void tq_attn_scores(const tq_attn_kv * kv, int nr, int nr4, const float * qr, const float * kr, float * kt,
+                           int nt, float * p) {
+    enum { T = TQ_ATTN_TILE };
+    const int64_t dk = kv->dk;
+    if (kv->score_dots) {
+        for (int r = 0; r < nr; ++r) {
+            for (int t = 0; t < nt; ++t) {
+                p[r*T + t] = tq_dot_f32(qr + r*dk, kr + t*dk, dk);
+            }
+        }
+        return;
+    }
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        for (int64_t d0 = 0; d0 < dk; d0 += 8) {
+            for (int t = t0; t < t0 + 8; ++t) {
+                for (int64_t d = d0; d < d0 + 8; ++d) {
+                    kt[d*T + t] = t < nt ? kr[t*dk + d] : 0.0f;
+                }
+            }
+        }
+    }
+    tq_tile_scores(p, qr, kt, nr4, dk);
+}
+
+// The scale and the mask, then one online-softmax step per row for the whole tile: p becomes the
+// weights exp(s - M), M and S move on, out is rescaled to the new maximum. A masked cell's score is
+// set to -INFINITY (never added to), so that a NaN score of a cell a row masks does not reach it.
+static void tq_attn_softmax_tile(const tq_attn_kv * kv, int nr, int nr4, const ggml_fp16_t * const * mask,
+                                 const float * slope, int64_t it, int nt, const bool * live, float * p,
+                                 float * M, float * S, float * out) {
+    enum { T = TQ_ATTN_TILE };
+    const int64_t dv = kv->dv;
+    for (int r = 0; r < nr4; ++r) {
+        float * pr = p + r*T;
+        if (r >= nr) {
+            memset(pr, 0, T*sizeof(float));
+            continue;
+        }
+        float smax = -INFINITY;
+        for (int t = 0; t < nt; ++t) {
+            const float mv = tq_attn_mask_value(mask, slope, r, it + t);
+            const float s  = live[t] && mv != -INFINITY ? pr[t]*kv->scale + mv : -INFINITY;
+            pr[t] = s;
+            smax = s > smax ? s : smax;
+        }
+        for (int t = nt; t < T; ++t) {
+            pr[t] = 0.0f;
+        }
+        if (smax == -INFINITY) {
+            memset(pr, 0, nt*sizeof(float));
+            continue;
+        }
+        const float m_new = smax > M[r] ? smax : M[r];
+        const float ms    = M[r] == -INFINITY ? 0.0f : expf(M[r] - m_new);
+        const float sum   = tq_exp_sum_row(pr, nt, m_new);
+        if (ms != 1.0f) {
+            for (int64_t j = 0; j < dv; ++j) {
+                out[r*dv + j] *= ms;
+            }
+        }
+        M[r] = m_new;
+        S[r] = S[r]*ms + sum;
+    }
+}
+
+// out[r] += sum_t p[r][t] v_t over the tile's cells. A cell whose V row is not finite (NaN or Inf,
+// as an f16 cache would hold it) stays out of the tile product, where 0 * NaN would reach the rows
+// that mask the cell, and is added alone to the rows that attend to it, as ops.cpp's per-cell loop
+// does. vt: room for the tile's V rows; tmp: room for one.
+static void tq_attn_values(const tq_attn_kv * kv, int nr, int nr4, const ggml_fp16_t * const * mask, const float * slope,
+                           int64_t it, int nt, const bool * live, const float * p, float * vt, float * tmp, float * out) {
+    enum { T = TQ_ATTN_TILE };
+    const int64_t dv = kv->dv;
+    bool nonfinite[T];
+    tq_attn_decode_tile(kv->v_type, dv, kv->v, kv->v_stride, it, nt, live, kv->v_exact_cell, kv->v_exact, vt);
+    bool any = false;
+    for (int t = 0; t < nt; ++t) {
+        nonfinite[t] = !tq_decoded_row_finite(vt + t*dv, dv);
+        if (nonfinite[t]) {
+            memset(vt + t*dv, 0, dv*sizeof(float));
+            any = true;
+        }
+    }
+    tq_tile_values(out, p, vt, nr4, nt, dv);
+    for (int t = 0; any && t < nt; ++t) {
+        if (!nonfinite[t]) {
+            continue;
+        }
+        tq_cpu_decode_rows_rotated(kv->v_type, dv, kv->v + (it + t)*kv->v_stride, kv->v_stride, 1, tmp);
+        for (int r = 0; r < nr; ++r) {
+            if (tq_attn_mask_value(mask, slope, r, it + t) == -INFINITY) {
+                continue;
+            }
+            for (int64_t j = 0; j < dv; ++j) {
+                out[r*dv + j] += p[r*T + t]*tmp[j];
+            }
+        }
+    }
+}
+
 void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, const ggml_fp16_t * const * mask,
                       const float * slope, int64_t ic0, int64_t ic1, float * M, float * S, float * out, float * work) {
     enum { T = TQ_ATTN_TILE, R = TQ_ATTN_MAX_ROWS };
@@ -879,7 +924,7 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
     const int nr4 = (nr + 3) & ~3;
 
     float * qr = work;           // [nr4][dk]  queries in the rotated domain, zero rows past nr
-    float * kr = qr + R*dk;      // [T][dk]    the tile's keys
+    float * kr = qr + R*dk;      // [T][dk]    the tile's keys (then room for one V row)
     float * kt = kr + T*dk;      // [dk][T]    the same, transposed
     float * vt = kt + dk*T;      // [T][dv]    the tile's values
     float * p  = vt + T*dv;      // [nr4][T]   scores, then weights
@@ -897,75 +942,14 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
 
     for (int64_t it = ic0; it < ic1; it += T) {
         const int nt = (int) (ic1 - it < T ? ic1 - it : T);
-
-        // which cells some row attends to (the others are masked out for every row)
         bool live[T];
-        bool any = false;
-        for (int t = 0; t < nt; ++t) {
-            live[t] = false;
-            for (int r = 0; r < nr && !live[t]; ++r) {
-                live[t] = !mask || !mask[r] || GGML_FP16_TO_FP32(mask[r][it + t]) != -INFINITY;
-            }
-            any |= live[t];
-        }
-        if (!any) {
+        if (!tq_attn_live_cells(nr, mask, it, nt, live)) {
             continue;
         }
         tq_attn_decode_tile(kv->k_type, dk, kv->k, kv->k_stride, it, nt, live, kv->k_exact_cell, kv->k_exact, kr);
-        if (kv->score_dots) {
-            for (int r = 0; r < nr; ++r) {
-                for (int t = 0; t < nt; ++t) {
-                    p[r*T + t] = tq_dot_f32(qr + r*dk, kr + t*dk, dk);
-                }
-            }
-        } else {
-            for (int t0 = 0; t0 < T; t0 += 8) {
-                for (int64_t d0 = 0; d0 < dk; d0 += 8) {
-                    for (int t = t0; t < t0 + 8; ++t) {
-                        for (int64_t d = d0; d < d0 + 8; ++d) {
-                            kt[d*T + t] = t < nt ? kr[t*dk + d] : 0.0f;
-                        }
-                    }
-                }
-            }
-            tq_tile_scores(p, qr, kt, nr4, dk);
-        }
-
-        // the mask, then one online-softmax step per row for the whole tile
-        for (int r = 0; r < nr4; ++r) {
-            float * pr = p + r*T;
-            if (r >= nr) {
-                memset(pr, 0, T*sizeof(float));
-                continue;
-            }
-            float smax = -INFINITY;
-            for (int t = 0; t < nt; ++t) {
-                const float mv = mask && mask[r] ? slope[r]*GGML_FP16_TO_FP32(mask[r][it + t]) : 0.0f;
-                const float s  = live[t] && mv != -INFINITY ? pr[t]*kv->scale + mv : -INFINITY;
-                pr[t] = s;
-                smax = s > smax ? s : smax;
-            }
-            for (int t = nt; t < T; ++t) {
-                pr[t] = 0.0f;
-            }
-            if (smax == -INFINITY) {
-                memset(pr, 0, nt*sizeof(float));
-                continue;
-            }
-            const float m_new = smax > M[r] ? smax : M[r];
-            const float ms    = M[r] == -INFINITY ? 0.0f : expf(M[r] - m_new);
-            const float sum   = tq_exp_sum_row(pr, nt, m_new);
-            if (ms != 1.0f) {
-                for (int64_t j = 0; j < dv; ++j) {
-                    out[r*dv + j] *= ms;
-                }
-            }
-            M[r] = m_new;
-            S[r] = S[r]*ms + sum;
-        }
-
-        tq_attn_decode_tile(kv->v_type, dv, kv->v, kv->v_stride, it, nt, live, kv->v_exact_cell, kv->v_exact, vt);
-        tq_tile_values(out, p, vt, nr4, nt, dv);
+        tq_attn_scores(kv, nr, nr4, qr, kr, kt, nt, p);
+        tq_attn_softmax_tile(kv, nr, nr4, mask, slope, it, nt, live, p, M, S, out);
+        tq_attn_values(kv, nr, nr4, mask, slope, it, nt, live, p, vt, kr, out);
     }
 
     for (int r = 0; r < nr; ++r) {
@@ -973,119 +957,168 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
     }
 }
 
-bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1,
-                                float * partials, int64_t partial_stride) {
-    const struct ggml_tensor * q     = dst->src[0];
-    const struct ggml_tensor * k     = dst->src[1];
-    const struct ggml_tensor * v     = dst->src[2];
-    const struct ggml_tensor * mask  = dst->src[3];
-    const struct ggml_tensor * sinks = dst->src[4];
-    const struct ggml_tensor * x_k   = dst->src[5];
-    const struct ggml_tensor * x_v   = dst->src[6];
-    const int32_t * x_cell = dst->src[7] ? (const int32_t *) dst->src[7]->data : NULL;
+// --- the FLASH_ATTN_EXT op -------------------------------------------------------------------------
+// What the op asks beyond the rows (ALiBi slopes, the op's sinks, the division by S and the output
+// permutation) is what ops.cpp's per-row loop does (ggml_compute_forward_flash_attn_ext_f16_one_chunk),
+// written again here for groups of rows: upstream does it inline, with no function to call.
 
-    float scale, max_bias, softcap;
-    memcpy(&scale,    (const float *) dst->op_params + 0, sizeof(float));
-    memcpy(&max_bias, (const float *) dst->op_params + 1, sizeof(float));
-    memcpy(&softcap,  (const float *) dst->op_params + 2, sizeof(float));
+// The op's parameters, read once per call.
+typedef struct {
+    const struct ggml_tensor * q, * k, * v, * mask, * sinks;
+    const struct ggml_tensor * x_k, * x_v;  // exact rows of ggml_flash_attn_ext_add_exact_row: src[5], src[6]
+    const int32_t * x_cell;                 //   and each stream's cell, src[7] (ggml.c checks their shapes)
+    float scale, max_bias, m0, m1;
+    uint32_t n_head_log2;
+} tq_attn_op;
 
-    const int64_t dk = k->ne[0], dv = v->ne[0];
-    if (q->type != GGML_TYPE_F32 || softcap != 0.0f || !tq_cpu_attn_rows_supported(k->type, v->type, dk, dv) ||
-        !tq_attn_rows_enabled()) {
+// Whether the TQ rows take the op: MSE types on both sides, float32 queries, no logit soft-capping.
+static bool tq_attn_op_read(const struct ggml_tensor * dst, tq_attn_op * op) {
+    op->q = dst->src[0]; op->k = dst->src[1]; op->v = dst->src[2]; op->mask = dst->src[3]; op->sinks = dst->src[4];
+    float softcap;
+    memcpy(&op->scale,    (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&op->max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&softcap,      (const float *) dst->op_params + 2, sizeof(float));
+    if (op->q->type != GGML_TYPE_F32 || softcap != 0.0f || !tq_knobs()->attn_rows ||
+        !tq_cpu_attn_rows_supported(op->k->type, op->v->type, op->k->ne[0], op->v->ne[0])) {
         return false;
     }
+    op->x_k = dst->src[5];
+    op->x_v = dst->src[6];
+    op->x_cell = dst->src[7] ? (const int32_t *) dst->src[7]->data : NULL;
+    const uint32_t n_head = (uint32_t) op->q->ne[2];
+    op->n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
+    op->m0 = powf(2.0f, -(op->max_bias       ) / op->n_head_log2);
+    op->m1 = powf(2.0f, -(op->max_bias / 2.0f) / op->n_head_log2);
+    return true;
+}
 
-    const int64_t neq1 = q->ne[1], neq2 = q->ne[2];
-    const int64_t rk2 = q->ne[2]/k->ne[2], rk3 = q->ne[3]/k->ne[3];
-    const int64_t rv2 = q->ne[2]/v->ne[2], rv3 = q->ne[3]/v->ne[3];
+// Query row r of the op: its token i1, head i2 and sequence i3.
+typedef struct { int64_t i1, i2, i3; } tq_attn_qrow;
 
-    const uint32_t n_head      = (uint32_t) neq2;
-    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2(n_head));
-    const float m0 = powf(2.0f, -(max_bias       ) / n_head_log2);
-    const float m1 = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+static tq_attn_qrow tq_attn_row(const tq_attn_op * op, int64_t r) {
+    const int64_t ne1 = op->q->ne[1], ne2 = op->q->ne[2];
+    tq_attn_qrow x;
+    x.i3 = r/(ne2*ne1);
+    x.i2 = (r - x.i3*ne2*ne1)/ne1;
+    x.i1 = r - x.i3*ne2*ne1 - x.i2*ne1;
+    return x;
+}
+
+// The K/V head (ik2, ik3) / (iv2, iv3) that query rows read, with its exact rows.
+static void tq_attn_head(const tq_attn_op * op, int64_t ik2, int64_t ik3, int64_t iv2, int64_t iv3, tq_attn_kv * kv) {
+    const struct ggml_tensor * k = op->k, * v = op->v;
+    kv->k_type = k->type; kv->v_type = v->type; kv->dk = k->ne[0]; kv->dv = v->ne[0]; kv->scale = op->scale;
+    kv->score_dots = op->q->ne[1] == 1;
+    kv->k = (const char *) k->data + ik2*k->nb[2] + ik3*k->nb[3]; kv->k_stride = k->nb[1];
+    kv->v = (const char *) v->data + iv2*v->nb[2] + iv3*v->nb[3]; kv->v_stride = v->nb[1];
+    kv->k_exact_cell = op->x_k && op->x_cell ? op->x_cell[ik3] : -1;
+    kv->v_exact_cell = op->x_v && op->x_cell ? op->x_cell[iv3] : -1;
+    kv->k_exact = kv->k_exact_cell >= 0 ? (const float *) ((const char *) op->x_k->data + ik3*op->x_k->nb[1]) + ik2*kv->dk : NULL;
+    kv->v_exact = kv->v_exact_cell >= 0 ? (const float *) ((const char *) op->x_v->data + iv3*op->x_v->nb[1]) + iv2*kv->dv : NULL;
+}
+
+// Query rows ir, ir + 1, ... before ir1 (at most TQ_ATTN_MAX_ROWS) that read one K/V head: their
+// query and mask rows, ALiBi slopes and the head. Returns their number.
+static int tq_attn_group(const tq_attn_op * op, int64_t ir, int64_t ir1, const float ** qp, const ggml_fp16_t ** mp,
+                         float * slope, tq_attn_kv * kv) {
+    const struct ggml_tensor * q = op->q, * mask = op->mask;
+    const int64_t rk2 = q->ne[2]/op->k->ne[2], rk3 = q->ne[3]/op->k->ne[3];
+    const int64_t rv2 = q->ne[2]/op->v->ne[2], rv3 = q->ne[3]/op->v->ne[3];
+    int64_t ik2 = -1, ik3 = -1, iv2 = -1, iv3 = -1;
+    int nr = 0;
+    for (; nr < TQ_ATTN_MAX_ROWS && ir + nr < ir1; ++nr) {
+        const tq_attn_qrow x = tq_attn_row(op, ir + nr);
+        if (nr > 0 && (x.i2/rk2 != ik2 || x.i3/rk3 != ik3 || x.i2/rv2 != iv2 || x.i3/rv3 != iv3)) {
+            break;
+        }
+        ik2 = x.i2/rk2; ik3 = x.i3/rk3; iv2 = x.i2/rv2; iv3 = x.i3/rv3;
+        const uint32_t h = (uint32_t) x.i2;
+        slope[nr] = op->max_bias > 0.0f ? (h < op->n_head_log2 ? powf(op->m0, h + 1) : powf(op->m1, 2*(h - op->n_head_log2) + 1)) : 1.0f;
+        qp[nr] = (const float *) ((const char *) q->data + x.i1*q->nb[1] + x.i2*q->nb[2] + x.i3*q->nb[3]);
+        mp[nr] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + x.i1*mask->nb[1] +
+                                               (x.i2 % mask->ne[2])*mask->nb[2] + (x.i3 % mask->ne[3])*mask->nb[3]) : NULL;
+    }
+    tq_attn_head(op, ik2, ik3, iv2, iv3, kv);
+    return nr;
+}
+
+// Query row `row` after its cells: the op's sinks (once, with the first chunk of cells), then M, S
+// and the unnormalised output o to partials + row*partial_stride (ops.cpp reduces them), or o / S
+// to dst, which is permute(0, 2, 1, 3) of the rows.
+static void tq_attn_finish_row(const tq_attn_op * op, const struct ggml_tensor * dst, int64_t row, int64_t ic0,
+                               float M, float S, float * o, float * partials, int64_t partial_stride) {
+    const int64_t dv = op->v->ne[0];
+    const tq_attn_qrow x = tq_attn_row(op, row);
+    if (op->sinks && ic0 == 0) {
+        const float s = ((const float *) op->sinks->data)[x.i2];
+        float ms = 1.0f, vs = 1.0f;
+        if (s > M) {
+            ms = expf(M - s);
+            M = s;
+            for (int64_t j = 0; j < dv; ++j) {
+                o[j] *= ms;
+            }
+        } else {
+            vs = expf(s - M);
+        }
+        S = S*ms + vs;
+    }
+    if (partials) {
+        float * part = partials + row*partial_stride;
+        part[0] = M;
+        part[1] = S;
+        memcpy(part + 2, o, dv*sizeof(float));
+        return;
+    }
+    const float s_inv = S == 0.0f ? 0.0f : 1.0f/S;
+    for (int64_t j = 0; j < dv; ++j) {
+        o[j] *= s_inv;
+    }
+    memcpy((char *) dst->data + (x.i3*dst->ne[2]*dst->ne[1] + x.i2 + x.i1*dst->ne[1])*dst->nb[1], o, dst->nb[1]);
+}
+
+// One thread's scratch: the rows' unnormalised outputs and tq_cpu_attn_rows' work, in whole cache lines.
+static size_t tq_attn_thread_bytes(int64_t dk, int64_t dv) {
+    const size_t bytes = sizeof(float)*TQ_ATTN_MAX_ROWS*dv + tq_cpu_attn_rows_work_size(dk, dv);
+    return (bytes + 63) & ~(size_t) 63;
+}
+
+size_t tq_cpu_flash_attn_ext_work_size(const struct ggml_tensor * dst, int n_threads) {
+    const struct ggml_tensor * k = dst->src[1], * v = dst->src[2];
+    if (!tq_cpu_attn_rows_supported(k->type, v->type, k->ne[0], v->ne[0])) {
+        return 0;
+    }
+    return (size_t) n_threads*tq_attn_thread_bytes(k->ne[0], v->ne[0]) + 64;
+}
+
+bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, void * wdata, size_t wsize, int ith, int nth,
+                                int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1, float * partials, int64_t partial_stride) {
+    tq_attn_op op;
+    if (!tq_attn_op_read(dst, &op)) {
+        return false;
+    }
+    const int64_t dk = op.k->ne[0], dv = op.v->ne[0];
+    // thread ith's share of the end of the work buffer, whose start is ops.cpp's scratch
+    const size_t per_thread = tq_attn_thread_bytes(dk, dv);
+    if (wdata == NULL || wsize < (size_t) nth*per_thread + 64) {
+        GGML_ABORT("FLASH_ATTN_EXT over a TQ cache: the work buffer has no room for the TQ tiles "
+                   "(the graph plan must add tq_cpu_flash_attn_ext_work_size)");
+    }
+    const uintptr_t first = ((uintptr_t) wdata + wsize - (size_t) nth*per_thread) & ~(uintptr_t) 63;
+    float * out  = (float *) (first + (size_t) ith*per_thread);
+    float * work = out + TQ_ATTN_MAX_ROWS*dv;
 
     float M[TQ_ATTN_MAX_ROWS], S[TQ_ATTN_MAX_ROWS], slope[TQ_ATTN_MAX_ROWS];
     const float * qp[TQ_ATTN_MAX_ROWS];
     const ggml_fp16_t * mp[TQ_ATTN_MAX_ROWS];
-    // one allocation per call (a chunk of rows and cells of one thread): tiles of 64 rows and cells
-    // do not fit every thread's stack
-    float * out = (float *) malloc(sizeof(float)*TQ_ATTN_MAX_ROWS*dv + tq_cpu_attn_rows_work_size(dk, dv));
-    if (out == NULL) {
-        GGML_ABORT("out of memory for the TQ attention tiles");
-    }
-    float * work = out + TQ_ATTN_MAX_ROWS*dv;
-
     for (int64_t ir = ir0; ir < ir1; ) {
-        // rows ir, ir + 1, ... that read the same K and V head form one group
-        int64_t ik2 = -1, ik3 = -1, iv2 = -1, iv3 = -1;
-        int nr = 0;
-        for (; nr < TQ_ATTN_MAX_ROWS && ir + nr < ir1; ++nr) {
-            const int64_t r   = ir + nr;
-            const int64_t iq3 = r/(neq2*neq1);
-            const int64_t iq2 = (r - iq3*neq2*neq1)/neq1;
-            const int64_t iq1 = r - iq3*neq2*neq1 - iq2*neq1;
-            if (nr > 0 && (iq2/rk2 != ik2 || iq3/rk3 != ik3 || iq2/rv2 != iv2 || iq3/rv3 != iv3)) {
-                break;
-            }
-            ik2 = iq2/rk2; ik3 = iq3/rk3; iv2 = iq2/rv2; iv3 = iq3/rv3;
-            const uint32_t h = (uint32_t) iq2;
-            slope[nr] = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1)) : 1.0f;
-            qp[nr] = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
-            mp[nr] = mask ? (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1] +
-                                                   (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3]) : NULL;
-        }
-
         tq_attn_kv kv;
-        kv.k_type = k->type; kv.v_type = v->type; kv.dk = dk; kv.dv = dv; kv.scale = scale;
-        kv.score_dots = neq1 == 1;
-        kv.k = (const char *) k->data + ik2*k->nb[2] + ik3*k->nb[3]; kv.k_stride = k->nb[1];
-        kv.v = (const char *) v->data + iv2*v->nb[2] + iv3*v->nb[3]; kv.v_stride = v->nb[1];
-        kv.k_exact_cell = x_k && x_cell ? x_cell[ik3] : -1;
-        kv.v_exact_cell = x_v && x_cell ? x_cell[iv3] : -1;
-        kv.k_exact = kv.k_exact_cell >= 0 ? (const float *) ((const char *) x_k->data + ik3*x_k->nb[1]) + ik2*dk : NULL;
-        kv.v_exact = kv.v_exact_cell >= 0 ? (const float *) ((const char *) x_v->data + iv3*x_v->nb[1]) + iv2*dv : NULL;
-
+        const int nr = tq_attn_group(&op, ir, ir1, qp, mp, slope, &kv);
         tq_cpu_attn_rows(&kv, nr, qp, mp, slope, ic0, ic1, M, S, out, work);
-
         for (int r = 0; r < nr; ++r) {
-            const int64_t row = ir + r;
-            const int64_t iq3 = row/(neq2*neq1);
-            const int64_t iq2 = (row - iq3*neq2*neq1)/neq1;
-            const int64_t iq1 = row - iq3*neq2*neq1 - iq2*neq1;
-            float * o = out + r*dv;
-
-            // the attention sinks of the op (not ours): once, with the first chunk of cells
-            if (sinks && ic0 == 0) {
-                const float s = ((const float *) sinks->data)[iq2];
-                float ms = 1.0f, vs = 1.0f;
-                if (s > M[r]) {
-                    ms = expf(M[r] - s);
-                    M[r] = s;
-                    for (int64_t j = 0; j < dv; ++j) {
-                        o[j] *= ms;
-                    }
-                } else {
-                    vs = expf(s - M[r]);
-                }
-                S[r] = S[r]*ms + vs;
-            }
-
-            if (partials) {
-                float * part = partials + row*partial_stride;
-                part[0] = M[r];
-                part[1] = S[r];
-                memcpy(part + 2, o, dv*sizeof(float));
-            } else {
-                const float s_inv = S[r] == 0.0f ? 0.0f : 1.0f/S[r];
-                for (int64_t j = 0; j < dv; ++j) {
-                    o[j] *= s_inv;
-                }
-                // dst is permute(0, 2, 1, 3) of the rows
-                memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], o, dst->nb[1]);
-            }
+            tq_attn_finish_row(&op, dst, ir + r, ic0, M[r], S[r], out + r*dv, partials, partial_stride);
         }
         ir += nr;
     }
-    free(out);
     return true;
 }

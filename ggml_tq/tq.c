@@ -1,5 +1,7 @@
-// TurboQuant KV-cache types: the scalar reference. Compiled with -ffp-contract=off so that its
-// bytes equal the NumPy reference's (pytools/layout.py); the arithmetic order is tq-blocks.h's.
+// TurboQuant KV-cache types: the scalar reference, whose results depend on nothing but its inputs
+// (no environment, no global state). Compiled with -ffp-contract=off so that its bytes equal the
+// NumPy reference's (pytools/layout.py); the arithmetic order is tq-blocks.h's. It is also the CPU
+// backend's scalar level (tq-cpu.c).
 #include "tq.h"
 #include "tq-codebooks.h"
 
@@ -29,28 +31,35 @@ static const float * tq_boundaries(int bits) {
     }
 }
 
-// A switch that is on unless the environment sets it to 0; read once.
-static bool tq_env_switch(const char * name, int * cached) {
-    if (*cached < 0) {
-        const char * env = getenv(name);
-        *cached = env == NULL || atoi(env) != 0;
+// --- measurement knobs: the environment, read here and nowhere else ---------------------------------
+
+static bool tq_env_off(const char * name) {
+    const char * env = getenv(name);
+    return env != NULL && atoi(env) == 0;
+}
+
+// Read once and published whole; threads that race here compute the same values.
+#if defined(__GNUC__)
+#    define TQ_LOAD_ACQUIRE(p)     __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#    define TQ_STORE_RELEASE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#else // MSVC: volatile accesses are acquire / release
+#    define TQ_LOAD_ACQUIRE(p)     (*(volatile int *) (p))
+#    define TQ_STORE_RELEASE(p, v) (*(volatile int *) (p) = (v))
+#endif
+
+const tq_measurement_knobs * tq_knobs(void) {
+    static tq_measurement_knobs knobs;
+    static int ready = 0;
+    if (!TQ_LOAD_ACQUIRE(&ready)) {
+        tq_measurement_knobs k;
+        k.quant.norm_correction = !tq_env_off("TQ_NORM_CORRECTION");
+        k.quant.scale_search    = !tq_env_off("TQ_SCALE_SEARCH");
+        k.attn_rows             = !tq_env_off("TQ_ATTN_ROWS");
+        k.cpu_simd              = getenv("TQ_CPU_SIMD");
+        knobs = k;
+        TQ_STORE_RELEASE(&ready, 1);
     }
-    return *cached != 0;
-}
-
-bool tq_norm_correction_enabled(void) {
-    static int enabled = -1;
-    return tq_env_switch("TQ_NORM_CORRECTION", &enabled);
-}
-
-bool tq_scale_search_enabled(void) {
-    static int enabled = -1;
-    return tq_env_switch("TQ_SCALE_SEARCH", &enabled);
-}
-
-bool tq_attn_rows_enabled(void) {
-    static int enabled = -1;
-    return tq_env_switch("TQ_ATTN_ROWS", &enabled);
+    return &knobs;
 }
 
 bool tq_is_kv_type(enum ggml_type type) {
@@ -209,8 +218,8 @@ static void tq_search_scale(const float * u, int bits, uint8_t * idx) {
     }
 }
 
-static ggml_fp16_t tq_mse_scale(float n, int bits, const uint8_t * idx) {
-    if (!tq_norm_correction_enabled()) {
+static ggml_fp16_t tq_mse_scale(float n, int bits, const uint8_t * idx, bool norm_correction) {
+    if (!norm_correction) {
         return GGML_FP32_TO_FP16(n);
     }
     const float * c = tq_centroids(bits);
@@ -276,7 +285,7 @@ static tq_block_layout tq_layout(enum ggml_type type) {
 
 // --- quantize rows -------------------------------------------------------------------------------
 
-static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
+void tq_quantize_row_with(enum ggml_type type, const float * x, void * y, int64_t k, const tq_quantize_options * opt) {
     assert(k % QK_TQ == 0);
     const tq_block_layout l = tq_layout(type);
     float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
@@ -287,7 +296,7 @@ static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int6
         const int st = tq_quantize_block_mse(x, l.mse_bits, &n, u, idx);
         if (st < 0) { *d = TQ_FP16_NAN; continue; }
         if (st == 0) { continue; }
-        if (l.signs == TQ_NONE && tq_norm_correction_enabled() && tq_scale_search_enabled()) {
+        if (l.signs == TQ_NONE && opt->norm_correction && opt->scale_search) {
             tq_search_scale(u, l.mse_bits, idx);
         }
         if (l.qs != TQ_NONE) {
@@ -300,9 +309,15 @@ static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int6
             tq_qjl_sketch(u, idx, l.mse_bits, blk + l.signs, blk + l.gamma);
             *d = GGML_FP32_TO_FP16(n);
         } else {
-            *d = tq_mse_scale(n, l.mse_bits, idx);
+            *d = tq_mse_scale(n, l.mse_bits, idx, opt->norm_correction);
         }
     }
+}
+
+static const tq_quantize_options tq_product = { true, true };
+
+static void tq_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
+    tq_quantize_row_with(type, x, y, k, &tq_product);
 }
 
 void quantize_row_tq2_ref(const float * x, block_tq2 * y, int64_t k) { tq_quantize_row(GGML_TYPE_TQ2, x, y, k); }
@@ -354,45 +369,39 @@ size_t quantize_tq(enum ggml_type type, const float * src, void * dst, int64_t n
 
 // --- decode --------------------------------------------------------------------------------------
 
-// Index j of one block of any TQ cache type, and the block's parts.
+// One block of any TQ cache type: its scale, MSE indices and QJL part.
 typedef struct {
     float d;
     int mse_bits;
-    const uint8_t * qs;     // 2- or 4-bit plane (NULL for 1-bit MSE)
-    const uint8_t * qh;     // 1-bit plane (NULL if none)
+    uint8_t idx[QK_TQ];
     const uint8_t * signs;  // QJL (NULL for MSE types)
     float gamma;
 } tq_block_view;
 
-static tq_block_view tq_view(enum ggml_type type, const void * blocks, int64_t b) {
+static void tq_view(enum ggml_type type, const void * blocks, int64_t b, tq_block_view * v) {
     const tq_block_layout l = tq_layout(type);
     const uint8_t * blk = (const uint8_t *) blocks + b*l.size;
-    tq_block_view v = {0};
-    v.d = GGML_FP16_TO_FP32(*(const ggml_fp16_t *) blk);
-    v.mse_bits = l.mse_bits;
-    v.qs = l.qs != TQ_NONE ? blk + l.qs : NULL;
-    v.qh = l.qh != TQ_NONE ? blk + l.qh : NULL;
-    if (l.signs != TQ_NONE) {
-        v.signs = blk + l.signs;
-        v.gamma = blk[l.gamma] / 256.0f;
+    const uint8_t * qs = l.qs != TQ_NONE ? blk + l.qs : NULL;
+    const uint8_t * qh = l.qh != TQ_NONE ? blk + l.qh : NULL;
+    v->d = GGML_FP16_TO_FP32(*(const ggml_fp16_t *) blk);
+    v->mse_bits = l.mse_bits;
+    for (int j = 0; j < QK_TQ; ++j) {
+        switch (l.mse_bits) {
+            case 1:  v->idx[j] = (uint8_t) tq_get1(qh, j); break;
+            case 2:  v->idx[j] = (uint8_t) tq_get2(qs, j); break;
+            case 3:  v->idx[j] = (uint8_t) (tq_get2(qs, j) | (tq_get1(qh, j) << 2)); break;
+            default: v->idx[j] = (uint8_t) tq_get4(qs, j); break;
+        }
     }
-    return v;
-}
-
-static inline int tq_view_index(const tq_block_view * v, int j) {
-    switch (v->mse_bits) {
-        case 1: return tq_get1(v->qh, j);
-        case 2: return tq_get2(v->qs, j);
-        case 3: return tq_get2(v->qs, j) | (tq_get1(v->qh, j) << 2);
-        default: return tq_get4(v->qs, j);
-    }
+    v->signs = l.signs != TQ_NONE ? blk + l.signs : NULL;
+    v->gamma = l.signs != TQ_NONE ? blk[l.gamma] / 256.0f : 0.0f;
 }
 
 // One block in the rotated domain, without the norm: c[idx_j] (+ the QJL reconstruction).
 static void tq_decode_block_unit(const tq_block_view * v, float * y) {
     const float * c = tq_centroids(v->mse_bits);
     for (int j = 0; j < QK_TQ; ++j) {
-        y[j] = c[tq_view_index(v, j)];
+        y[j] = c[v->idx[j]];
     }
     if (v->signs) {
         const float scale = v->gamma * TQ_SQRT_HALF_PI / TQ_QJL_M;
@@ -409,11 +418,26 @@ static void tq_decode_block_unit(const tq_block_view * v, float * y) {
 
 void tq_dequantize_row_rotated_ref(enum ggml_type type, const void * x, float * y, int64_t k) {
     assert(k % QK_TQ == 0);
+    tq_block_view v;
     for (int64_t b = 0; b < k / QK_TQ; ++b, y += QK_TQ) {
-        const tq_block_view v = tq_view(type, x, b);
+        tq_view(type, x, b, &v);
         tq_decode_block_unit(&v, y);
         for (int j = 0; j < QK_TQ; ++j) {
             y[j] = v.d * y[j];
+        }
+    }
+}
+
+void tq_mad_row_rotated_ref(enum ggml_type type, int64_t n, float * acc, const void * x, float scale) {
+    assert(n % QK_TQ == 0);
+    tq_block_view v;
+    float u[QK_TQ];
+    for (int64_t b = 0; b < n / QK_TQ; ++b, acc += QK_TQ) {
+        tq_view(type, x, b, &v);
+        tq_decode_block_unit(&v, u);
+        const float ds = v.d * scale;
+        for (int j = 0; j < QK_TQ; ++j) {
+            acc[j] += ds * u[j];
         }
     }
 }
@@ -453,14 +477,15 @@ void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k) {
 float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void * q) {
     assert(n % QK_TQ == 0);
     float sum = 0.0f;
+    tq_block_view v;
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
-        const tq_block_view v = tq_view(type, x, b);
+        tq_view(type, x, b, &v);
         const float * c = tq_centroids(v.mse_bits);
         float s = 0.0f;
         if (v.signs) {
             const block_tq_qjl_q * qb = (const block_tq_qjl_q *) q + b;
             for (int j = 0; j < QK_TQ; ++j) {
-                s += c[tq_view_index(&v, j)] * GGML_FP16_TO_FP32(qb->y[j]);
+                s += c[v.idx[j]] * GGML_FP16_TO_FP32(qb->y[j]);
             }
             float t = 0.0f;
             for (int i = 0; i < TQ_QJL_M; ++i) {
@@ -471,7 +496,7 @@ float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void 
         } else {
             const block_tq_q * qb = (const block_tq_q *) q + b;
             for (int j = 0; j < QK_TQ; ++j) {
-                s += c[tq_view_index(&v, j)] * qb->y[j];
+                s += c[v.idx[j]] * qb->y[j];
             }
         }
         sum += v.d * s;

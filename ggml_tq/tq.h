@@ -16,6 +16,7 @@ extern "C" {
 #endif
 
 // --- scalar reference (ggml-base): everything else is tested against these ---------------------
+// Its results depend on nothing but its inputs (no environment, no global state).
 
 // One block of 64 in place: the randomized Hadamard rotation and its inverse.
 GGML_API void tq_rotate_block(float * x);
@@ -39,6 +40,16 @@ GGML_API void dequantize_row_tq4_qjl(const block_tq4_qjl * x, float * y, int64_t
 GGML_API void dequantize_row_tq_q(const block_tq_q * x, float * y, int64_t k);
 GGML_API void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k);
 
+// The quantizer with step 3's scale search or step 4's norm correction off (tq-blocks.h): variants
+// kept for measurements (results/ rows marked "search off"), reached through the measurement knobs
+// (tq_knobs below, in the CPU quantizer) and pytools/ggml_lib.py. {true, true} is quantize_row_*_ref. The
+// scale search needs norm correction; the _qjl types have neither.
+typedef struct {
+    bool norm_correction;
+    bool scale_search;
+} tq_quantize_options;
+GGML_API void tq_quantize_row_with(enum ggml_type type, const float * x, void * y, int64_t k, const tq_quantize_options * opt);
+
 // ggml_quantize_chunk entry point for all TQ cache types (imatrix is not used: TurboQuant needs
 // no calibration).
 GGML_API size_t quantize_tq(enum ggml_type type, const float * src, void * dst, int64_t nrows,
@@ -46,6 +57,10 @@ GGML_API size_t quantize_tq(enum ggml_type type, const float * src, void * dst, 
 
 // Decode a row into the rotated domain (no inverse rotation): what attention accumulates.
 GGML_API void tq_dequantize_row_rotated_ref(enum ggml_type type, const void * x, float * y, int64_t k);
+
+// acc[0..n) += scale * (row decoded in the rotated domain), as (d * scale) * (the block's unit
+// values): the V accumulation of flash attention; with scale 1 into zeros, the values above.
+GGML_API void tq_mad_row_rotated_ref(enum ggml_type type, int64_t n, float * acc, const void * x, float scale);
 
 // Dot product of a TQ key row with a query row already converted by quantize_row_tq_q_ref
 // (or quantize_row_tq_qjl_q_ref for the _qjl types).
@@ -57,13 +72,22 @@ GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
 // sink row of the CPU flash-attention kernel defers to such a row, so NaN travels as in an f16 cache.
 GGML_API bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n);
 
-// Norm correction (store n / ||c[idx]||) is on unless TQ_NORM_CORRECTION=0 is set in the
-// environment: a switch kept for the measurements in results/.
-GGML_API bool tq_norm_correction_enabled(void);
-GGML_API bool tq_scale_search_enabled(void);   // TQ_SCALE_SEARCH=0 turns step 3's scale search off
-GGML_API bool tq_attn_rows_enabled(void);      // TQ_ATTN_ROWS=0: every query row reads the cache alone
+// --- measurement knobs (ggml-base) ----------------------------------------------------------------
+// The environment, read once by tq_knobs() and nowhere else: switches that exist to measure the
+// product against its variants (results/ records which were set); unset, they are the product. The
+// reference above never reads them.
+//   TQ_NORM_CORRECTION=0, TQ_SCALE_SEARCH=0  the backends' quantizers (SET_ROWS, CPY) call
+//                                          tq_quantize_row_with these options off
+//   TQ_ATTN_ROWS=0                          the CPU leaves TQ attention to ops.cpp's per-cell loop
+//   TQ_CPU_SIMD=scalar|avx2|avx512|neon     caps the CPU kernels' SIMD level
+typedef struct {
+    tq_quantize_options quant;
+    bool attn_rows;
+    const char * cpu_simd;   // NULL: no cap
+} tq_measurement_knobs;
+GGML_API const tq_measurement_knobs * tq_knobs(void);
 
-// --- CPU kernels (ggml-cpu): faster copies of the reference, chosen at run time ----------------
+// --- CPU kernels (ggml-cpu): the reference and faster copies of it, chosen at run time -----------
 // Exported from the CPU backend library so that the parity tests can call each SIMD path.
 #ifndef TQ_CPU_API
 #    include "ggml-backend.h"
@@ -131,12 +155,16 @@ TQ_CPU_API void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * co
 // [ir0, ir1) over the cells [ic0, ic1) through tq_cpu_attn_rows: writes dst, or M, S and the
 // unnormalised output of each row to partials + row*partial_stride when partials is not NULL.
 // Returns false, touching nothing, where it does not apply (QJL types, soft-capped logits, ...).
-TQ_CPU_API bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1,
+// Thread ith of nth uses its share of the last tq_cpu_flash_attn_ext_work_size(dst, nth) bytes of
+// the op's work buffer (wdata, wsize: the graph plan's, which adds that size to ops.cpp's own).
+TQ_CPU_API size_t tq_cpu_flash_attn_ext_work_size(const struct ggml_tensor * dst, int n_threads);
+TQ_CPU_API bool tq_cpu_flash_attn_ext_rows(const struct ggml_tensor * dst, void * wdata, size_t wsize, int ith, int nth,
+                                           int64_t ir0, int64_t ir1, int64_t ic0, int64_t ic1,
                                            float * partials, int64_t partial_stride);
 
-// Which SIMD path the CPU kernels use on this machine: "avx512", "avx2" or "scalar" on x86-64,
-// "neon" or "scalar" on aarch64. TQ_CPU_SIMD=scalar|avx2|avx512|neon in the environment caps it
-// (for parity tests and benchmarks; a name caps at its level number below).
+// Which SIMD level the CPU kernels use on this machine: "avx512", "avx2" or "scalar" (the
+// reference) on x86-64, "neon" or "scalar" on aarch64; TQ_CPU_SIMD caps it (a name caps at its
+// level number below).
 TQ_CPU_API const char * tq_cpu_simd_name(void);
 // Cap the SIMD level at run time: 0 scalar; x86-64: 1 AVX2, 2 AVX-512; aarch64: 1 NEON. Levels
 // above what the processor supports give the highest supported one. Returns the level in use.

@@ -4,34 +4,46 @@ one build, written to results/ as JSON, a Markdown table with ratios, and a plot
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 from pathlib import Path
+from shlex import quote as shlex_quote
+from typing import Mapping
 
-from . import REPO_ROOT
+from tqdm import tqdm
+
+from . import REPO_ROOT, results, switches
 from .build import find_binary
-from .errors import UserError
 from .cache_types import parse_type_specs
-from .mem import bits_per_value, model_kv_shape, protect_layers_from_env
+from .errors import UserError
+from .kv_memory import bits_per_value
+from .kv_shape import model_kv_shape
 from .models import model_path
 from .upstream import UPSTREAM
 
+DEFAULT_TYPES = "f16,q8_0,q4_0,tq4,tq3,tq3/tq2"
 
-def parse_pairs(spec: str) -> list[tuple[str, str]]:
-    return parse_type_specs(spec)
+
+def parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise UserError(f"--depths '{text}': give comma-separated token counts such as 0,4096") from None
+    if not depths or min(depths) < 0:
+        raise UserError(f"--depths '{text}': give comma-separated token counts of 0 or more")
+    return depths
 
 
 def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, n_prompt: int, threads: int,
-                    reps: int, cuda: bool, extra: list[str]) -> list[dict]:
+                    reps: int, cuda: bool, extra: list[str], setting: Mapping[str, switches.Value]) -> list[dict]:
     exe = find_binary("llama-bench", cuda)
     cmd = [str(exe), "-m", str(model), "-fa", "1", "-ctk", k, "-ctv", v, "-t", str(threads), "-r", str(reps),
-           "-n", str(n_gen), "-p", str(n_prompt), "-d", ",".join(map(str, depths)), "-o", "json"] + extra
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "-n", str(n_gen), "-p", str(n_prompt), "-d", ",".join(map(str, depths)), "-o", "json"] + \
+        switches.llama_args(setting) + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=switches.child_env(setting))
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
         raise UserError(f"llama-bench failed for {k}/{v} (exit {proc.returncode}):\n{tail}")
@@ -39,18 +51,20 @@ def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, 
 
 
 def bench(model: str, pairs: list[tuple[str, str]], depths: list[int], n_gen: int, n_prompt: int, threads: int,
-          reps: int, cuda: bool, extra: list[str]) -> list[dict]:
-    from tqdm import tqdm
-
+          reps: int, cuda: bool, extra: list[str], setting: Mapping[str, switches.Value] | None = None) -> list[dict]:
+    setting = switches.from_env() if setting is None else setting
+    protect = int(setting["protect_layers"])
     rows = []
     path = model_path(model)
     shape = model_kv_shape(path)
-    for k, v in tqdm(pairs, desc="llama-bench", unit="pair"):
-        for r in run_llama_bench(path, k, v, depths, n_gen, n_prompt, threads, reps, cuda, extra):
+    for k, v in pairs:
+        shape.check_types(k, v)
+    for k, v in tqdm(pairs, desc="llama-bench", unit="pair", file=sys.stderr):
+        for r in run_llama_bench(path, k, v, depths, n_gen, n_prompt, threads, reps, cuda, extra, setting):
             test = "tg" if r.get("n_gen", 0) > 0 else "pp"
             rows.append({"k": k, "v": v, "test": test, "n": r["n_gen"] if test == "tg" else r["n_prompt"],
                          "depth": r.get("n_depth", 0), "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"],
-                         "bpv": bits_per_value(shape, k, v), "protect_layers": protect_layers_from_env(),
+                         "bpv": bits_per_value(shape, k, v, protect), "protect_layers": protect,
                          "backend": r.get("backends", ""),
                          "cpu": r.get("cpu_info", ""), "gpu": r.get("gpu_info", "")})
     return rows
@@ -71,9 +85,7 @@ def _ratio_table(rows: list[dict]) -> list[str]:
 
 
 def _plot(rows: list[dict], title: str, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = results.pyplot()
 
     tests = sorted({(r["test"], r["depth"]) for r in rows})
     pairs = list(dict.fromkeys(f"{r['k']}/{r['v']}" for r in rows))
@@ -93,33 +105,24 @@ def _plot(rows: list[dict], title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def model_label(model: str) -> str:
-    """The name results files carry: a manifest name as given, a GGUF path without folder and .gguf
-    (not Path.stem, which would cut qwen2.5-coder-0.5b at its last dot)."""
-    name = Path(model).name
-    return name[:-len(".gguf")] if name.endswith(".gguf") else name
-
-
-def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{tag}-{model}"
-    meta = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path,
+                  setting: Mapping[str, switches.Value] | None = None) -> Path:
+    setting = switches.from_env() if setting is None else setting
+    files = results.ResultFiles(out_dir, f"bench-{tag}-{results.safe_name(model)}")
+    meta = {"command": command, "date": results.now(), "switches": switches.describe(setting),
             "llama_cpp_commit": UPSTREAM.llama_cpp_commit, "machine": platform.platform(),
             "cpu": rows[0]["cpu"] if rows else "", "gpu": rows[0]["gpu"] if rows else ""}
-    # not with_suffix: a model name such as qwen2.5-coder-0.5b has a dot of its own
-    out = {ext: out_dir / f"{stem.name}.{ext}" for ext in ("json", "md", "png")}
-    out["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = [f"# llama-bench, {model}, {tag}", "", f"Made by `{command}` on {meta['date']}.", "",
           f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
-    out["md"].write_text("\n".join(md))
-    _plot(rows, f"{model} ({tag})", out["png"])
-    return stem
+    results.write(files, {"meta": meta, "rows": rows}, "\n".join(md), lambda png: _plot(rows, f"{model} ({tag})", png))
+    return out_dir / files.stem
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="llama-bench speed of cache types against f16/q8_0/q4_0, written to results/")
     p.add_argument("--model", "-m", default="smollm2")
-    p.add_argument("--types", default="f16,q8_0,q4_0,tq4,tq3,tq3/tq2", help="comma-separated K/V pairs")
+    p.add_argument("--types", default=DEFAULT_TYPES,
+                   help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES})")
     p.add_argument("--depths", default="0,4096", help="comma-separated context depths")
     p.add_argument("--n-gen", type=int, default=32)
     p.add_argument("--n-prompt", type=int, default=0)
@@ -128,11 +131,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda", action="store_true", help="use the CUDA build")
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu or cuda)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-bench arguments")
     p.set_defaults(func=_cmd)
 
 
-def _command(args: argparse.Namespace, extra: list[str]) -> str:
+def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, switches.Value]) -> str:
     """The command that makes these results, from the parsed arguments (as `tq eval niah` records it)."""
     parts = ["tq", "bench", "--model", args.model, "--types", args.types, "--depths", args.depths,
              "--n-gen", str(args.n_gen), "--n-prompt", str(args.n_prompt), "--threads", str(args.threads),
@@ -141,15 +146,20 @@ def _command(args: argparse.Namespace, extra: list[str]) -> str:
         parts.append("--cuda")
     if args.tag:
         parts += ["--tag", args.tag]
-    return shlex.join(parts + (["--", *extra] if extra else []))
+    command = results.command(parts, setting)
+    return command + (" -- " + " ".join(map(shlex_quote, extra)) if extra else "")
 
 
 def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    rows = bench(args.model, parse_pairs(args.types), [int(d) for d in args.depths.split(",")], args.n_gen,
-                 args.n_prompt, args.threads, args.reps, args.cuda, extra)
-    stem = write_results(rows, model_label(args.model), args.tag or ("cuda" if args.cuda else "cpu"), _command(args, extra),
-                         args.out_dir)
-    print("\n".join(_ratio_table(rows)))
+    setting = switches.apply_args(args)
+    rows = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths), args.n_gen,
+                 args.n_prompt, args.threads, args.reps, args.cuda, extra, setting)
+    stem = write_results(rows, results.model_label(args.model), args.tag or ("cuda" if args.cuda else "cpu"),
+                         _command(args, extra, setting), args.out_dir, setting)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print("\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
     return 0

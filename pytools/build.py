@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,30 @@ def stage_sources() -> Path:
     return dest
 
 
+# ggml's option for each x86 instruction set, and its name in /proc/cpuinfo
+_X86_ISA = {"GGML_SSE42": "sse4_2", "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+            "GGML_BMI2": "bmi2", "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+            "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+
+
+def cpu_isa_args(cpuinfo: str | None = None) -> list[str]:
+    """CMake arguments for the CPU backend's instruction sets. On a processor with AMX, ggml's native
+    build turns on its AMX matrix kernels, which stop with SIGILL (tilezero with no tile
+    configuration) on Q4_1 weights on the Xeon machines here: such a processor gets every native
+    instruction set but AMX, set one by one (TQ_GGML_NATIVE=1 keeps the plain native build)."""
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("TQ_GGML_NATIVE") == "1":
+        return []
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set(cpuinfo.split())
+    if "amx_int8" not in flags and "amx_tile" not in flags:
+        return []
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{opt}={'ON' if name in flags else 'OFF'}" for opt, name in _X86_ISA.items()]
+
+
 def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
     _require("cmake", "install CMake 3.14 or newer (e.g. `pip install cmake` or your package manager)")
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
@@ -81,7 +106,11 @@ def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
             args += ["-G", "Ninja"]
     if cuda:
         args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + os.environ.get("TQ_CUDA_ARCH", "90")]
-    args += extra
+    isa = cpu_isa_args()
+    if isa:
+        print("tq: this processor has AMX, whose ggml kernels crash here: building the CPU backend for its other "
+              "instruction sets (TQ_GGML_NATIVE=1 builds natively)", file=sys.stderr)
+    args += isa + extra
     print("tq: " + " ".join(args), file=sys.stderr)
     if subprocess.run(args).returncode != 0:
         raise UserError(f"cmake configure failed (see above); build folder {build}")

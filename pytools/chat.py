@@ -11,7 +11,9 @@ import argparse
 import sys
 
 from .errors import UserError
-from .mem import kv_bytes_for_tokens, kv_size, model_kv_shape
+from .generate import context_size, float_arg, int_arg, seed_value, thread_count
+from .kv_memory import kv_bytes_for_tokens, kv_size
+from .kv_shape import model_kv_shape
 
 HELP = "commands: /reset (forget the conversation), /quit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -56,10 +58,20 @@ def _context_overflow(exc: Exception) -> bool:
     return "context window" in str(exc) or "exceed" in str(exc)
 
 
+def tolerate_any_bytes(*streams) -> None:
+    """Text streams that replace what they cannot decode or encode instead of raising: a pasted
+    line in another encoding, or an answer in a script the terminal's encoding lacks, must not
+    end the session with a traceback."""
+    for stream in streams:
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def run_chat(args: argparse.Namespace, stdin=None, out=None, err=None) -> int:
     from .llama_python import load_llama
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
+    tolerate_any_bytes(stdin, out, err)
     try:
         llm = load_llama(args.model, args.ctk, args.ctv, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
                          n_threads=args.threads, seed=args.seed)
@@ -130,13 +142,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default="smollm2", help="model name from `tq models list`, or a .gguf path")
     p.add_argument("--ctk", default="tq3", help="K cache type (default tq3)")
     p.add_argument("--ctv", default="tq2", help="V cache type (default tq2)")
-    p.add_argument("--ctx", "-c", type=int, default=4096, help="context length (default 4096)")
-    p.add_argument("--gpu-layers", "-ngl", type=int, default=0, help="layers to offload to the GPU (CUDA build)")
+    p.add_argument("--ctx", "-c", type=context_size, default=4096, help="context length (default 4096)")
+    p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
+                   help="layers to offload to the GPU (CUDA build; -1: all)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", "-n", type=int, default=512, help="longest answer in tokens (default 512)")
-    p.add_argument("--temp", type=float, default=0.7, help="sampling temperature (0: greedy)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: llama-cpp-python's)")
+    p.add_argument("--max-tokens", "-n", type=int_arg(1, what="a token count"), default=512,
+                   help="longest answer in tokens (default 512)")
+    p.add_argument("--temp", type=float_arg(0.0, what="a temperature"), default=0.7,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=seed_value, default=1)
+    p.add_argument("--threads", "-t", type=thread_count, default=None,
+                   help="CPU threads (default: half the cores)")
     p.set_defaults(func=_cmd_chat)
 
 

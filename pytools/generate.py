@@ -4,15 +4,21 @@ how much KV memory the cache types save against f16."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from .build import find_binary
 from .cache_types import cache_type
 from .errors import UserError
-from .mem import KvShape, kv_size, model_kv_shape
+from .kv_memory import kv_size
+from .kv_shape import KvShape, model_kv_shape
 from .models import model_path
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*K \((\w+)\): +([\d.]+) MiB, "
@@ -58,21 +64,112 @@ def parse_kv_memory(log: str, shape: KvShape | None = None) -> KvMemory | None:
     return KvMemory(m.group(3), m.group(5), float(m.group(4)), float(m.group(6)), cells, f16)
 
 
+# what an error message may quote of a child's log: llama.cpp's verbose log repeats the whole
+# prompt and its tokens, tens of kilobytes for a long prompt, on one line
+ERROR_LINES = 15
+ERROR_LINE_CHARS = 300
+_PROMPT_TOO_LONG = re.compile(r"prompt is too long \((\d+) tokens, max (\d+)\)")
+
+
+def decode_output(data: bytes) -> str:
+    """A child's output as text: llama.cpp prints token pieces as they come, so a multi-byte
+    character can be cut between two tokens (or by -n); such bytes become U+FFFD."""
+    return data.decode("utf-8", errors="replace")
+
+
+def log_tail(log: str, lines: int = ERROR_LINES, width: int = ERROR_LINE_CHARS) -> str:
+    """The last lines of a log, each cut to width characters, for an error message."""
+    tail = log.strip().splitlines()[-lines:]
+    return "\n".join(line if len(line) <= width else f"{line[:width]}... [{len(line) - width} more characters]"
+                     for line in tail)
+
+
+def completion_error(returncode: int, log: str) -> UserError:
+    m = _PROMPT_TOO_LONG.search(log)
+    if m:
+        return UserError(f"the prompt is {m.group(1)} tokens and the context holds {m.group(2)} "
+                         "(llama-completion keeps 4 cells free): raise --ctx or shorten the prompt")
+    return UserError(f"llama-completion failed (exit {returncode}):\n{log_tail(log)}")
+
+
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
-                   seed: int, extra: list[str]) -> tuple[str, KvMemory | None]:
+                   seed: int, extra: list[str], echo: BinaryIO | None = None) -> tuple[str, KvMemory | None]:
+    """Generate with llama-completion; returns its output (the prompt, then the generated text)
+    and the KV memory it reported. echo: a binary stream that gets the output as it comes, byte
+    for byte (a multi-byte character cut by -n stays cut there)."""
     exe = find_binary("llama-completion")
     path = model_path(model)
-    cmd = [str(exe), "-m", str(path), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
-           "-fa", "on", "-ctk", check_cache_type(ctk), "-ctv", check_cache_type(ctv), "--temp", "0",
-           "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
-    if threads:
-        cmd += ["-t", str(threads)]
-    cmd += extra
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise UserError(f"llama-completion failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout, parse_kv_memory(proc.stderr, model_kv_shape(path))
+    with tempfile.TemporaryDirectory(prefix="tq-run-") as tmp:
+        # the prompt goes through a file: a command line holds at most 128 KiB per argument, and
+        # -f drops one trailing newline, so one is added (argv's undecodable bytes are kept)
+        prompt_file = Path(tmp) / "prompt.txt"
+        prompt_file.write_bytes(prompt.encode("utf-8", errors="surrogateescape") + b"\n")
+        cmd = [str(exe), "-m", str(path), "-f", str(prompt_file), "-n", str(n_predict), "-c", str(ctx),
+               "-fa", "on", "-ctk", check_cache_type(ctk), "-ctv", check_cache_type(ctv), "--temp", "0",
+               "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
+        if threads:
+            cmd += ["-t", str(threads)]
+        cmd += extra
+        with open(Path(tmp) / "stderr.log", "w+b") as err:
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
+                assert proc.stdout is not None
+                parts: list[bytes] = []
+                while data := proc.stdout.read1(65536):
+                    parts.append(data)
+                    if echo is not None:
+                        echo.write(data)
+                        echo.flush()
+                returncode = proc.wait()
+            err.seek(0)
+            log = decode_output(err.read())
+    if returncode != 0:
+        raise completion_error(returncode, log)
+    return decode_output(b"".join(parts)), parse_kv_memory(log, model_kv_shape(path))
+
+
+# --------------------------------------------------------------------------- numeric arguments
+# argparse types that refuse what llama.cpp would silently turn into something else (-c -5 is a
+# 256-token context, --seed -5 wraps around, -t 0 means every core)
+
+def int_arg(low: int | None = None, high: int | None = None, also: tuple[int, ...] = (), what: str = "a whole number"):
+    """An argparse type: an int in [low, high] or one of also; ArgumentTypeError says the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+        if value in also or ((low is None or value >= low) and (high is None or value <= high)):
+            return value
+        if high is None:
+            allowed = f"at least {low}"
+        elif low is None:
+            allowed = f"at most {high}"
+        else:
+            allowed = f"from {low} to {high}"
+        if also:
+            allowed += " (or " + ", ".join(map(str, also)) + ")"
+        raise argparse.ArgumentTypeError(f"{value} is out of range: {what} {allowed}")
+    parse.__name__ = what
+    return parse
+
+
+def float_arg(low: float = 0.0, what: str = "a number"):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} of at least {low}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+context_size = int_arg(1, what="a context size in tokens")
+thread_count = int_arg(1, what="a thread count")
+port_number = int_arg(1, 65535, what="a TCP port")
+seed_value = int_arg(0, 2**32 - 1, also=(-1,), what="a seed (-1: random)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -81,19 +178,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", default="The capital of Germany is")
     p.add_argument("--ctk", default="tq3", help="K cache type (default tq3)")
     p.add_argument("--ctv", default="tq2", help="V cache type (default tq2)")
-    p.add_argument("--n-predict", "-n", type=int, default=48)
-    p.add_argument("--ctx", "-c", type=int, default=4096)
-    p.add_argument("--threads", "-t", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n-predict", "-n", type=int_arg(1, also=(-1,), what="a token count"), default=48,
+                   help="tokens to generate (default 48; -1: until the end of text or of the context)")
+    p.add_argument("--ctx", "-c", type=context_size, default=4096)
+    p.add_argument("--threads", "-t", type=thread_count, default=None)
+    p.add_argument("--seed", type=seed_value, default=1)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx, args.threads,
-                               args.seed, extra)
-    print(text.strip())
-    print()
+    # the text streams as llama-completion prints it, its bytes unchanged (the terminal decodes them)
+    out = getattr(sys.stdout, "buffer", None)
+    sys.stdout.flush()
+    try:
+        text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
+                                   args.threads, args.seed, extra, echo=out)
+        if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
+            sys.stdout.write(text)
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")   # after the streamed bytes: run_completion flushed them
+        sys.stdout.flush()
+    except BrokenPipeError:   # `tq run | head -1`: the reader has gone, and llama-completion with it
+        sys.stdout = open(os.devnull, "w")   # the interpreter's final flush must not fail again
+        return 141
     print(mem.summary() if mem else "KV cache size: not reported by llama.cpp", file=sys.stderr)
     return 0

@@ -44,6 +44,10 @@ class _TypeTraitsCpu(ctypes.Structure):
     ]
 
 
+class _QuantizeOptions(ctypes.Structure):  # tq_quantize_options (ggml_tq/tq.h)
+    _fields_ = [("norm_correction", ctypes.c_bool), ("scale_search", ctypes.c_bool)]
+
+
 @dataclass
 class GgmlLib:
     base: ctypes.CDLL
@@ -61,12 +65,25 @@ class GgmlLib:
             raise UserError(f"row length {n} is not a multiple of {type_name}'s block size {t.blck_size}")
         return n // t.blck_size * t.type_size
 
-    def quantize_rows(self, x: np.ndarray, type_name: str, cpu: bool = False) -> np.ndarray:
+    def quantize_rows(self, x: np.ndarray, type_name: str, cpu: bool = False, norm_correction: bool = True,
+                      scale_search: bool = True) -> np.ndarray:
         """Rows of float32 -> bytes, through the reference quantizer (from_float_ref) or the CPU
-        backend's from_float (what SET_ROWS uses)."""
+        backend's from_float (what SET_ROWS uses). norm_correction / scale_search False: the
+        reference's measurement variants (tq_quantize_row_with), as layout.quantize_rows takes them."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, n = x.shape
         out = np.zeros((rows, self.row_bytes(type_name, n)), dtype=np.uint8)
+        if not (norm_correction and scale_search):
+            if cpu:
+                raise UserError("the CPU quantizer is the product's; its variants come from TQ_NORM_CORRECTION / "
+                                "TQ_SCALE_SEARCH in the environment")
+            fn = self.base.tq_quantize_row_with
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            opts = _QuantizeOptions(norm_correction, scale_search)
+            for r in range(rows):
+                fn(GGML_TYPE_IDS[type_name], x[r].ctypes.data, out[r].ctypes.data, n, ctypes.byref(opts))
+            return out
         ptr = self.traits_cpu(type_name).from_float if cpu else self.traits(type_name).from_float_ref
         fn = _from_float_t(ptr)
         for r in range(rows):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,8 +26,9 @@ from . import REPO_ROOT
 from .build import bin_dir
 from .errors import UserError
 from .cache_types import CACHE_TYPES, TQ_NAMES
+from .generate import int_arg
 from .ggml_lib import GGML_TYPE_IDS
-from .mem import TYPE_BLOCKS, model_kv_shape, types_for_head_size
+from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
 from .upstream import UPSTREAM, fetch_sdist
 
 TQ2 = GGML_TYPE_IDS["tq2"]
@@ -49,24 +51,6 @@ def cache_type_id(name: str) -> int:
     if not isinstance(name, str) or name.lower() not in CACHE_TYPE_IDS:
         raise ValueError(f"unknown KV cache type {name!r}; valid: {', '.join(CACHE_TYPE_IDS)}")
     return CACHE_TYPE_IDS[name.lower()]
-
-
-def check_head_size(ctk: str, ctv: str, head_k: int | list[int], head_v: int | list[int] | None = None) -> None:
-    """ValueError when a cache type's block (64 values for the TQ types, 32 for q8_0/q4_0, ...)
-    does not divide the model's K or V head size; the message names the head size and the types
-    that can serve it."""
-    cache_type_id(ctk)
-    cache_type_id(ctv)
-    heads_k = [head_k] if isinstance(head_k, int) else list(head_k)
-    heads_v = heads_k if head_v is None else ([head_v] if isinstance(head_v, int) else list(head_v))
-    for which, t, heads in (("K", ctk.lower(), heads_k), ("V", ctv.lower(), heads_v)):
-        blck = TYPE_BLOCKS[t][0]
-        for h in sorted(set(heads)):
-            if h % blck:
-                kind = "TurboQuant types store blocks" if t in TQ_TYPES else f"{t} stores blocks"
-                raise ValueError(f"{which} cache type {t} cannot serve head size {h}: {kind} of {blck} values, "
-                                 f"so the head size must be a multiple of {blck}; for head size {h} use "
-                                 f"{', '.join(types_for_head_size(h))}")
 
 
 def _lib_dir(cuda: bool | None) -> Path:
@@ -141,7 +125,9 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
 
     model: a manifest name (`tq models list`) or a .gguf path. Unknown type names and head sizes
     a type cannot serve raise ValueError before llama.cpp sees them. Other keyword arguments go
-    to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced).
+    to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced). The Llama's
+    load_state refuses a state it cannot take with StateLoadError, naming the cache types, and
+    leaves the context as it was (SafeStateMixin).
     """
     from .models import model_path
 
@@ -162,8 +148,147 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
         # on the CPU (what -nkvo does); llama.cpp refuses a TQ cache on a GPU
         print("tq: TQ caches run on the CPU: offload_kqv=False (weights still go to the GPU)", file=sys.stderr)
         kw["offload_kqv"] = False
-    return llama_cpp.Llama(model_path=str(path), flash_attn=True, type_k=type_k, type_v=type_v, n_ctx=n_ctx,
-                           n_gpu_layers=n_gpu_layers, **kw)
+    llm = _llama_class(llama_cpp)(model_path=str(path), flash_attn=True, type_k=type_k, type_v=type_v, n_ctx=n_ctx,
+                                  n_gpu_layers=n_gpu_layers, **kw)
+    llm.cache_types = (ctk.lower(), ctv.lower())
+    return llm
+
+
+# --------------------------------------------------------------------------- state loading
+
+class StateLoadError(ValueError, RuntimeError):
+    """A state this context cannot take (other cache types, layers or size). A RuntimeError as
+    well, which is what llama-cpp-python's load_state raises."""
+
+
+# llama.cpp's complaint about one layer of a state: "mismatched key type (1 != 8, layer 0)" is an
+# f16 layer here and a q8_0 layer in the state (llama_kv_cache::state_read_data)
+_TYPE_MISMATCH = re.compile(r"mismatched (key|value) type \((-?\d+) != (-?\d+), layer (\d+)\)")
+_LOG_CHARS = 600
+
+
+def ggml_type_name(type_id: int) -> str:
+    """The name of a ggml type id, from the loaded library when it can say (every type), else
+    from the cache-type table."""
+    lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if lib and 0 <= type_id < 1000:
+        import ctypes
+
+        try:
+            base = ctypes.CDLL(str(Path(lib) / "libggml-base.so"))
+            base.ggml_type_name.restype = ctypes.c_char_p
+            base.ggml_type_name.argtypes = [ctypes.c_int]
+            base.ggml_type_count.restype = ctypes.c_int
+            if type_id < base.ggml_type_count():
+                name = base.ggml_type_name(type_id)
+                if name:
+                    return name.decode(errors="replace")
+        except (OSError, AttributeError):
+            pass
+    names = {i: n for n, i in CACHE_TYPE_IDS.items()}
+    return names.get(type_id, f"type {type_id}")
+
+
+def state_error_message(log: str, here: tuple[str, str] | None, saved: tuple[str, str] | None) -> str:
+    """Why llama.cpp refused a state, in type names: llama.cpp logs type ids, per layer (a TQ
+    cache keeps its first and last layers at q8_0, so layer 0 of a tq3/tq2 state says q8_0)."""
+    parts = []
+    if saved is not None and here is not None and tuple(saved) != tuple(here):
+        parts.append(f"the state holds a {saved[0]}/{saved[1]} KV cache and this context's is {here[0]}/{here[1]}")
+    m = _TYPE_MISMATCH.search(log)
+    if m:
+        which, ours, theirs, layer = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        parts.append(f"layer {layer}'s {which}s are {ggml_type_name(theirs)} in the state and {ggml_type_name(ours)} here")
+        if saved is None and here is not None:
+            parts.append(f"this context's KV cache is {here[0]}/{here[1]}")
+    else:
+        errors = [line.strip() for line in log.splitlines() if line.strip()]
+        detail = "; ".join(errors)
+        if len(detail) > _LOG_CHARS:
+            detail = detail[:_LOG_CHARS] + "..."
+        parts.append(f"llama.cpp: {detail}" if detail else "llama.cpp gave no reason")
+    hint = (f"; load it into a Llama made with ctk={saved[0]!r}, ctv={saved[1]!r}"
+            if saved is not None and here is not None and tuple(saved) != tuple(here) else "")
+    return "cannot load this state: " + ", ".join(parts) + hint + ". The context is as it was before the call"
+
+
+class _LogCapture:
+    """Collects llama.cpp's log lines while active, instead of llama-cpp-python's printer
+    (llama_log_set is process-wide: one capture at a time)."""
+
+    def __init__(self, llama_cpp):
+        self.llama_cpp = llama_cpp
+        self.lines: list[str] = []
+
+        def collect(level, text, user_data):
+            self.lines.append(text.decode("utf-8", errors="replace") if text else "")
+
+        self._callback = llama_cpp.llama_log_callback(collect)
+
+    def __enter__(self):
+        self.llama_cpp.llama_log_set(self._callback, None)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            from llama_cpp._logger import llama_log_callback as printer
+        except ImportError:   # another llama-cpp-python layout: llama.cpp's own printer
+            printer = None
+        self.llama_cpp.llama_log_set(printer, None)
+        return False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+class SafeStateMixin:
+    """save_state records the cache types; load_state of a state this context cannot take
+    raises StateLoadError naming the types and leaves the object as it was.
+
+    llama-cpp-python's load_state sets n_tokens and the token list before llama.cpp reads the
+    state, and llama.cpp empties the cache before reading it: a refused state left an empty cache
+    behind a token count that claimed the state's tokens, and the next completion reused cells
+    that no longer existed. So the current state is saved first (a copy the size of the cells in
+    use) and put back if the load fails."""
+
+    cache_types: tuple[str, str] | None = None
+
+    def save_state(self):
+        state = super().save_state()
+        state.cache_types = self.cache_types
+        return state
+
+    def load_state(self, state) -> None:
+        import llama_cpp
+
+        before = super().save_state()
+        capture = _LogCapture(llama_cpp.llama_cpp)
+        try:
+            with capture:
+                super().load_state(state)
+            return
+        except RuntimeError:
+            pass
+        try:
+            super().load_state(before)
+        except RuntimeError:   # cannot happen for a state this context just wrote; do not leave a lie behind
+            self.reset()
+            raise StateLoadError(state_error_message(capture.text, self.cache_types, getattr(state, "cache_types", None))
+                                 .replace("as it was before the call", "empty (restoring it failed as well)")) from None
+        raise StateLoadError(state_error_message(capture.text, self.cache_types, getattr(state, "cache_types", None)))
+
+
+_LLAMA_CLASSES: dict[int, type] = {}
+
+
+def _llama_class(llama_cpp) -> type:
+    """llama_cpp.Llama with SafeStateMixin (made once per imported llama_cpp)."""
+    cls = _LLAMA_CLASSES.get(id(llama_cpp.Llama))
+    if cls is None:
+        cls = type("Llama", (SafeStateMixin, llama_cpp.Llama), {"__module__": __name__})
+        _LLAMA_CLASSES[id(llama_cpp.Llama)] = cls
+    return cls
 
 
 # --------------------------------------------------------------------------- agreement with f16
@@ -251,7 +376,8 @@ def measure_agreement(model: str = "smollm2", pairs=AGREEMENT_PAIRS, prompts=AGR
 
 
 def _git_describe() -> str | None:
-    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO_ROOT), capture_output=True, text=True)
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=str(REPO_ROOT), capture_output=True, text=True,
+                       errors="replace")
     return r.stdout.strip() or None if r.returncode == 0 else None
 
 
@@ -325,7 +451,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
     # check in a fresh interpreter: this one may hold an older llama_cpp
     code = ("from turboquant_llama.llama_python import import_llama_cpp as f; m = f(); "
             "import os; print('llama-cpp-python', m.__version__, 'on', os.environ['LLAMA_CPP_LIB_PATH'])")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), capture_output=True, text=True,
+                       errors="replace")
     if r.returncode == 0:
         print(r.stdout.strip())
     else:
@@ -344,6 +471,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("python-agreement",
                        help="greedy tokens through llama-cpp-python with TQ caches against f16 (results/llama-python-agreement.json)")
     p.add_argument("--model", "-m", default="smollm2")
-    p.add_argument("--n-tokens", type=int, default=8)
+    p.add_argument("--n-tokens", type=int_arg(1, what="a token count"), default=8)
     p.add_argument("--output", "-o", default=str(Path("results") / "llama-python-agreement.json"))
     p.set_defaults(func=_cmd_agreement)

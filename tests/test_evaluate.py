@@ -8,8 +8,10 @@ import json
 import pytest
 
 from turboquant_llama import evaluate as ev
-from turboquant_llama import mem
+from turboquant_llama import kv_memory, perplexity, quality_results, switches
+from turboquant_llama.cache_types import bits_per_value, parse_type_specs
 from turboquant_llama.errors import UserError
+from turboquant_llama.kv_shape import kv_shape, read_gguf_metadata
 
 # Captured from the patched build (CPU, 2 threads):
 #   llama-perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -c 512 --chunks 2 -fa on -t 2 \
@@ -79,18 +81,18 @@ BASE_OUTPUT = """\
 
 
 def test_parse_type_specs_symmetric_and_asymmetric():
-    assert ev.parse_type_specs("f16,q8_0,tq3/tq2, TQ4_QJL / tq3") == [
+    assert parse_type_specs("f16,q8_0,tq3/tq2, TQ4_QJL / tq3") == [
         ("f16", "f16"), ("q8_0", "q8_0"), ("tq3", "tq2"), ("tq4_qjl", "tq3")]
 
 
 def test_parse_type_specs_drops_duplicates_and_empty_items():
-    assert ev.parse_type_specs("tq3,tq3/tq3,,f16/f16,f16") == [("tq3", "tq3"), ("f16", "f16")]
+    assert parse_type_specs("tq3,tq3/tq3,,f16/f16,f16") == [("tq3", "tq3"), ("f16", "f16")]
 
 
 @pytest.mark.parametrize("spec", ["tq5", "q4_0/tq9", "f32"])
 def test_parse_type_specs_unknown_name_lists_valid_ones(spec):
     with pytest.raises(UserError) as exc:
-        ev.parse_type_specs(spec)
+        parse_type_specs(spec)
     msg = str(exc.value)
     assert "unknown cache type" in msg
     for name in ("f16", "q8_0", "iq4_nl", "tq2", "tq4_qjl"):
@@ -100,7 +102,7 @@ def test_parse_type_specs_unknown_name_lists_valid_ones(spec):
 @pytest.mark.parametrize("spec", ["", " , ", "tq3/tq2/tq2", "tq3/"])
 def test_parse_type_specs_malformed(spec):
     with pytest.raises(UserError):
-        ev.parse_type_specs(spec)
+        parse_type_specs(spec)
 
 
 # --- sizes -----------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_bits_per_value():
                 "tq4_qjl": 4.25}
     assert set(expected) == set(ev.VALID_TYPES)
     for name, bpv in expected.items():
-        assert ev.bits_per_value(name) == pytest.approx(bpv), name
+        assert bits_per_value(name) == pytest.approx(bpv), name
     assert ev.pair_bpv("tq3", "tq2") == pytest.approx(2.75)
     assert ev.pair_bpv("q8_0", "tq3") == pytest.approx(5.875)
 
@@ -121,25 +123,26 @@ def test_kv_shape_and_bytes_per_token():
     # SmolLM2-135M: 30 layers, 3 KV heads, no key_length key: 576 / 9 = 64
     meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
             "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
-    shape = ev.kv_shape(meta)
+    shape = kv_shape(meta)
     assert shape.n_layer == 30 and shape.head_sizes() == ({64}, {64})
-    assert mem.bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
+    assert kv_memory.bytes_per_token(shape, "f16", "f16") == 30 * 3 * 64 * 2 * 2
     # tq3 block: 26 bytes per 64 values, tq2: 18, q8_0: 34 per 32
-    assert mem.bytes_per_token(shape, "tq3", "tq2", protect=0) == 30 * 3 * (26 + 18)
+    assert kv_memory.bytes_per_token(shape, "tq3", "tq2", protect=0) == 30 * 3 * (26 + 18)
     # by default the first and the last layer of a TQ cache are q8_0
-    assert mem.bytes_per_token(shape, "tq3", "tq2", protect=1) == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
-    assert mem.bytes_per_token(shape, "q8_0", "q8_0") == 30 * 3 * 2 * 68
+    assert kv_memory.bytes_per_token(shape, "tq3", "tq2", protect=1) == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
+    assert kv_memory.bytes_per_token(shape, "q8_0", "q8_0") == 30 * 3 * 2 * 68
     # explicit key/value lengths and per-layer KV head counts win
     meta2 = {"general.architecture": "qwen2", "qwen2.block_count": 2, "qwen2.embedding_length": 1536,
              "qwen2.attention.head_count": 12, "qwen2.attention.head_count_kv": [2, 4],
              "qwen2.attention.key_length": 128, "qwen2.attention.value_length": 128}
-    shape2 = ev.kv_shape(meta2)
+    shape2 = kv_shape(meta2)
     assert [layer.n_head_kv for layer in shape2.layers] == [2, 4]
-    assert mem.bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
+    assert kv_memory.bytes_per_token(shape2, "f16", "f16") == 6 * 128 * 2 * 2
 
 
 def test_gguf_header_reader(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(4)
@@ -152,95 +155,120 @@ def test_gguf_header_reader(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    meta = ev.read_gguf_metadata(path)
+    meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert meta["test.numbers"] == [1, 2, 3]
-    shape = ev.kv_shape(meta)
+    assert "tokenizer.ggml.tokens" not in meta          # the vocabulary is not metadata we need
+    shape = kv_shape(meta)
     assert shape.n_layer == 4 and [layer.n_head_kv for layer in shape.layers] == [2, 2, 2, 2]
     assert shape.head_sizes() == ({64}, {64})
+    # the same path written again is read again (the reader's cache keys on size and mtime)
+    import os
+    import time
+
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(2)
+    w.add_embedding_length(256)
+    w.add_head_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    assert read_gguf_metadata(path)["general.architecture"] == "qwen2"
+    with pytest.raises(UserError):
+        read_gguf_metadata(tmp_path / "missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(UserError):
+        read_gguf_metadata(tmp_path / "bad.gguf")
 
 
 # --- switches ----------------------------------------------------------------------------------------------
 
 
+def _variant(k: str, v: str, env: dict) -> str:
+    return switches.variant(k, v, switches.from_env({n: t for n, t in env.items() if t is not None}))
+
+
 def test_variant_of():
     off = {"TQ_NORM_CORRECTION": "0", "TQ_GRAPH_ROTATION": None, "LLAMA_ATTN_ROT_DISABLE": None}
-    assert ev.variant_of("tq3", "tq2", off) == "norm_correction=off"
-    assert ev.variant_of("q8_0", "q8_0", off) == ""  # the switch cannot change this pair
-    assert ev.variant_of("tq3", "tq3", {"TQ_NORM_CORRECTION": "1"}) == ""  # the default
-    assert ev.variant_of("tq3", "tq3", {"TQ_GRAPH_ROTATION": "1"}) == "graph_rotation=on"
-    assert ev.variant_of("tq3", "tq3", {"TQ_GRAPH_ROTATION": "0"}) == ""
-    assert ev.variant_of("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
-    assert ev.variant_of("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
-    assert ev.variant_of("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
-    assert ev.variant_of("tq3", "tq2", {"TQ_SCALE_SEARCH": "0"}) == "scale_search=off"
-    assert ev.variant_of("tq3_qjl", "q8_0", {"TQ_SCALE_SEARCH": "0"}) == ""  # the QJL types do not search
+    assert _variant("tq3", "tq2", off) == "norm_correction=off"
+    assert _variant("q8_0", "q8_0", off) == ""  # the switch cannot change this pair
+    assert _variant("tq3", "tq3", {"TQ_NORM_CORRECTION": "1"}) == ""  # the default
+    assert _variant("tq3", "tq3", {"TQ_GRAPH_ROTATION": "1"}) == "graph_rotation=on"
+    assert _variant("tq3", "tq3", {"TQ_GRAPH_ROTATION": "0"}) == ""
+    assert _variant("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
+    assert _variant("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
+    assert _variant("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
+    assert _variant("tq3", "tq2", {"TQ_SCALE_SEARCH": "0"}) == "scale_search=off"
+    assert _variant("tq3_qjl", "q8_0", {"TQ_SCALE_SEARCH": "0"}) == ""  # the QJL types do not search
     # key centering acts on TQ keys only
-    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "0"}) == "key_center=off"
-    assert ev.variant_of("q8_0", "tq2", {"TQ_KEY_CENTER": "0"}) == ""
-    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "1"}) == ""
-    assert ev.variant_of("tq4", "tq4", {"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0"}) == "scale_search=off,key_center=off"
+    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "0"}) == "key_center=off"
+    assert _variant("q8_0", "tq2", {"TQ_KEY_CENTER": "0"}) == ""
+    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "1"}) == ""
+    assert _variant("tq4", "tq4", {"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0"}) == "scale_search=off,key_center=off"
     # the exact sink acts on layers with a TQ K or V
-    assert ev.variant_of("q8_0", "tq2", {"TQ_EXACT_SINK": "0"}) == "exact_sink=off"
-    assert ev.variant_of("q8_0", "q4_0", {"TQ_EXACT_SINK": "0"}) == ""
-    assert ev.variant_of("tq3", "tq2", {"TQ_KEY_CENTER": "0", "TQ_EXACT_SINK": "0"}) == "key_center=off,exact_sink=off"
-    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
-    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
-    assert ev.variant_of("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
-    assert ev.variant_of("q4_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == ""
+    assert _variant("q8_0", "tq2", {"TQ_EXACT_SINK": "0"}) == "exact_sink=off"
+    assert _variant("q8_0", "q4_0", {"TQ_EXACT_SINK": "0"}) == ""
+    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "0", "TQ_EXACT_SINK": "0"}) == "key_center=off,exact_sink=off"
+    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
+    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
+    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
+    assert _variant("q4_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == ""
 
 
 def test_protected_layers_sizes():
     meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.embedding_length": 576,
             "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
-    shape = ev.kv_shape(meta)
-    types = mem.layer_cache_types(shape, "tq3", "tq2", 2)
+    shape = kv_shape(meta)
+    types = kv_memory.layer_cache_types(shape, "tq3", "tq2", 2)
     assert types[:2] == types[-2:] == [("q8_0", "q8_0")] * 2 and types[2:28] == [("tq3", "tq2")] * 26
-    assert mem.layer_cache_types(shape, "q8_0", "tq2", 1)[0] == ("q8_0", "q8_0")
-    assert mem.layer_cache_types(shape, "f16", "tq2", 1)[-1] == ("f16", "q8_0")
-    assert ev.pair_sizes(shape, "tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
-    assert ev.pair_sizes(shape, "tq3", "tq2", {}) == (pytest.approx((28 * 2.75 + 2 * 8.5) / 30),
+    assert kv_memory.layer_cache_types(shape, "q8_0", "tq2", 1)[0] == ("q8_0", "q8_0")
+    assert kv_memory.layer_cache_types(shape, "f16", "tq2", 1)[-1] == ("f16", "q8_0")
+    assert ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({"TQ_PROTECT_LAYERS": "0"})) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
+    assert ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({})) == (pytest.approx((28 * 2.75 + 2 * 8.5) / 30),
                                                       28 * 3 * (26 + 18) + 2 * 3 * 2 * 68)
-    bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"})
+    bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({"TQ_PROTECT_LAYERS": "2"}))
     assert per_token == 26 * 3 * (26 + 18) + 4 * 3 * 2 * 68
     assert bpv == pytest.approx((26 * 2.75 + 4 * 8.5) / 30)
-    assert ev.pair_sizes(shape, "q8_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
+    assert ev.pair_sizes(shape, "q8_0", "q4_0", switches.from_env({"TQ_PROTECT_LAYERS": "2"})) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
 
 
-@pytest.mark.parametrize("name,read", [("TQ_KEY_CENTER", mem.key_center_from_env),
-                                       ("TQ_EXACT_SINK", mem.exact_sink_from_env)])
-def test_tq_switches_are_read_like_atoi(monkeypatch, name, read):
-    monkeypatch.delenv(name, raising=False)
-    assert read() is True
+@pytest.mark.parametrize("name,env", [("key_center", "TQ_KEY_CENTER"), ("exact_sink", "TQ_EXACT_SINK")])
+def test_tq_switches_are_read_like_atoi(monkeypatch, name, env):
+    monkeypatch.delenv(env, raising=False)
+    assert switches.from_env()[name] is True
     for text, on in (("0", False), ("1", True), (" 2x", True), ("off", False), ("-1", True)):
-        assert read({name: text}) is on, text
+        assert switches.from_env({env: text})[name] is on, text
 
 
 def test_protect_layers_env_is_read_like_atoi(monkeypatch):
     monkeypatch.delenv("TQ_PROTECT_LAYERS", raising=False)
-    assert mem.protect_layers_from_env() == mem.DEFAULT_PROTECT_LAYERS == 1
+    assert switches.from_env()["protect_layers"] == kv_memory.DEFAULT_PROTECT_LAYERS == 1
     for text, n in (("0", 0), ("2", 2), (" 3x", 3), ("-1", 0), ("off", 0)):
-        assert mem.protect_layers_from_env({"TQ_PROTECT_LAYERS": text}) == n, text
+        assert switches.from_env({"TQ_PROTECT_LAYERS": text})["protect_layers"] == n, text
     # layers without a KV cache keep their index: protection counts all layers, as llama.cpp does
     meta = {"general.architecture": "llama", "llama.block_count": 4, "llama.embedding_length": 256,
             "llama.attention.head_count": 4, "llama.attention.head_count_kv": [0, 2, 2, 2]}
-    shape = ev.kv_shape(meta)
+    shape = kv_shape(meta)
     assert [l.il for l in shape.layers] == [1, 2, 3]
-    assert mem.layer_cache_types(shape, "tq3", "tq3", 1) == [("tq3", "tq3"), ("tq3", "tq3"), ("q8_0", "q8_0")]
+    assert kv_memory.layer_cache_types(shape, "tq3", "tq3", 1) == [("tq3", "tq3"), ("tq3", "tq3"), ("q8_0", "q8_0")]
 
 
 def test_env_switches_are_read(monkeypatch):
     monkeypatch.setenv("TQ_NORM_CORRECTION", "0")
     monkeypatch.delenv("TQ_GRAPH_ROTATION", raising=False)
-    assert ev.env_switches()["TQ_NORM_CORRECTION"] == "0"
-    assert ev.env_switches()["TQ_GRAPH_ROTATION"] is None
+    assert switches.env_texts()["TQ_NORM_CORRECTION"] == "0"
+    assert switches.env_texts()["TQ_GRAPH_ROTATION"] is None
+    assert switches.from_env()["norm_correction"] is False
 
 
 # --- output parser -------------------------------------------------------------------------------------------
 
 
 def test_parse_kld_output_real_snippet():
-    r = ev.parse_kld_output(KLD_OUTPUT)
+    r = perplexity.parse_kld_output(KLD_OUTPUT)
     assert r["ppl"] == pytest.approx(37.264232)
     assert r["ppl_stderr"] == pytest.approx(5.428579)
     assert r["ppl_base"] == pytest.approx(21.230838)
@@ -257,18 +285,18 @@ def test_parse_kld_output_real_snippet():
 def test_parse_kld_output_missing_summary():
     truncated = KLD_OUTPUT.split("====== Perplexity statistics")[0]
     with pytest.raises(ValueError):
-        ev.parse_kld_output(truncated)
+        perplexity.parse_kld_output(truncated)
 
 
 def test_parse_kld_output_nan_becomes_none():
     text = KLD_OUTPUT.replace("Mean    KLD:   0.523781", "Mean    KLD:        nan")
-    assert ev.parse_kld_output(text)["kld"] is None
+    assert perplexity.parse_kld_output(text)["kld"] is None
 
 
 def test_parse_base_output():
-    assert ev.parse_base_output(BASE_OUTPUT) == {"ppl": pytest.approx(21.3334), "ppl_stderr": pytest.approx(3.14125)}
+    assert perplexity.parse_base_output(BASE_OUTPUT) == {"ppl": pytest.approx(21.3334), "ppl_stderr": pytest.approx(3.14125)}
     with pytest.raises(ValueError):
-        ev.parse_base_output("[1]12.5967,")
+        perplexity.parse_base_output("[1]12.5967,")
 
 
 def test_failure_messages():
@@ -276,13 +304,13 @@ def test_failure_messages():
     head = ("llama_init_from_model: TurboQuant cache types (tq2, tq3, tq4, tq*_qjl) need a head size that is a "
             "multiple of 64; for head size 80 use f16, q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl for K\n"
             "common_init_from_params: failed to create context with model 'x.gguf'\n")
-    msg = ev.failure_message(head, 1, "tq3 on x", None)
+    msg = perplexity.failure_message(head, 1, "tq3 on x", None)
     assert "unsupported head size" in msg and "head size 80" in msg
     crash = "line a\nline b\nGGML_ASSERT(x) failed\n"
-    msg = ev.failure_message(crash, -6, "tq3 on x", None)
+    msg = perplexity.failure_message(crash, -6, "tq3 on x", None)
     assert "crashed (SIGABRT)" in msg and "GGML_ASSERT(x) failed" in msg
-    assert "exit 1" in ev.failure_message("oops\n", 1, "w", None)
-    assert "without a result" in ev.failure_message("oops\n", 0, "w", None)
+    assert "exit 1" in perplexity.failure_message("oops\n", 1, "w", None)
+    assert "without a result" in perplexity.failure_message("oops\n", 0, "w", None)
 
 
 # --- results files -------------------------------------------------------------------------------------------
@@ -297,7 +325,7 @@ def _row(k, v, kld, variant="", chunks=2):
 def test_merge_rows_by_pair_and_variant():
     old = [_row("f16", "f16", 0.0), _row("tq3", "tq3", 0.1), _row("tq3", "tq3", 0.2, "norm_correction=off")]
     new = [_row("tq3", "tq3", 0.05, chunks=20), _row("q4_0", "q4_0", 0.04)]
-    merged = ev.merge_rows(old, new)
+    merged = quality_results.merge_rows(old, new)
     assert [(r["k"], r["v"], r["variant"]) for r in merged] == [
         ("f16", "f16", ""), ("tq3", "tq3", ""), ("tq3", "tq3", "norm_correction=off"), ("q4_0", "q4_0", "")]
     assert merged[1]["kld"] == 0.05 and merged[1]["chunks"] == 20
@@ -306,15 +334,14 @@ def test_merge_rows_by_pair_and_variant():
 def test_write_results_accumulates(tmp_path):
     meta = {"date": "d1", "tq_command": "tq eval quality", "llama_cpp_commit": "c" * 40}
     info = {"file": "m.gguf", "n_layer": 1, "n_head_kv": 1, "key_length": 64, "value_length": 64}
-    ev.write_results(tmp_path, "m", [_row("f16", "f16", 0.0), _row("q4_0", "q4_0", 0.04)], meta, info)
-    ev.write_results(tmp_path, "m", [_row("tq3", "tq2", 0.3), _row("q4_0", "q4_0", 0.05)], dict(meta, date="d2"), info)
+    quality_results.write_results(tmp_path, "m", [_row("f16", "f16", 0.0), _row("q4_0", "q4_0", 0.04)], meta, info)
+    quality_results.write_results(tmp_path, "m", [_row("tq3", "tq2", 0.3), _row("q4_0", "q4_0", 0.05)], dict(meta, date="d2"), info)
     data = json.loads((tmp_path / "quality-m.json").read_text())
     assert [(r["k"], r["v"], r["kld"]) for r in data["results"]] == [
         ("f16", "f16", 0.0), ("q4_0", "q4_0", 0.05), ("tq3", "tq2", 0.3)]
     assert [r["date"] for r in data["runs"]] == ["d1", "d2"]
     md = (tmp_path / "quality-m.md").read_text()
     assert "| tq3 | tq2 | default | 2.75 |" in md and "tq eval quality --model m" in md
-    pytest.importorskip("matplotlib")
     assert (tmp_path / "quality-m.png").stat().st_size > 1000
 
 
@@ -322,18 +349,11 @@ def test_write_results_accumulates(tmp_path):
 
 
 def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
-    from tests.conftest import require_build, require_model
+    from tests.conftest import require_binary, require_model
 
-    require_build()
+    require_binary("llama-perplexity")
     require_model("smollm2")
-    from turboquant_llama.build import bin_dir
-
-    if not (bin_dir() / "llama-perplexity").exists():
-        pytest.skip("llama-perplexity is not built (run `tq build`)")
-    if ev.default_corpus() is None:
-        pytest.skip("no WikiText-2 raw test file (set TQ_CORPUS)")
-    for name in ev.ENV_SWITCHES:
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TQ_CORPUS", raising=False)   # the packaged WikiText-2 test text
     from turboquant_llama.cli import main
 
     rc = main(["eval", "quality", "--model", "smollm2", "--types", "f16,tq3/tq2", "--chunks", "2", "--threads", "2",
@@ -350,7 +370,9 @@ def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
     assert tq["bpv"] == pytest.approx((28 * 2.75 + 2 * 8.5) / 30)
     assert tq["kv_bytes_per_token"] == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
     assert tq["kld"] > 0 and tq["top1"] < 100 and tq["ppl"] > 1
-    assert tq["env"] == {name: None for name in ev.ENV_SWITCHES}
+    assert tq["env"] == {name: None for name in switches.ENV_NAMES}
+    assert tq["switches"]["protect_layers"] == 1 and tq["switches"]["key_center"] == "on"
+    assert tq["corpus"] == "wiki.test.raw"
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"quality-smollm2.{ext}").exists()
 
@@ -358,14 +380,31 @@ def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
 def test_bench_results_keep_a_dotted_model_name(tmp_path):
     """`tq bench --model qwen2.5-coder-0.5b` once wrote bench-cpu-qwen2.*: Path.stem and
     with_suffix cut the name at its last dot."""
-    from turboquant_llama import bench
+    from turboquant_llama import bench, results
 
-    assert bench.model_label("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
-    assert bench.model_label("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert results.model_label("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    assert results.model_label("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     rows = [{"k": k, "v": k, "test": "tg", "n": 32, "depth": 0, "tokens_per_s": t, "stddev": 0.0, "bpv": b,
              "protect_layers": 1, "backend": "CPU", "cpu": "x", "gpu": ""}
             for k, t, b in (("f16", 50.0, 16.0), ("q8_0", 52.0, 8.5), ("q4_0", 51.0, 4.5), ("tq3", 49.0, 3.25))]
-    bench.write_results(rows, bench.model_label("qwen2.5-coder-0.5b"), "cpu", "tq bench", tmp_path)
+    bench.write_results(rows, results.model_label("qwen2.5-coder-0.5b"), "cpu", "tq bench", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"bench-cpu-qwen2.5-coder-0.5b.{ext}" for ext in ("json", "md", "png")]
     assert "# llama-bench, qwen2.5-coder-0.5b, cpu" in (tmp_path / "bench-cpu-qwen2.5-coder-0.5b.md").read_text()
+
+
+def test_recorded_command_names_a_corpus_that_is_not_the_packaged_one(tmp_path):
+    """TQ_CORPUS is not an argument: a command recorded under it names the text it read."""
+    from turboquant_llama import niah
+    from turboquant_llama.cli import build_parser
+    from turboquant_llama.corpus import wikitext2_test_path
+
+    other = tmp_path / "text.raw"
+    other.write_text("x\n")
+    setting = switches.from_env({})
+    args = build_parser().parse_args(["eval", "quality", "--model", "m"])
+    assert "--corpus" not in ev._tq_command(args, setting, wikitext2_test_path())
+    assert ev._tq_command(args, setting, other).endswith(f"--corpus {other}")
+    args = build_parser().parse_args(["eval", "niah", "--model", "m"])
+    assert "--filler" not in niah._command(args, setting, wikitext2_test_path())
+    assert f"--filler {other}" in niah._command(args, setting, other)

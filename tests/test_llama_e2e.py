@@ -53,7 +53,7 @@ def test_kv_memory_matches_block_sizes(smollm2, monkeypatch, protect):
 def _completion(args: list[str]) -> subprocess.CompletedProcess:
     exe = find_binary("llama-completion")
     return subprocess.run([str(exe), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, errors="replace", timeout=600)
 
 
 def test_context_shift_keeps_generating(smollm2):

@@ -104,7 +104,8 @@ def test_head_size_check(head):
 def test_head_size_check_reads_gguf_before_llama_cpp(tmp_path):
     """A GGUF whose metadata says head size 80 (no tensors: llama.cpp could not even load it) is
     refused by load_llama with the head size and the types that serve it."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     from turboquant_llama.llama_python import head_sizes, load_llama
 
     path = tmp_path / "head80.gguf"
@@ -222,12 +223,10 @@ def _passage_logprobs(monkeypatch, ctk: str, ctv: str, center: str, sink: str = 
     ubatches (the means come from the first; the others must be stored against the same means)."""
     import numpy as np
 
-    from turboquant_llama.evaluate import default_corpus
+    from turboquant_llama.corpus import wikitext2_test_path
     from turboquant_llama.llama_python import load_llama
 
-    corpus = default_corpus()
-    if corpus is None:
-        pytest.skip("WikiText-2 raw test text not found (set TQ_CORPUS)")
+    corpus = wikitext2_test_path()
     monkeypatch.setenv("TQ_KEY_CENTER", center)
     monkeypatch.setenv("TQ_EXACT_SINK", sink)
     llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=128, logits_all=True)

@@ -70,6 +70,18 @@ def test_quantized_bytes_identical(lib, type_name, kind):
     assert differing_blocks <= x.size // QK_TQ // 10_000, f"{differing_blocks} blocks differ"
 
 
+@pytest.mark.parametrize(("norm_correction", "scale_search"), [(True, False), (False, True)])
+@pytest.mark.parametrize("type_name", ["tq2", "tq3", "tq4"])
+def test_measurement_variants_bytes_identical(lib, type_name, norm_correction, scale_search):
+    """The reference's measurement variants (tq_quantize_row_with: no scale search; no norm
+    correction, which also means no search) write the NumPy variants' bytes, and not the product's."""
+    x = _rows("outlier_channels", np.random.default_rng(zlib.crc32(f"{type_name}/variant".encode())))
+    c = lib.quantize_rows(x, type_name, norm_correction=norm_correction, scale_search=scale_search)
+    numpy = layout.quantize_rows(x, type_name, norm_correction=norm_correction, scale_search=scale_search)
+    assert np.array_equal(c, numpy)
+    assert not np.array_equal(c, lib.quantize_rows(x, type_name))
+
+
 @pytest.mark.parametrize("type_name", sorted(TQ_TYPES))
 def test_dequantize_matches_numpy(lib, type_name):
     x = _rows("outlier_channels", np.random.default_rng(1))

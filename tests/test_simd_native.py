@@ -1,10 +1,11 @@
-"""Each SIMD path of the CPU kernels (ggml_tq/tq-cpu.c) against its scalar path, without llama.cpp.
+"""Each SIMD level of the CPU kernels (ggml_tq/tq-cpu.c) against the scalar reference (ggml_tq/tq.c,
+which is also the CPU's scalar level), and the TQ attention rows, without llama.cpp.
 
 tests/native/tq_simd_check.c is built with ggml_tq/tq.c, ggml_tq/tq-cpu.c and a stand-in for the few
 ggml symbols they use (tests/native/ggml_stub.c, tests/native/include/), then run:
-  - natively with the host C compiler: on x86-64 scalar against AVX2 (and AVX-512 where the
+  - natively with the host C compiler: on x86-64 the reference against AVX2 (and AVX-512 where the
     processor has it);
-  - cross-compiled for aarch64 (-static) and run under qemu-aarch64: scalar against NEON. That needs
+  - cross-compiled for aarch64 (-static) and run under qemu-aarch64: the reference against NEON. That needs
     `aarch64-linux-gnu-gcc` and `qemu-aarch64` on PATH (Debian: apt-get install gcc-aarch64-linux-gnu
     qemu-user); without them the case skips, unless TQ_REQUIRE_CROSS=1, where it fails.
 Both runs also print a checksum of what the scalar reference (tq.c) produced from the same data; the

@@ -1,19 +1,26 @@
-// Every SIMD level of the TQ CPU kernels (ggml_tq/tq-cpu.c) against the scalar level, without
-// llama.cpp: built with ggml_tq/tq.c and the ggml stand-ins in this folder, natively and
+// Every SIMD level of the TQ CPU kernels (ggml_tq/tq-cpu.c) against the scalar reference (ggml_tq/tq.c),
+// without llama.cpp: built with ggml_tq/tq.c and the ggml stand-ins in this folder, natively and
 // cross-compiled for aarch64 (run under qemu-aarch64); tests/test_simd_native.py drives it.
 //
-//   quantize:      tq_cpu_quantize_row bytes identical at every level (and to quantize_tq)
-//   vec_dot:       within 2 n eps sum |k_j q_j| of the exact dot product and of the scalar level
-//                  (the bound of tests/test_parity_c.py); the _qjl types (reference at every level)
-//                  identical
+//   quantize:      the CPU quantizer (SET_ROWS, CPY) writes the reference's bytes (it is the reference:
+//                  no level has a copy of it), as does tq_quantize_row_with the product's options
+//   vec_dot:       each SIMD level within 2 n eps sum |k_j q_j| of the exact dot product and of the
+//                  reference (the bound of tests/test_parity_c.py); the scalar level and the _qjl
+//                  types are the reference, bit for bit
 //   decode:        one row mad_rotated into a zero accumulator with weight 1, and all rows through
 //                  tq_cpu_decode_rows_rotated, equal the reference decode (tq_dequantize_row_rotated_ref)
 //                  at every level
-//   mad_rotated:   sum_r w_r * row_r accumulated in the rotated domain and rotated back once, within
-//                  (rows + 16) eps sqrt(64) max_j sum_r |w_r k_rj| of the float64 sum of the decoded
-//                  rows, and of the scalar level
-//   unrotate:      tq_cpu_unrotate_row bit-identical to tq_unrotate_block (finite inputs, denormals,
-//                  signed zeros); a NaN spreads over its block only
+//   mad_rotated:   sum_r w_r * row_r accumulated in the rotated domain and rotated back once: the
+//                  scalar level is the reference (tq_mad_row_rotated_ref, tq_unrotate_block) bit for
+//                  bit; each SIMD level within (rows + 16) eps sqrt(64) max_j sum_r |w_r k_rj| of the
+//                  float64 sum of the decoded rows and of the reference
+//   unrotate:      each SIMD level's tq_cpu_unrotate_row bit-identical to tq_unrotate_block (finite
+//                  inputs, denormals, signed zeros); a NaN spreads over its block only
+//   attn_rows:     a row's output does not depend on its group (rows computed 64 at a time and in
+//                  small groups are bit-identical); a NaN or Inf K/V row reaches only the rows that
+//                  attend to its cell: the others are bit-identical to a run without it, as with f16
+//   flash_attn op: tq_cpu_flash_attn_ext_rows keeps to its share of the op's work buffer, and dst does
+//                  not depend on how the rows are split between threads
 //
 // The data come from splitmix64 with exact arithmetic only (no libm), so every platform sees the
 // same rows; the "reference checksum" line hashes what the scalar reference in tq.c (built with
@@ -152,7 +159,7 @@ static void check_type_kind(enum ggml_type type, int kind) {
     const int qjl = tq_is_qjl_type(type);
     const size_t rs = ggml_row_size(type, N_ROW);
 
-    static float x[N_ROWS][N_ROW], q[N_ROWS][N_ROW], krot[N_ROWS][N_ROW], qrot[N_ROWS][N_ROW], w[N_ROWS];
+    static float x[N_ROWS][N_ROW], q[N_ROWS][N_ROW], krot[N_ROWS][N_ROW], qrot[N_ROWS][N_ROW], w[N_ROWS], dref[N_ROWS];
     static uint8_t ref[N_ROWS * sizeof(block_tq_q) * (N_ROW / QK_TQ)], buf[sizeof(ref)];
     static uint8_t qbuf[N_ROWS][sizeof(block_tq_q) * (N_ROW / QK_TQ)];
 
@@ -162,16 +169,18 @@ static void check_type_kind(enum ggml_type type, int kind) {
         w[r] = (float) uniform();
     }
 
-    // quantize: the reference bytes, then every level's
+    // quantize: the reference bytes; the CPU quantizer and the product's options write the same
     quantize_tq(type, &x[0][0], ref, N_ROWS, N_ROW, NULL);
     hash_bytes(ref, N_ROWS * rs);
-    for (int level = 0; level < n_levels; ++level) {
-        set_level(level);
-        for (int r = 0; r < N_ROWS; ++r) {
-            tq_cpu_quantize_row(type, x[r], buf + r*rs, N_ROW);
-        }
-        check(memcmp(ref, buf, N_ROWS * rs) == 0, "quantize %s %s %s: bytes differ from the reference", level_names[level], tname, kname);
+    for (int r = 0; r < N_ROWS; ++r) {
+        tq_cpu_quantize_row(type, x[r], buf + r*rs, N_ROW);
     }
+    check(memcmp(ref, buf, N_ROWS * rs) == 0, "quantize %s %s: the CPU quantizer's bytes differ from the reference", tname, kname);
+    const tq_quantize_options product = { true, true };
+    for (int r = 0; r < N_ROWS; ++r) {
+        tq_quantize_row_with(type, x[r], buf + r*rs, N_ROW, &product);
+    }
+    check(memcmp(ref, buf, N_ROWS * rs) == 0, "quantize %s %s: tq_quantize_row_with {true, true} differs from the reference", tname, kname);
 
     // vec_dot
     for (int r = 0; r < N_ROWS; ++r) {
@@ -186,32 +195,31 @@ static void check_type_kind(enum ggml_type type, int kind) {
             quantize_row_tq_q_ref(q[r], (block_tq_q *) qbuf[r], N_ROW);
             memcpy(qrot[r], qbuf[r], sizeof(qrot[r]));
         }
-        const float dref = tq_vec_dot_ref(type, N_ROW, ref + r*rs, qbuf[r]);
-        hash_bytes(&dref, sizeof(dref));
+        dref[r] = tq_vec_dot_ref(type, N_ROW, ref + r*rs, qbuf[r]);
+        hash_bytes(&dref[r], sizeof(dref[r]));
     }
-    float got[MAX_LEVELS][N_ROWS];
-    for (int level = 0; level < n_levels; ++level) {
+    // the scalar level (and the _qjl types, at the top level): the reference itself
+    set_level(qjl ? n_levels - 1 : 0);
+    int same = 1;
+    for (int r = 0; r < N_ROWS; ++r) {
+        const float got = cpu_vec_dot(type, N_ROW, ref + r*rs, qbuf[r]);
+        same &= memcmp(&got, &dref[r], sizeof(float)) == 0;
+    }
+    check(same, "vec_dot %s %s %s: not the reference's bits", level_names[qjl ? n_levels - 1 : 0], tname, kname);
+    for (int level = 1; level < n_levels && !qjl; ++level) {
         set_level(level);
-        for (int r = 0; r < N_ROWS; ++r) {
-            got[level][r] = cpu_vec_dot(type, N_ROW, ref + r*rs, qbuf[r]);
-        }
-    }
-    for (int level = 0; level < n_levels; ++level) {
         int ok = 1;
         double worst = 0.0;
         for (int r = 0; r < N_ROWS; ++r) {
-            if (qjl) {      // the reference at every level
-                ok &= memcmp(&got[level][r], &got[0][r], sizeof(float)) == 0;
-                continue;
-            }
+            const float got = cpu_vec_dot(type, N_ROW, ref + r*rs, qbuf[r]);
             double exact = 0.0, mag = 0.0;
             for (int j = 0; j < N_ROW; ++j) {
                 exact += (double) krot[r][j] * (double) qrot[r][j];
                 mag += fabs((double) krot[r][j] * (double) qrot[r][j]);
             }
             const double bound = 2.0 * N_ROW * EPS32 * mag + 1e-30;
-            const double e0 = fabs((double) got[level][r] - exact);
-            const double e1 = fabs((double) got[level][r] - (double) got[0][r]);
+            const double e0 = fabs((double) got - exact);
+            const double e1 = fabs((double) got - (double) dref[r]);
             ok &= e0 <= bound && e1 <= bound;
             worst = fmax(worst, fmax(e0, e1) / bound);
         }
@@ -219,9 +227,11 @@ static void check_type_kind(enum ggml_type type, int kind) {
     }
 
     // one row into a zero accumulator with weight 1: fl(d * c[idx]) (one rounding at every level),
-    // equal to the reference decode: catches index and table errors that the bounds above would not
+    // equal to the reference decode: catches index and table errors that the bounds above would not.
+    // The _qjl types take the reference at every level: checked once, at the top level.
+    const int first_level = qjl ? n_levels - 1 : 0;
     float dec[N_ROW];
-    for (int level = 0; level < n_levels; ++level) {
+    for (int level = first_level; level < n_levels; ++level) {
         set_level(level);
         int first = -1;
         for (int r = 0; r < N_ROWS && first < 0; ++r) {
@@ -239,7 +249,7 @@ static void check_type_kind(enum ggml_type type, int kind) {
 
     // all rows at once (tq_cpu_decode_rows_rotated, the attention tiles' decoder): the same values
     static float decs[N_ROWS*N_ROW];
-    for (int level = 0; level < n_levels; ++level) {
+    for (int level = first_level; level < n_levels; ++level) {
         set_level(level);
         memset(decs, 0xff, sizeof(decs)); // NaN everywhere: every value must be written
         tq_cpu_decode_rows_rotated(type, N_ROW, ref, rs, N_ROWS, decs);
@@ -273,19 +283,31 @@ static void check_type_kind(enum ggml_type type, int kind) {
         magmax = fmax(magmax, vmag[j]);
     }
     const double vbound = (N_ROWS + 16) * EPS32 * sqrt((double) QK_TQ) * magmax + 1e-30;
-    float acc[MAX_LEVELS][N_ROW];
-    for (int level = 0; level < n_levels; ++level) {
+    float aref[N_ROW], acc[N_ROW];
+    memset(aref, 0, sizeof(aref));
+    for (int r = 0; r < N_ROWS; ++r) {
+        tq_mad_row_rotated_ref(type, N_ROW, aref, ref + r*rs, w[r]);
+    }
+    for (int b = 0; b < N_ROW / QK_TQ; ++b) {
+        tq_unrotate_block(aref + b*QK_TQ);
+    }
+    for (int level = first_level; level < n_levels; ++level) {
         set_level(level);
-        memset(acc[level], 0, sizeof(acc[level]));
+        memset(acc, 0, sizeof(acc));
         for (int r = 0; r < N_ROWS; ++r) {
-            tq_cpu_mad_rotated(type, N_ROW, acc[level], ref + r*rs, w[r]);
+            tq_cpu_mad_rotated(type, N_ROW, acc, ref + r*rs, w[r]);
         }
-        tq_cpu_unrotate_row(acc[level], N_ROW);
+        tq_cpu_unrotate_row(acc, N_ROW);
+        if (level == 0 || qjl) {    // the reference's own arithmetic
+            check(memcmp(acc, aref, sizeof(acc)) == 0, "mad_rotated+unrotate %s %s %s: not the reference's bits",
+                  level_names[level], tname, kname);
+            continue;
+        }
         int ok = 1;
         double worst = 0.0;
         for (int j = 0; j < N_ROW; ++j) {
-            const double e0 = fabs((double) acc[level][j] - vref[j]);
-            const double e1 = fabs((double) acc[level][j] - (double) acc[0][j]);
+            const double e0 = fabs((double) acc[j] - vref[j]);
+            const double e1 = fabs((double) acc[j] - (double) aref[j]);
             ok &= e0 <= vbound && e1 <= vbound;
             worst = fmax(worst, fmax(e0, e1) / vbound);
         }
@@ -317,7 +339,7 @@ static void check_unrotate(void) {
             tq_unrotate_block(want + b*QK_TQ);
         }
         hash_bytes(want, sizeof(want));
-        for (int level = 0; level < n_levels; ++level) {
+        for (int level = 1; level < n_levels; ++level) {   // level 0 is tq_unrotate_block
             set_level(level);
             memcpy(y, x, sizeof(x));
             tq_cpu_unrotate_row(y, N);
@@ -399,6 +421,150 @@ static void check_attn_rows_grouping(void) {
     free(out);
 }
 
+// A non-finite K/V row (a NaN input, or a norm beyond fp16's range) at cell 5 reaches only the query
+// rows that attend to cell 5, as in an f16 cache: the rows whose mask hides it (a window that has
+// moved past it) are bit-identical to a run where cell 5 holds an ordinary row, at every level and
+// for both ways of computing scores; the rows that attend to it come out non-finite.
+static void check_attn_nan_containment(void) {
+    enum { D = 128, NC = 150, NQ = 12, BAD = 5, NV = 4 };
+    static const char * what[NV] = { "NaN K and V", "NaN V", "NaN K", "Inf V" };
+    const size_t kb = sizeof(block_tq3)*(D/QK_TQ), vb = sizeof(block_tq2)*(D/QK_TQ);
+    static char kbuf[2][NC*sizeof(block_tq3)*(D/QK_TQ)], vbuf[2][NC*sizeof(block_tq2)*(D/QK_TQ)];
+    static float x[D], q[NQ][D], exact_k[D], exact_v[D], out[2][TQ_ATTN_MAX_ROWS*D];
+    static ggml_fp16_t mask[NQ][NC];
+    for (int c = 0; c < NC; ++c) {
+        make_row(0, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ3, x, kbuf[0] + c*kb, D);
+        make_row(2, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf[0] + c*vb, D);
+    }
+    make_row(0, exact_k, D);
+    make_row(0, exact_v, D);
+    const float * qp[NQ];
+    const ggml_fp16_t * mp[NQ];
+    float slope[NQ], M[2][NQ], S[2][NQ];
+    for (int r = 0; r < NQ; ++r) {
+        make_row(0, q[r], D);
+        qp[r] = q[r];
+        mp[r] = mask[r];
+        slope[r] = 1.0f;
+        const int lo = r < NQ/2 ? BAD + 1 : 0;  // the first half hides cells 0 .. BAD
+        for (int c = 0; c < NC; ++c) {
+            mask[r][c] = c >= lo && c <= 80 + r ? 0 : 0xFC00; // 0, -inf
+        }
+    }
+    float * work = malloc(tq_cpu_attn_rows_work_size(D, D));
+    for (int v = 0; v < NV; ++v) {
+        memcpy(kbuf[1], kbuf[0], sizeof(kbuf[0]));
+        memcpy(vbuf[1], vbuf[0], sizeof(vbuf[0]));
+        make_row(0, x, D);
+        x[70] = NAN;
+        if (v == 0 || v == 2) {
+            tq_cpu_quantize_row(GGML_TYPE_TQ3, x, kbuf[1] + BAD*kb, D);
+        }
+        if (v == 0 || v == 1) {
+            tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf[1] + BAD*vb, D);
+        }
+        if (v == 3) {
+            make_row(6, x, D);
+            for (int j = 0; j < D; ++j) {
+                x[j] *= 10.0f;  // block norms ~1.6e5: Inf in fp16
+            }
+            tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf[1] + BAD*vb, D);
+        }
+        for (int level = 0; level < n_levels; ++level) {
+            set_level(level);
+            for (int dots = 0; dots < 2; ++dots) {
+                for (int run = 0; run < 2; ++run) {
+                    tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf[run], kb, vbuf[run], vb, 0.088f, dots != 0,
+                                      0, exact_k, 0, exact_v };
+                    tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M[run], S[run], out[run], work);
+                }
+                int hidden_same = 1, seen_bad = 1;
+                for (int r = 0; r < NQ; ++r) {
+                    if (r < NQ/2) {
+                        hidden_same &= memcmp(out[0] + r*D, out[1] + r*D, D*sizeof(float)) == 0 &&
+                                       memcmp(&M[0][r], &M[1][r], sizeof(float)) == 0 && memcmp(&S[0][r], &S[1][r], sizeof(float)) == 0;
+                        continue;
+                    }
+                    int finite = 1;
+                    for (int j = 0; j < D; ++j) {
+                        finite &= isfinite(out[1][r*D + j]) != 0;
+                    }
+                    seen_bad &= !finite;
+                }
+                check(hidden_same, "attn_rows %s (%s) %s: a row that masks the cell is not what it is without it",
+                      level_names[level], dots ? "dot products" : "tile products", what[v]);
+                check(seen_bad, "attn_rows %s (%s) %s: a row that attends to the cell comes out finite",
+                      level_names[level], dots ? "dot products" : "tile products", what[v]);
+            }
+        }
+    }
+    free(work);
+}
+
+// The FLASH_ATTN_EXT op over TQ rows (tq_cpu_flash_attn_ext_rows), as ops.cpp calls it: 6 query heads
+// over 2 K/V heads, 5 tokens, a causal mask, the rows split between 3 threads. Each thread works in
+// its share of the end of the op's work buffer and leaves the start (ops.cpp's scratch) alone, and
+// dst is the same whichever way the rows are split.
+static void check_flash_attn_op(void) {
+    enum { D = 64, NC = 90, NT = 5, NH = 6, NHKV = 2, SCRATCH = 4096 };
+    const size_t kb = sizeof(block_tq3)*(D/QK_TQ), vb = sizeof(block_tq2)*(D/QK_TQ);
+    static char kbuf[NHKV*NC*sizeof(block_tq3)*(D/QK_TQ)], vbuf[NHKV*NC*sizeof(block_tq2)*(D/QK_TQ)];
+    static float qd[NT*NH*D], out1[NT*NH*D], out3[NT*NH*D], x[D];
+    static ggml_fp16_t mask[NT][NC];
+    for (int c = 0; c < NHKV*NC; ++c) {
+        make_row(0, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ3, x, kbuf + c*kb, D);
+        make_row(2, x, D);
+        tq_cpu_quantize_row(GGML_TYPE_TQ2, x, vbuf + c*vb, D);
+    }
+    for (int i = 0; i < NT*NH; ++i) {
+        make_row(0, qd + i*D, D);
+    }
+    for (int t = 0; t < NT; ++t) {
+        for (int c = 0; c < NC; ++c) {
+            mask[t][c] = c <= NC - NT + t ? 0 : 0xFC00;
+        }
+    }
+    // ggml's layouts: q [D, NT, NH], k/v [D, NC, NHKV], mask [NC, NT], dst [D, NH, NT] (permuted)
+    struct ggml_tensor q = { GGML_TYPE_F32, { D, NT, NH, 1 }, { 4, 4*D, 4*D*NT, 4*D*NT*NH }, { 0 }, { 0 }, qd };
+    struct ggml_tensor k = { GGML_TYPE_TQ3, { D, NC, NHKV, 1 }, { kb, kb, kb*NC, kb*NC*NHKV }, { 0 }, { 0 }, kbuf };
+    struct ggml_tensor v = { GGML_TYPE_TQ2, { D, NC, NHKV, 1 }, { vb, vb, vb*NC, vb*NC*NHKV }, { 0 }, { 0 }, vbuf };
+    struct ggml_tensor m = { GGML_TYPE_F16, { NC, NT, 1, 1 }, { 2, 2*NC, 2*NC*NT, 2*NC*NT }, { 0 }, { 0 }, mask };
+    struct ggml_tensor dst = { GGML_TYPE_F32, { D, NH, NT, 1 }, { 4, 4*D, 4*D*NH, 4*D*NH*NT }, { 0 }, { 0 }, NULL };
+    dst.src[0] = &q; dst.src[1] = &k; dst.src[2] = &v; dst.src[3] = &m;
+    const float params[3] = { 0.125f, 0.0f, 0.0f }; // scale, max_bias, softcap
+    memcpy(dst.op_params, params, sizeof(params));
+
+    const int nr = NT*NH;
+    for (int nth = 1; nth <= 3; nth += 2) {
+        const size_t wsize = SCRATCH + tq_cpu_flash_attn_ext_work_size(&dst, nth) + 24; // 24: an unaligned end
+        unsigned char * wdata = malloc(wsize);
+        memset(wdata, 0x5A, SCRATCH);
+        dst.data = nth == 1 ? out1 : out3;
+        int handled = 1;
+        for (int ith = 0; ith < nth; ++ith) {   // thread ith takes every nth-th chunk of 4 rows
+            for (int ir0 = 4*ith; ir0 < nr; ir0 += 4*nth) {
+                handled &= tq_cpu_flash_attn_ext_rows(&dst, wdata, wsize, ith, nth, ir0, ir0 + 4 < nr ? ir0 + 4 : nr, 0, NC, NULL, 0);
+            }
+        }
+        int kept = 1;
+        for (int i = 0; i < SCRATCH; ++i) {
+            kept &= wdata[i] == 0x5A;
+        }
+        check(handled, "flash_attn op (%d threads): the TQ rows declined an op they take", nth);
+        check(kept, "flash_attn op (%d threads): the TQ rows wrote into the scratch before their share", nth);
+        free(wdata);
+    }
+    check(memcmp(out1, out3, sizeof(out1)) == 0, "flash_attn op: dst depends on how the rows are split between threads");
+    int finite = 1;
+    for (int i = 0; i < NT*NH*D; ++i) {
+        finite &= isfinite(out1[i]) != 0;
+    }
+    check(finite, "flash_attn op: dst is not finite");
+}
+
 int main(int argc, char ** argv) {
     const char * expect[8];
     int n_expect = 0;
@@ -435,6 +601,8 @@ int main(int argc, char ** argv) {
     }
     check_unrotate();
     check_attn_rows_grouping();
+    check_attn_nan_containment();
+    check_flash_attn_op();
 
     printf("reference checksum: %016llx\n", (unsigned long long) checksum);
     printf("%d passed, %d failed\n", n_pass, n_fail);

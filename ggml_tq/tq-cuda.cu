@@ -1,0 +1,371 @@
+// TurboQuant KV-cache types on CUDA: host entry points (tq-cuda.h) over the kernels of tq-cuda.cuh.
+// Build: nvcc -O3 -arch=sm_XX (never --use_fast_math or -ftz=true: the quantizer is bit-exact).
+#include "tq-cuda.h"
+#include "tq-cuda.cuh"
+#include "tq-codebooks.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+
+static tq_cuda_tables tq_cuda_make_tables() {
+    tq_cuda_tables t;
+    memset(&t, 0, sizeof(t));
+    const float * c[3] = { tq_centroids_2, tq_centroids_3, tq_centroids_4 };
+    const float * b[3] = { tq_boundaries_2, tq_boundaries_3, tq_boundaries_4 };
+    for (int i = 0; i < 3; ++i) {
+        memcpy(t.c[i], c[i], sizeof(float) << (i + 2));
+        memcpy(t.b[i], b[i], sizeof(float)*((1 << (i + 2)) - 1));
+    }
+    for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
+        t.signs[r][0] = (uint32_t) tq_rotation_signs[r];
+        t.signs[r][1] = (uint32_t) (tq_rotation_signs[r] >> 32);
+    }
+    const float grid[TQ_SCALE_GRID_N] = TQ_SCALE_GRID;
+    memcpy(t.grid, grid, sizeof(grid));
+    return t;
+}
+
+static const tq_cuda_tables & tq_cuda_tables_host() {
+    static const tq_cuda_tables t = tq_cuda_make_tables();
+    return t;
+}
+
+static int tq_bits(int type) {
+    switch (type) {
+        case TQ_CUDA_TYPE_TQ2: return 2;
+        case TQ_CUDA_TYPE_TQ3: return 3;
+        case TQ_CUDA_TYPE_TQ4: return 4;
+        default: return 0;
+    }
+}
+
+bool tq_cuda_is_type(int type) {
+    return tq_bits(type) != 0;
+}
+
+static int tq_launch_status() {
+    return (int) cudaGetLastError();
+}
+
+// --- set_rows / cpy --------------------------------------------------------------------------------
+
+bool tq_cuda_set_rows_supported(int dst_type, int src_type) {
+    return tq_cuda_is_type(dst_type) && (src_type == TQ_CUDA_TYPE_F32 || src_type == TQ_CUDA_TYPE_F16);
+}
+
+template <int BITS>
+static void tq_launch_set_rows(const tq_rows_params & p, int src_type, bool idx_i32, dim3 grid, cudaStream_t st) {
+    const tq_cuda_tables & t = tq_cuda_tables_host();
+    if (src_type == TQ_CUDA_TYPE_F32) {
+        if (idx_i32) tq_set_rows_kernel<BITS, float, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+        else         tq_set_rows_kernel<BITS, float, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    } else {
+        if (idx_i32) tq_set_rows_kernel<BITS, uint16_t, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+        else         tq_set_rows_kernel<BITS, uint16_t, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    }
+}
+
+static dim3 tq_rows_grid(int64_t n_blocks) {
+    const int64_t warps_per_cta = TQ_ROWS_THREADS / 32;
+    return dim3((unsigned) ((n_blocks + warps_per_cta - 1) / warps_per_cta));
+}
+
+int tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_tensor idx, bool idx_i32,
+                     void * dst, const size_t dst_nb[4], unsigned flags, void * stream) {
+    if (!tq_cuda_set_rows_supported(dst_type, src_type) || src.ne[0] % QK_TQ != 0) {
+        return (int) cudaErrorInvalidValue;
+    }
+    tq_rows_params p;
+    memset(&p, 0, sizeof(p));
+    p.src = (const char *) src.data;
+    p.ne0 = src.ne[0]; p.ne1 = src.ne[1]; p.ne2 = src.ne[2]; p.ne3 = src.ne[3];
+    p.nb1 = src.nb[1]; p.nb2 = src.nb[2]; p.nb3 = src.nb[3];
+    p.idx = (const char *) idx.data;
+    p.ne_i1 = std::max<int64_t>(1, idx.ne[1]); p.ne_i2 = std::max<int64_t>(1, idx.ne[2]);
+    p.nb_i0 = idx.nb[0]; p.nb_i1 = idx.nb[1]; p.nb_i2 = idx.nb[2];
+    p.dst = (char *) dst; p.dnb1 = dst_nb[1]; p.dnb2 = dst_nb[2]; p.dnb3 = dst_nb[3];
+    p.n1 = src.ne[1]; p.n2 = src.ne[2]; p.n3 = src.ne[3];
+    p.flags = flags;
+    const int64_t n_blocks = src.ne[0] / QK_TQ * src.ne[1] * src.ne[2] * src.ne[3];
+    if (n_blocks == 0) {
+        return 0;
+    }
+    const dim3 grid = tq_rows_grid(n_blocks);
+    cudaStream_t st = (cudaStream_t) stream;
+    switch (tq_bits(dst_type)) {
+        case 2: tq_launch_set_rows<2>(p, src_type, idx_i32, grid, st); break;
+        case 3: tq_launch_set_rows<3>(p, src_type, idx_i32, grid, st); break;
+        default: tq_launch_set_rows<4>(p, src_type, idx_i32, grid, st); break;
+    }
+    return tq_launch_status();
+}
+
+// --- get_rows / dequantize -------------------------------------------------------------------------
+
+template <int BITS>
+static void tq_launch_get_rows(const tq_rows_params & p, int dst_type, bool idx_i32, dim3 grid, cudaStream_t st) {
+    const tq_cuda_tables & t = tq_cuda_tables_host();
+    if (dst_type == TQ_CUDA_TYPE_F32) {
+        if (idx_i32) tq_get_rows_kernel<BITS, float, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+        else         tq_get_rows_kernel<BITS, float, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    } else {
+        if (idx_i32) tq_get_rows_kernel<BITS, __half, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+        else         tq_get_rows_kernel<BITS, __half, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    }
+}
+
+int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool idx_i32,
+                     void * dst, int dst_type, const int64_t dst_ne[4], const size_t dst_nb[4],
+                     bool rotated, void * stream) {
+    if (!tq_cuda_is_type(src_type) || (dst_type != TQ_CUDA_TYPE_F32 && dst_type != TQ_CUDA_TYPE_F16) ||
+        src.ne[0] % QK_TQ != 0 || dst_ne[0] != src.ne[0]) {
+        return (int) cudaErrorInvalidValue;
+    }
+    tq_rows_params p;
+    memset(&p, 0, sizeof(p));
+    p.src = (const char *) src.data;
+    p.ne0 = src.ne[0]; p.ne1 = src.ne[1]; p.ne2 = src.ne[2]; p.ne3 = src.ne[3];
+    p.nb1 = src.nb[1]; p.nb2 = src.nb[2]; p.nb3 = src.nb[3];
+    p.idx = (const char *) idx.data;
+    p.ne_i1 = std::max<int64_t>(1, idx.ne[1]); p.ne_i2 = std::max<int64_t>(1, idx.ne[2]);
+    p.nb_i0 = idx.nb[0]; p.nb_i1 = idx.nb[1]; p.nb_i2 = idx.nb[2];
+    p.dst = (char *) dst; p.dnb1 = dst_nb[1]; p.dnb2 = dst_nb[2]; p.dnb3 = dst_nb[3];
+    p.n1 = dst_ne[1]; p.n2 = dst_ne[2]; p.n3 = dst_ne[3];
+    p.rotated = rotated;
+    const int64_t n_blocks = dst_ne[0] / QK_TQ * dst_ne[1] * dst_ne[2] * dst_ne[3];
+    if (n_blocks == 0) {
+        return 0;
+    }
+    const dim3 grid = tq_rows_grid(n_blocks);
+    cudaStream_t st = (cudaStream_t) stream;
+    switch (tq_bits(src_type)) {
+        case 2: tq_launch_get_rows<2>(p, dst_type, idx_i32, grid, st); break;
+        case 3: tq_launch_get_rows<3>(p, dst_type, idx_i32, grid, st); break;
+        default: tq_launch_get_rows<4>(p, dst_type, idx_i32, grid, st); break;
+    }
+    return tq_launch_status();
+}
+
+int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool inverse, void * stream) {
+    if (n % QK_TQ != 0) {
+        return (int) cudaErrorInvalidValue;
+    }
+    tq_rows_params p;
+    memset(&p, 0, sizeof(p));
+    p.ne0 = n; p.n1 = n_rows; p.n2 = 1; p.n3 = 1;
+    p.dst = (char *) x; p.dnb1 = nb1;
+    p.rotated = inverse;
+    const int64_t n_blocks = n / QK_TQ * n_rows;
+    if (n_blocks == 0) {
+        return 0;
+    }
+    tq_rotate_rows_kernel<<<tq_rows_grid(n_blocks), TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>(p, tq_cuda_tables_host());
+    return tq_launch_status();
+}
+
+// --- flash attention -------------------------------------------------------------------------------
+
+static bool tq_fa_kv_type(int t) {
+    return t == TQ_CUDA_TYPE_F16 || t == TQ_CUDA_TYPE_Q8_0 || tq_cuda_is_type(t);
+}
+
+bool tq_cuda_fattn_supported(int k_type, int v_type, int64_t dk, int64_t dv) {
+    if (!tq_fa_kv_type(k_type) || !tq_fa_kv_type(v_type)) {
+        return false;
+    }
+    // the TQ pairs, TQ mixed with f16/q8_0, and f16/f16 (the baseline of the same design)
+    const bool any_tq = tq_cuda_is_type(k_type) || tq_cuda_is_type(v_type);
+    if (!any_tq && !(k_type == TQ_CUDA_TYPE_F16 && v_type == TQ_CUDA_TYPE_F16)) {
+        return false;
+    }
+    return dk == dv && (dk == 64 || dk == 128 || dk == 256);
+}
+
+static int tq_fa_rows_per_cta(int rows) {
+    return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+}
+
+struct tq_fa_plan {
+    int nr, chunks, n_split, split_cells;
+    size_t work;
+};
+
+static tq_fa_plan tq_fa_make_plan(const tq_cuda_fattn_args * a, int n_sm, int n_split) {
+    tq_fa_plan pl;
+    const int64_t n_q = a->q.ne[1], n_head = a->q.ne[2], n_seq = a->q.ne[3];
+    const int64_t n_head_kv = a->k.ne[2], n_kv = a->k.ne[1];
+    const int rows = (int) (n_head / n_head_kv * n_q);
+    pl.nr = tq_fa_rows_per_cta(rows);
+    pl.chunks = (rows + pl.nr - 1) / pl.nr;
+    const int64_t ctas = n_head_kv*n_seq*pl.chunks;
+    const int64_t tiles = (n_kv + TQ_FA_TILE - 1) / TQ_FA_TILE;
+    if (n_split <= 0) {
+        // about four CTAs of 256 threads per multiprocessor (two waves at the usual three resident),
+        // each over at least two tiles
+        const int64_t want = (4*(int64_t) std::max(n_sm, 1) + ctas - 1) / ctas;
+        n_split = (int) std::max<int64_t>(1, std::min<int64_t>(want, tiles / 2));
+    }
+    n_split = std::min(n_split, 1024); // the combine kernel's weights fit its shared memory
+    const int64_t tiles_per_split = std::max<int64_t>(1, (tiles + n_split - 1) / n_split);
+    pl.split_cells = (int) (tiles_per_split*TQ_FA_TILE);
+    pl.n_split = (int) std::max<int64_t>(1, (n_kv + pl.split_cells - 1) / pl.split_cells);
+    pl.work = pl.n_split > 1 ? sizeof(float)*(size_t) (n_q*n_head*n_seq)*pl.n_split*(a->k.ne[0] + 2) : 0;
+    return pl;
+}
+
+size_t tq_cuda_fattn_work_size(const tq_cuda_fattn_args * a, int n_sm) {
+    return tq_fa_make_plan(a, n_sm, 0).work;
+}
+
+template <int D, int KT, int VT, int NR>
+static void tq_fa_launch(const tq_fattn_params & p, dim3 grid, cudaStream_t st) {
+    typedef tq_fattn_smem<D, KT, VT, NR> L;
+    if (L::size > 48*1024) {
+        cudaFuncSetAttribute(tq_fattn_vec_kernel<D, KT, VT, NR>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::size);
+    }
+    tq_fattn_vec_kernel<D, KT, VT, NR><<<grid, TQ_FA_THREADS, L::size, st>>>(p, tq_cuda_tables_host());
+}
+
+template <int D, int KT, int VT>
+static void tq_fa_launch_nr(const tq_fattn_params & p, int nr, dim3 grid, cudaStream_t st) {
+    switch (nr) {
+        case 1: tq_fa_launch<D, KT, VT, 1>(p, grid, st); break;
+        case 2: tq_fa_launch<D, KT, VT, 2>(p, grid, st); break;
+        case 4: tq_fa_launch<D, KT, VT, 4>(p, grid, st); break;
+        default: tq_fa_launch<D, KT, VT, 8>(p, grid, st); break;
+    }
+}
+
+template <int D, int KT>
+static void tq_fa_launch_v(const tq_fattn_params & p, int v_type, int nr, dim3 grid, cudaStream_t st) {
+    const bool k_tq = tq_cuda_is_type(KT);
+    switch (v_type) {
+        case TQ_CUDA_TYPE_TQ2: tq_fa_launch_nr<D, KT, TQK_TQ2>(p, nr, grid, st); break;
+        case TQ_CUDA_TYPE_TQ3: tq_fa_launch_nr<D, KT, TQK_TQ3>(p, nr, grid, st); break;
+        case TQ_CUDA_TYPE_TQ4: tq_fa_launch_nr<D, KT, TQK_TQ4>(p, nr, grid, st); break;
+        case TQ_CUDA_TYPE_F16: tq_fa_launch_nr<D, KT, TQK_F16>(p, nr, grid, st); break;
+        default:
+            if (k_tq) {
+                tq_fa_launch_nr<D, KT, TQK_Q8_0>(p, nr, grid, st);
+            }
+            break;
+    }
+}
+
+// the pairs tq_cuda_fattn_supported accepts; f16 or q8_0 keys only with TQ values (f16/f16 aside)
+template <int D>
+static void tq_fa_launch_k(const tq_fattn_params & p, int k_type, int v_type, int nr, dim3 grid, cudaStream_t st) {
+    switch (k_type) {
+        case TQ_CUDA_TYPE_TQ2: tq_fa_launch_v<D, TQK_TQ2>(p, v_type, nr, grid, st); break;
+        case TQ_CUDA_TYPE_TQ3: tq_fa_launch_v<D, TQK_TQ3>(p, v_type, nr, grid, st); break;
+        case TQ_CUDA_TYPE_TQ4: tq_fa_launch_v<D, TQK_TQ4>(p, v_type, nr, grid, st); break;
+        case TQ_CUDA_TYPE_F16:
+            switch (v_type) {
+                case TQ_CUDA_TYPE_TQ2: tq_fa_launch_nr<D, TQK_F16, TQK_TQ2>(p, nr, grid, st); break;
+                case TQ_CUDA_TYPE_TQ3: tq_fa_launch_nr<D, TQK_F16, TQK_TQ3>(p, nr, grid, st); break;
+                case TQ_CUDA_TYPE_TQ4: tq_fa_launch_nr<D, TQK_F16, TQK_TQ4>(p, nr, grid, st); break;
+                default:               tq_fa_launch_nr<D, TQK_F16, TQK_F16>(p, nr, grid, st); break;
+            }
+            break;
+        default:
+            switch (v_type) {
+                case TQ_CUDA_TYPE_TQ2: tq_fa_launch_nr<D, TQK_Q8_0, TQK_TQ2>(p, nr, grid, st); break;
+                case TQ_CUDA_TYPE_TQ3: tq_fa_launch_nr<D, TQK_Q8_0, TQK_TQ3>(p, nr, grid, st); break;
+                default:               tq_fa_launch_nr<D, TQK_Q8_0, TQK_TQ4>(p, nr, grid, st); break;
+            }
+            break;
+    }
+}
+
+static size_t tq_kv_row_bytes(int type, int64_t d) {
+    switch (type) {
+        case TQ_CUDA_TYPE_F16:  return 2*d;
+        case TQ_CUDA_TYPE_Q8_0: return d/32*34;
+        case TQ_CUDA_TYPE_TQ2:  return d/64*18;
+        case TQ_CUDA_TYPE_TQ3:  return d/64*26;
+        default:                return d/64*34;
+    }
+}
+
+// the widest unit (8, 4, 2 bytes) in which both caches' rows can be copied to shared memory
+static int tq_fa_copy_unit(const tq_cuda_fattn_args * a) {
+    const int64_t d = a->k.ne[0];
+    int unit = a->k_type == TQ_CUDA_TYPE_F16 && a->v_type == TQ_CUDA_TYPE_F16 ? 8 : 4;
+    const uintptr_t bits = (uintptr_t) a->k.data | (uintptr_t) a->v.data |
+        a->k.nb[1] | a->k.nb[2] | a->k.nb[3] | a->v.nb[1] | a->v.nb[2] | a->v.nb[3] |
+        tq_kv_row_bytes(a->k_type, d) | tq_kv_row_bytes(a->v_type, d);
+    while (unit > 2 && (bits % unit) != 0) {
+        unit /= 2;
+    }
+    return unit;
+}
+
+int tq_cuda_fattn(const tq_cuda_fattn_args * a, void * work, size_t work_size, int n_sm, int n_split, void * stream) {
+    const int64_t D = a->k.ne[0];
+    if (!tq_cuda_fattn_supported(a->k_type, a->v_type, a->k.ne[0], a->v.ne[0]) || a->q.ne[0] != D ||
+        a->q.nb[0] != sizeof(float) || a->k.ne[2] <= 0 || a->q.ne[2] % a->k.ne[2] != 0 ||
+        a->v.ne[2] != a->k.ne[2] || a->v.ne[1] != a->k.ne[1] || a->k.ne[3] != a->q.ne[3] || a->v.ne[3] != a->q.ne[3] ||
+        (a->mask.data && (a->mask.ne[0] < a->k.ne[1] || a->mask.ne[1] < a->q.ne[1])) ||
+        (a->exact_cell && !a->k_exact)) {
+        return (int) cudaErrorInvalidValue;
+    }
+    const tq_fa_plan pl = tq_fa_make_plan(a, n_sm, n_split);
+    if (pl.n_split > 1 && (work == nullptr || work_size < pl.work)) {
+        return (int) cudaErrorInvalidValue;
+    }
+    if (a->k.ne[1] == 0 || a->q.ne[1] == 0) {
+        return 0;
+    }
+
+    tq_fattn_params p;
+    memset(&p, 0, sizeof(p));
+    p.q = (const char *) a->q.data; p.nbq1 = a->q.nb[1]; p.nbq2 = a->q.nb[2]; p.nbq3 = a->q.nb[3];
+    p.k = (const char *) a->k.data; p.nbk1 = a->k.nb[1]; p.nbk2 = a->k.nb[2]; p.nbk3 = a->k.nb[3];
+    p.v = (const char *) a->v.data; p.nbv1 = a->v.nb[1]; p.nbv2 = a->v.nb[2]; p.nbv3 = a->v.nb[3];
+    p.mask = (const char *) a->mask.data;
+    p.nbm1 = a->mask.nb[1]; p.nbm2 = a->mask.nb[2]; p.nbm3 = a->mask.nb[3];
+    p.ne_m2 = (int) std::max<int64_t>(1, a->mask.ne[2]); p.ne_m3 = (int) std::max<int64_t>(1, a->mask.ne[3]);
+    p.sinks = a->sinks;
+    p.k_exact = a->k_exact; p.nbxk1 = a->k_exact_nb1;
+    p.v_exact = a->v_exact; p.nbxv1 = a->v_exact_nb1;
+    p.exact_cell = a->exact_cell;
+    p.dst = a->dst;
+    p.part = (float *) work;
+    p.n_q = (int) a->q.ne[1]; p.n_head = (int) a->q.ne[2]; p.n_head_kv = (int) a->k.ne[2]; p.n_kv = (int) a->k.ne[1];
+    p.gqa = p.n_head / p.n_head_kv;
+    p.n_split = pl.n_split; p.split_cells = pl.split_cells;
+    p.copy_unit = tq_fa_copy_unit(a);
+    // as ggml's CPU kernel: with soft-capping the scale is divided by the cap, s = cap*tanh(s*scale)
+    p.softcap = a->softcap;
+    p.scale = a->softcap != 0.0f ? a->scale / a->softcap : a->scale;
+    p.max_bias = a->max_bias;
+    p.n_head_log2 = 1u << (uint32_t) floorf(log2f((float) p.n_head));
+    p.m0 = powf(2.0f, -(a->max_bias) / p.n_head_log2);
+    p.m1 = powf(2.0f, -(a->max_bias / 2.0f) / p.n_head_log2);
+
+    const dim3 grid((unsigned) (a->k.ne[2]*a->k.ne[3]), (unsigned) pl.chunks, (unsigned) pl.n_split);
+    cudaStream_t st = (cudaStream_t) stream;
+    switch (D) {
+        case 64:  tq_fa_launch_k<64>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+        case 128: tq_fa_launch_k<128>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+        default:  tq_fa_launch_k<256>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+    }
+    int err = tq_launch_status();
+    if (err != 0 || pl.n_split == 1) {
+        return err;
+    }
+    const dim3 cgrid((unsigned) (a->q.ne[1]*a->q.ne[2]*a->q.ne[3]));
+    const bool v_tq = tq_cuda_is_type(a->v_type);
+    const tq_cuda_tables & t = tq_cuda_tables_host();
+    switch (D) {
+        case 64:  if (v_tq) tq_fattn_combine_kernel<64, true><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t);
+                  else      tq_fattn_combine_kernel<64, false><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t); break;
+        case 128: if (v_tq) tq_fattn_combine_kernel<128, true><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t);
+                  else      tq_fattn_combine_kernel<128, false><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t); break;
+        default:  if (v_tq) tq_fattn_combine_kernel<256, true><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t);
+                  else      tq_fattn_combine_kernel<256, false><<<cgrid, TQ_FA_THREADS, 0, st>>>(p, t); break;
+    }
+    return tq_launch_status();
+}

@@ -1,0 +1,895 @@
+// TurboQuant KV-cache types on CUDA: device functions per type and the templated kernels
+// (the design of llama.cpp's fattn-vec: a small decode function per type, one kernel).
+// The bytes and the exact arithmetic are tq-blocks.h's; the host entry points are in tq-cuda.cu.
+//
+// Bit-exact quantization needs IEEE float32 without fused multiply-add where tq-blocks.h forbids
+// it: every such operation below is an explicit __fadd_rn/__fmul_rn/__fdiv_rn (never contracted),
+// the double sums are __dadd_rn in the reference's order, and nothing may be built with
+// --use_fast_math or -ftz=true (denormals are kept).
+#pragma once
+
+#include "tq-blocks.h"
+#include "tq-codebooks.h" // TQ_ROTATION_ROUNDS; its tables reach the kernels through tq_cuda_tables
+#include "tq-cuda.h"
+
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <stdint.h>
+#include <type_traits>
+
+#define TQ_CUDA_FULL_MASK 0xffffffffu
+
+enum {
+    TQK_F16  = 1,
+    TQK_Q8_0 = 8,
+    TQK_TQ2  = 43,
+    TQK_TQ3  = 44,
+    TQK_TQ4  = 45,
+};
+
+// The constants of tq-codebooks.h, passed by value as a kernel parameter (constant bank): no
+// per-device initialisation, nothing to copy before a graph is captured.
+struct tq_cuda_tables {
+    float c[3][16];       // centroids of 2, 3, 4 bits (bits - 2)
+    float b[3][15];       // boundaries
+    uint32_t signs[TQ_ROTATION_ROUNDS][2];   // low and high word of tq_rotation_signs[r]
+    float grid[TQ_SCALE_GRID_N];
+};
+
+// --- per-type facts ------------------------------------------------------------------------------
+
+template <int T> struct tq_kv_type;
+template <> struct tq_kv_type<TQK_F16>  { static constexpr int qk = 1;  static constexpr int bytes = 2;  static constexpr bool tq = false; static constexpr int bits = 0; };
+template <> struct tq_kv_type<TQK_Q8_0> { static constexpr int qk = 32; static constexpr int bytes = 34; static constexpr bool tq = false; static constexpr int bits = 0; };
+template <> struct tq_kv_type<TQK_TQ2>  { static constexpr int qk = 64; static constexpr int bytes = 18; static constexpr bool tq = true;  static constexpr int bits = 2; };
+template <> struct tq_kv_type<TQK_TQ3>  { static constexpr int qk = 64; static constexpr int bytes = 26; static constexpr bool tq = true;  static constexpr int bits = 3; };
+template <> struct tq_kv_type<TQK_TQ4>  { static constexpr int qk = 64; static constexpr int bytes = 34; static constexpr bool tq = true;  static constexpr int bits = 4; };
+
+template <int T, int D> __host__ __device__ constexpr int tq_row_bytes() { return D / tq_kv_type<T>::qk * tq_kv_type<T>::bytes; }
+
+static __device__ __forceinline__ float tq_h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+// --- the rotation on one warp: lane holds x[lane] (x0) and x[lane + 32] (x1) of a 64-block --------
+
+// Unnormalised FWHT, butterflies h = 1, 2, ..., 32 as tq_fwht64 (each pair's (a + b, a - b) is the
+// same IEEE operation whichever lane computes it, so the result is bit-identical).
+static __device__ __forceinline__ void tq_fwht64_warp(float & x0, float & x1) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 1; h < 32; h <<= 1) {
+        const float o0 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x0, h);
+        const float o1 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x1, h);
+        if (lane & h) {
+            x0 = __fsub_rn(o0, x0);
+            x1 = __fsub_rn(o1, x1);
+        } else {
+            x0 = __fadd_rn(x0, o0);
+            x1 = __fadd_rn(x1, o1);
+        }
+    }
+    const float a = x0, b = x1;
+    x0 = __fadd_rn(a, b);
+    x1 = __fsub_rn(a, b);
+}
+
+static __device__ __forceinline__ void tq_signs_warp(const tq_cuda_tables & t, int r, float & x0, float & x1) {
+    const int lane = threadIdx.x & 31;
+    if ((t.signs[r][0] >> lane) & 1) x0 = -x0;
+    if ((t.signs[r][1] >> lane) & 1) x1 = -x1;
+}
+
+static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, float & x0, float & x1) {
+#pragma unroll
+    for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
+        tq_signs_warp(t, r, x0, x1);
+        tq_fwht64_warp(x0, x1);
+        x0 = __fmul_rn(x0, 0.125f);
+        x1 = __fmul_rn(x1, 0.125f);
+    }
+}
+
+static __device__ __forceinline__ void tq_unrotate_warp(const tq_cuda_tables & t, float & x0, float & x1) {
+#pragma unroll
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
+        tq_fwht64_warp(x0, x1);
+        x0 = __fmul_rn(x0, 0.125f);
+        x1 = __fmul_rn(x1, 0.125f);
+        tq_signs_warp(t, r, x0, x1);
+    }
+}
+
+// Rotate (or unrotate) n floats of shared memory, blocks of 64, by the warps of the CTA.
+static __device__ __forceinline__ void tq_rotate_smem(const tq_cuda_tables & t, float * x, int n, bool inverse) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    for (int b = warp; b < n / QK_TQ; b += nwarps) {
+        float x0 = x[b*QK_TQ + lane], x1 = x[b*QK_TQ + lane + 32];
+        if (inverse) {
+            tq_unrotate_warp(t, x0, x1);
+        } else {
+            tq_rotate_warp(t, x0, x1);
+        }
+        x[b*QK_TQ + lane] = x0;
+        x[b*QK_TQ + lane + 32] = x1;
+    }
+}
+
+// --- quantize one 64-block on one warp (tq-blocks.h steps 1-4, MSE types) -------------------------
+
+// number of boundaries b[k] (k < 2^bits - 1, ascending) with v > b[k]
+template <int BITS>
+static __device__ __forceinline__ int tq_cell_count(float v, const float * b) {
+    int n = 0;
+#pragma unroll
+    for (int k = 0; k < (1 << BITS) - 1; ++k) {
+        n += v > b[k] ? 1 : 0;
+    }
+    return n;
+}
+
+template <int BITS>
+static __device__ __forceinline__ void tq_scaled_boundaries(const tq_cuda_tables & t, int m, float * sb) {
+#pragma unroll
+    for (int k = 0; k < (1 << BITS) - 1; ++k) {
+        sb[k] = __fmul_rn(t.grid[m], t.b[BITS - 2][k]);
+    }
+}
+
+// x0, x1: this lane's values x[lane], x[lane + 32]; c: the centroids in shared memory. Writes the
+// block (bytes identical to tq_quantize_row in tq.c).
+template <int BITS>
+static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tables & t, const float * c,
+                                                              float x0, float x1, uint8_t * blk, unsigned flags) {
+    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    const int lane = threadIdx.x & 31;
+
+    // step 1: s = sum_j (double) x_j^2 in order j = 0..63 (every lane computes the same sum)
+    double s = 0.0;
+#pragma unroll 8
+    for (int j = 0; j < QK_TQ; ++j) {
+        const float v = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? x0 : x1, j & 31);
+        s = __dadd_rn(s, __dmul_rn((double) v, (double) v));
+    }
+    const bool finite = isfinite(s);
+    const float n = finite ? __double2float_rn(__dsqrt_rn(s)) : 0.0f;
+    if (!finite || n == 0.0f) {
+        for (int i = lane; i < BB; i += 32) {
+            blk[i] = 0;
+        }
+        __syncwarp();
+        if (lane == 0 && !finite) {
+            *(uint16_t *) blk = 0x7E00;
+        }
+        return;
+    }
+
+    // step 2: rotate, divide by the norm
+    tq_rotate_warp(t, x0, x1);
+    const float u0 = __fdiv_rn(x0, n), u1 = __fdiv_rn(x1, n);
+
+    // step 3: lane m < n_scales scores scale m of the grid (sums in the reference's order)
+    const bool search = !(flags & (TQ_CUDA_NO_NORM_CORRECTION | TQ_CUDA_NO_SCALE_SEARCH));
+    const int n_scales = search ? TQ_SCALE_GRID_N : 1;
+    const int m = lane < n_scales ? lane : 0;
+    float sb[15];
+    tq_scaled_boundaries<BITS>(t, m, sb);
+    double dot = 0.0, cs = 0.0;
+#pragma unroll 4
+    for (int j = 0; j < QK_TQ; ++j) {
+        const float uj = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? u0 : u1, j & 31);
+        const float cv = c[tq_cell_count<BITS>(uj, sb)];
+        dot = __dadd_rn(dot, __dmul_rn((double) uj, (double) cv));
+        cs  = __dadd_rn(cs,  __dmul_rn((double) cv, (double) cv));
+    }
+    const double score = __ddiv_rn(dot, __dsqrt_rn(cs));
+    int best_m = 0;
+    double best = -INFINITY;
+    for (int i = 0; i < n_scales; ++i) {
+        const double si = __shfl_sync(TQ_CUDA_FULL_MASK, score, i);
+        if (si > best) {
+            best = si;
+            best_m = i;
+        }
+    }
+    const double cs_best = __shfl_sync(TQ_CUDA_FULL_MASK, cs, best_m);
+    tq_scaled_boundaries<BITS>(t, best_m, sb);
+    const int i0 = tq_cell_count<BITS>(u0, sb), i1 = tq_cell_count<BITS>(u1, sb);
+
+    // step 4: the norm (corrected), fp16 round to nearest even
+    const float d = (flags & TQ_CUDA_NO_NORM_CORRECTION) ? n
+                  : __double2float_rn(__ddiv_rn((double) n, __dsqrt_rn(cs_best)));
+
+    // bit planes
+    if (BITS == 4) {
+        blk[2 + lane] = (uint8_t) ((i0 & 15) | ((i1 & 15) << 4));
+    } else {
+        const uint64_t p0 = (uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i0 & 1) | ((uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i1 & 1) << 32);
+        const uint64_t p1 = (uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i0 & 2) | ((uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i1 & 2) << 32);
+        const uint64_t p2 = (uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i0 & 4) | ((uint64_t) __ballot_sync(TQ_CUDA_FULL_MASK, i1 & 4) << 32);
+        if (lane < 16) {
+            uint32_t q = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int j = lane + 16*k;
+                q |= (uint32_t) (((p0 >> j) & 1) | (((p1 >> j) & 1) << 1)) << (2*k);
+            }
+            blk[2 + lane] = (uint8_t) q;
+        } else if (BITS == 3 && lane < 24) {
+            const int i = lane - 16;
+            uint32_t q = 0;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                q |= (uint32_t) ((p2 >> (i + 8*k)) & 1) << k;
+            }
+            blk[18 + i] = (uint8_t) q;
+        }
+    }
+    if (lane == 0) {
+        *(uint16_t *) blk = __half_as_ushort(__float2half_rn(d));
+    }
+}
+
+// --- decoding: four values of a row per call ------------------------------------------------------
+//
+// A row's values are read in quads: quad qd of a TQ row is the values b*64 + i + 16k (k = 0..3) of
+// block b = qd / 16, i = qd % 16, the four that share byte i of the 2-bit plane (and one byte of
+// the 1-bit plane, two of the 4-bit plane); quad qd of f16 and q8_0 rows is 4qd .. 4qd + 3. The
+// query is stored in the same order, so a quad of it is one 16-byte load.
+
+template <int T>
+static __device__ __forceinline__ int tq_quad_dim(int qd, int k) {
+    if (tq_kv_type<T>::tq) {
+        return (qd >> 4)*QK_TQ + (qd & 15) + 16*k;
+    }
+    return 4*qd + k;
+}
+
+// v[k] = value k of quad qd of the row at `row` (shared memory, 4-byte aligned); lut: the type's
+// centroids in shared memory (TQ types). TQ values are d * C[idx] as tq_dequantize_row_rotated_ref.
+template <int T, bool SCALED = true>
+static __device__ __forceinline__ void tq_decode_quad(const uint8_t * row, int qd, const float * lut, float v[4]) {
+    if (T == TQK_F16) {
+        const uint2 w = *(const uint2 *) (row + 8*qd);
+        const float2 a = __half22float2(*(const __half2 *) &w.x);
+        const float2 b = __half22float2(*(const __half2 *) &w.y);
+        v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+    } else if (T == TQK_Q8_0) {
+        const int j = 4*qd;
+        const uint8_t * blk = row + (j / 32)*34;
+        const float d = tq_h2f(*(const uint16_t *) blk);
+        const uint16_t w0 = *(const uint16_t *) (blk + 2 + (j % 32));
+        const uint16_t w1 = *(const uint16_t *) (blk + 4 + (j % 32));
+        v[0] = d * (float) (int8_t) (w0 & 0xff);
+        v[1] = d * (float) (int8_t) (w0 >> 8);
+        v[2] = d * (float) (int8_t) (w1 & 0xff);
+        v[3] = d * (float) (int8_t) (w1 >> 8);
+    } else {
+        constexpr int BB = tq_kv_type<T>::bytes;
+        const int i = qd & 15;
+        const uint8_t * blk = row + (qd >> 4)*BB;
+        // unscaled (SCALED false): C[idx], the block's norm applied once per block by the caller
+        const float d = SCALED ? tq_h2f(*(const uint16_t *) blk) : 1.0f;
+        if (T == TQK_TQ2) {
+            const uint32_t q = blk[2 + i];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                v[k] = __fmul_rn(d, lut[(q >> (2*k)) & 3]);
+            }
+        } else if (T == TQK_TQ3) {
+            const uint32_t q = blk[2 + i];
+            const uint32_t h = (uint32_t) blk[18 + (i & 7)] >> (i >> 3);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                v[k] = __fmul_rn(d, lut[((q >> (2*k)) & 3) | (((h >> (2*k)) & 1) << 2)]);
+            }
+        } else {
+            const uint32_t lo = blk[2 + i], hi = blk[2 + i + 16];
+            v[0] = __fmul_rn(d, lut[lo & 15]);
+            v[1] = __fmul_rn(d, lut[hi & 15]);
+            v[2] = __fmul_rn(d, lut[lo >> 4]);
+            v[3] = __fmul_rn(d, lut[hi >> 4]);
+        }
+    }
+}
+
+// Whether a coded row has a NaN block (tq_row_is_nan): such a row keeps its NaN over an exact row.
+template <int T, int D>
+static __device__ __forceinline__ bool tq_row_is_nan_dev(const uint8_t * row) {
+    if (!tq_kv_type<T>::tq) {
+        return false;
+    }
+    bool nan = false;
+    for (int b = 0; b < D / QK_TQ; ++b) {
+        const uint16_t d = (uint16_t) row[b*tq_kv_type<T>::bytes] | ((uint16_t) row[b*tq_kv_type<T>::bytes + 1] << 8);
+        nan |= (d & 0x7C00) == 0x7C00 && (d & 0x03FF) != 0;
+    }
+    return nan;
+}
+
+// --- flash attention while decoding ---------------------------------------------------------------
+
+struct tq_fattn_params {
+    const char * q; size_t nbq1, nbq2, nbq3;
+    const char * k; size_t nbk1, nbk2, nbk3;
+    const char * v; size_t nbv1, nbv2, nbv3;
+    const char * mask; size_t nbm1, nbm2, nbm3; int ne_m2, ne_m3;
+    const float * sinks;
+    const float * k_exact; size_t nbxk1;
+    const float * v_exact; size_t nbxv1;
+    const int32_t * exact_cell;
+    float * dst;
+    float * part;             // [dst row][split][2 + D]: M, S, unnormalised output (rotated domain)
+    int n_q, n_head, n_head_kv, n_kv, gqa;
+    int n_split, split_cells; // cells per split: a multiple of the tile
+    int copy_unit;            // 8, 4 or 2: the widest aligned unit of both caches' rows
+    float scale, softcap, max_bias, m0, m1;
+    uint32_t n_head_log2;
+};
+
+#define TQ_FA_THREADS 256
+#define TQ_FA_TILE    64
+
+// shared-memory row stride of a tile: an odd number of 4-byte words (8-byte units for f16, read
+// 8 bytes at a time), so that 32 lanes reading the same offset of 32 rows hit 32 banks
+template <int T, int D> __host__ __device__ constexpr int tq_smem_stride() {
+    return T == TQK_F16 ? 8*((tq_row_bytes<T, D>() / 8) | 1) : 4*(((tq_row_bytes<T, D>() + 3) / 4) | 1);
+}
+
+static __host__ __device__ constexpr int a16(int n) { return (n + 15) & ~15; }   // every part 16-byte aligned
+
+template <int D, int KT, int VT, int NR>
+struct tq_fattn_smem {
+    static constexpr int CG  = 4*TQ_FA_THREADS / D;          // cell groups of the V loop
+    static constexpr int TPC = TQ_FA_THREADS / TQ_FA_TILE;   // threads per cell of the K loop
+    static constexpr int SK  = tq_smem_stride<KT, D>();
+    static constexpr int SV  = tq_smem_stride<VT, D>();
+    static constexpr int off_q    = 0;                                  // float [NR][D] (quad order)
+    static constexpr int off_o    = a16(off_q + 4*NR*D);                // float [CG][NR][D]
+    static constexpr int off_part = a16(off_o + 4*CG*NR*D);             // float [TPC][NR][TILE]
+    static constexpr int off_p    = a16(off_part + 4*TPC*NR*TQ_FA_TILE);// float [NR][TILE]
+    static constexpr int off_mb   = a16(off_p + 4*NR*TQ_FA_TILE);       // uint32 [NR][2]
+    static constexpr int off_row  = a16(off_mb + 8*NR);                 // float M, S, ms, slope [NR]
+    static constexpr int off_lut  = a16(off_row + 4*4*NR);              // float [2][16]
+    static constexpr int off_x    = a16(off_lut + 4*32);                // float [2][D] exact rows
+    static constexpr int off_kt   = a16(off_x + 4*2*D);
+    static constexpr int off_vt   = a16(off_kt + 2*SK*TQ_FA_TILE);      // two tiles: one read, one loading
+    static constexpr int size     = a16(off_vt + 2*SV*TQ_FA_TILE);
+};
+
+// n_rows rows of a cache into shared memory: asynchronous copies of 4 or 8 bytes (waited for with
+// __pipeline_wait_prior), plain 2-byte loads and stores where the rows are only 2-byte aligned
+template <int UNIT>
+static __device__ __forceinline__ void tq_copy_tile(uint8_t * smem, int sstride, const char * g, size_t gstride,
+                                                    int row_bytes, int n_rows) {
+    const int units = row_bytes / UNIT;
+    for (int w = threadIdx.x; w < units*n_rows; w += blockDim.x) {
+        const int r = w / units, c = w - r*units;
+        if (UNIT == 2) {
+            *(uint16_t *) (smem + r*sstride + c*UNIT) = *(const uint16_t *) (g + r*gstride + c*UNIT);
+        } else {
+            __pipeline_memcpy_async(smem + r*sstride + c*UNIT, g + r*gstride + c*UNIT, UNIT);
+        }
+    }
+}
+
+// One CTA: the query rows [chunk*NR, chunk*NR + NR) of the rows that read K/V head (ik2, ik3) (row r:
+// token r / gqa, head ik2*gqa + r % gqa), over the cells of split blockIdx.z.
+template <int D, int KT, int VT, int NR>
+__global__ void __launch_bounds__(TQ_FA_THREADS)
+tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
+    typedef tq_fattn_smem<D, KT, VT, NR> L;
+    constexpr int T = TQ_FA_TILE, NQD = D / 4, CG = L::CG;
+    constexpr bool K_TQ = tq_kv_type<KT>::tq, V_TQ = tq_kv_type<VT>::tq;
+    constexpr int KB = tq_row_bytes<KT, D>(), VB = tq_row_bytes<VT, D>();
+
+    extern __shared__ __align__(16) uint8_t smem[];
+    float * s_q    = (float *) (smem + L::off_q);
+    float * s_o    = (float *) (smem + L::off_o);
+    float * s_part = (float *) (smem + L::off_part);
+    float * s_p    = (float *) (smem + L::off_p);
+    uint32_t * s_mb = (uint32_t *) (smem + L::off_mb);
+    float * s_M = (float *) (smem + L::off_row), * s_S = s_M + NR, * s_ms = s_S + NR, * s_slope = s_ms + NR;
+    float * s_lutk = (float *) (smem + L::off_lut), * s_lutv = s_lutk + 16;
+    float * s_xk = (float *) (smem + L::off_x), * s_xv = s_xk + D;
+    uint8_t * s_kt = smem + L::off_kt, * s_vt = smem + L::off_vt;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+    const int ik2 = blockIdx.x % p.n_head_kv, ik3 = blockIdx.x / p.n_head_kv;
+    const int rows = p.gqa*p.n_q;
+    const int r0 = blockIdx.y*NR;
+    const int split = blockIdx.z;
+    const int c0 = split*p.split_cells;
+    const int c1 = min(p.n_kv, c0 + p.split_cells);
+
+    const char * kbase = p.k + ik2*p.nbk2 + ik3*p.nbk3;
+    const char * vbase = p.v + ik2*p.nbv2 + ik3*p.nbv3;
+
+    // --- set-up: centroids, queries (rotated for TQ keys, in quad order), per-row state ---------
+    if (tid < 16) {
+        s_lutk[tid] = K_TQ ? tab.c[tq_kv_type<KT>::bits - 2][tid & ((1 << tq_kv_type<KT>::bits) - 1)] : 0.0f;
+        s_lutv[tid] = V_TQ ? tab.c[tq_kv_type<VT>::bits - 2][tid & ((1 << tq_kv_type<VT>::bits) - 1)] : 0.0f;
+    }
+    for (int e = tid; e < NR*D; e += TQ_FA_THREADS) {
+        const int r = e / D, j = e % D, rr = r0 + r;
+        float x = 0.0f;
+        if (rr < rows) {
+            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+            x = ((const float *) (p.q + iq1*p.nbq1 + iq2*p.nbq2 + ik3*p.nbq3))[j];
+        }
+        s_o[e] = x;
+    }
+    if (tid < NR) {
+        const int rr = r0 + tid;
+        const int h = rr < rows ? ik2*p.gqa + rr % p.gqa : 0;
+        s_M[tid] = -INFINITY;
+        s_S[tid] = 0.0f;
+        s_slope[tid] = p.max_bias > 0.0f ? (h < (int) p.n_head_log2 ? powf(p.m0, h + 1) : powf(p.m1, 2*(h - (int) p.n_head_log2) + 1)) : 1.0f;
+    }
+    // the exact sink row: used for its cell on each TQ side whose coded row there is not a NaN row
+    int xk_cell = -1, xv_cell = -1;
+    if (p.exact_cell) {
+        const int ce = p.exact_cell[ik3];
+        if (ce >= c0 && ce < c1) {
+            if (K_TQ && p.k_exact && !tq_row_is_nan_dev<KT, D>((const uint8_t *) (kbase + (size_t) ce*p.nbk1))) {
+                xk_cell = ce;
+            }
+            if (V_TQ && p.v_exact && !tq_row_is_nan_dev<VT, D>((const uint8_t *) (vbase + (size_t) ce*p.nbv1))) {
+                xv_cell = ce;
+            }
+        }
+    }
+    if (xk_cell >= 0) {
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_xk[j] = p.k_exact[ik3*(p.nbxk1/4) + ik2*D + j];
+    }
+    if (xv_cell >= 0) {
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_xv[j] = p.v_exact[ik3*(p.nbxv1/4) + ik2*D + j];
+    }
+    __syncthreads();
+    if (K_TQ) {
+        tq_rotate_smem(tab, s_o, NR*D, false);
+    }
+    if (xk_cell >= 0) tq_rotate_smem(tab, s_xk, D, false);
+    if (xv_cell >= 0) tq_rotate_smem(tab, s_xv, D, false);
+    __syncthreads();
+    for (int e = tid; e < NR*D; e += TQ_FA_THREADS) {
+        const int r = e / D, qd = (e % D) / 4, k = e % 4;
+        s_q[e] = s_o[r*D + tq_quad_dim<KT>(qd, k)];
+    }
+    // the exact rows in quad order too (s_o is free again after the barrier)
+    __syncthreads();
+    if (xk_cell >= 0) {
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_o[j] = s_xk[tq_quad_dim<KT>(j / 4, j % 4)];
+        __syncthreads();
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_xk[j] = s_o[j];
+    }
+    if (xv_cell >= 0) {
+        __syncthreads();
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_o[j] = s_xv[tq_quad_dim<VT>(j / 4, j % 4)];
+        __syncthreads();
+        for (int j = tid; j < D; j += TQ_FA_THREADS) s_xv[j] = s_o[j];
+    }
+
+    // V accumulators: quad vq of the row, cells t = vg, vg + CG, ... of each tile
+    const int vq = tid % NQD, vg = tid / NQD;
+    float acc[NR][4];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[r][k] = 0.0f;
+    }
+
+    // tile it goes to buffer b while the tile before it is read from the other one
+    auto load_tile = [&](int it_load, int b) {
+        const int n = min(T, c1 - it_load);
+        uint8_t * kd = s_kt + b*L::SK*T, * vd = s_vt + b*L::SV*T;
+        const char * kg = kbase + (size_t) it_load*p.nbk1, * vg_ = vbase + (size_t) it_load*p.nbv1;
+        if (p.copy_unit == 8) {
+            tq_copy_tile<8>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_copy_tile<8>(vd, L::SV, vg_, p.nbv1, VB, n);
+        } else if (p.copy_unit == 4) {
+            tq_copy_tile<4>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_copy_tile<4>(vd, L::SV, vg_, p.nbv1, VB, n);
+        } else {
+            tq_copy_tile<2>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_copy_tile<2>(vd, L::SV, vg_, p.nbv1, VB, n);
+        }
+        __pipeline_commit();
+    };
+    load_tile(c0, 0);
+
+    for (int it = c0, buf = 0; it < c1; it += T, buf ^= 1) {
+        const int nt = min(T, c1 - it);
+        __syncthreads(); // the tile before this one is consumed: its buffer may be loaded again
+        if (it + T < c1) {
+            load_tile(it + T, buf ^ 1);
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
+        __syncthreads();
+        const uint8_t * s_kt_cur = s_kt + buf*L::SK*T;
+        const uint8_t * s_vt_cur = s_vt + buf*L::SV*T;
+
+        // K: thread (cell t, part h) sums the quads h, h + TPC, ... of q . k for every row; TQ
+        // blocks as d * sum C[idx] q (the norm once per block)
+        {
+            constexpr int TPC = L::TPC;
+            const int t = tid % T, h = tid / T;
+            float part[NR];
+#pragma unroll
+            for (int r = 0; r < NR; ++r) part[r] = 0.0f;
+            if (t < nt) {
+                const uint8_t * krow = s_kt_cur + t*L::SK;
+                if (it + t == xk_cell) {
+                    for (int qd = h; qd < NQD; qd += TPC) {
+                        const float4 x = *(const float4 *) (s_xk + 4*qd);
+#pragma unroll
+                        for (int r = 0; r < NR; ++r) {
+                            const float4 q = *(const float4 *) (s_q + r*D + 4*qd);
+                            part[r] = fmaf(x.x, q.x, fmaf(x.y, q.y, fmaf(x.z, q.z, fmaf(x.w, q.w, part[r]))));
+                        }
+                    }
+                } else if (K_TQ) {
+#pragma unroll
+                    for (int b = 0; b < D / QK_TQ; ++b) {
+                        const float d = tq_h2f(*(const uint16_t *) (krow + b*tq_kv_type<KT>::bytes));
+                        float sb[NR];
+#pragma unroll
+                        for (int r = 0; r < NR; ++r) sb[r] = 0.0f;
+#pragma unroll
+                        for (int qd = 16*b + h; qd < 16*b + 16; qd += TPC) {
+                            float kv[4];
+                            tq_decode_quad<KT, false>(krow, qd, s_lutk, kv);
+#pragma unroll
+                            for (int r = 0; r < NR; ++r) {
+                                const float4 q = *(const float4 *) (s_q + r*D + 4*qd);
+                                sb[r] = fmaf(kv[0], q.x, fmaf(kv[1], q.y, fmaf(kv[2], q.z, fmaf(kv[3], q.w, sb[r]))));
+                            }
+                        }
+#pragma unroll
+                        for (int r = 0; r < NR; ++r) part[r] = fmaf(d, sb[r], part[r]);
+                    }
+                } else {
+#pragma unroll 4
+                    for (int qd = h; qd < NQD; qd += TPC) {
+                        float kv[4];
+                        tq_decode_quad<KT>(krow, qd, s_lutk, kv);
+#pragma unroll
+                        for (int r = 0; r < NR; ++r) {
+                            const float4 q = *(const float4 *) (s_q + r*D + 4*qd);
+                            part[r] = fmaf(kv[0], q.x, fmaf(kv[1], q.y, fmaf(kv[2], q.z, fmaf(kv[3], q.w, part[r]))));
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < NR; ++r) s_part[(h*NR + r)*T + t] = part[r];
+        }
+        __syncthreads();
+
+        // scores (scale, soft-cap, mask with the ALiBi slope; masked cells marked dead in s_mb) and
+        // one online-softmax step per row, a warp per row: lanes hold cells lane and lane + 32
+        for (int r = warp; r < NR; r += TQ_FA_THREADS / 32) {
+            const int rr = r0 + r;
+            float sc[2];
+            bool dead[2];
+            const __half * mp = nullptr;
+            if (p.mask && rr < rows) {
+                const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+                mp = (const __half *) (p.mask + iq1*p.nbm1 + (iq2 % p.ne_m2)*p.nbm2 + (ik3 % p.ne_m3)*p.nbm3);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int t = lane + 32*i;
+                sc[i] = -INFINITY;
+                dead[i] = !(t < nt && rr < rows);
+                if (!dead[i]) {
+                    const float mv = mp ? s_slope[r]*__half2float(mp[it + t]) : 0.0f;
+                    if (mv == -INFINITY) {
+                        dead[i] = true;
+                    } else {
+                        float x = s_part[r*T + t];
+#pragma unroll
+                        for (int h = 1; h < L::TPC; ++h) x += s_part[(h*NR + r)*T + t];
+                        x *= p.scale;
+                        if (p.softcap != 0.0f) {
+                            x = p.softcap*tanhf(x);
+                        }
+                        sc[i] = x + mv;
+                    }
+                }
+            }
+            const uint32_t dead0 = __ballot_sync(TQ_CUDA_FULL_MASK, dead[0]);
+            const uint32_t dead1 = __ballot_sync(TQ_CUDA_FULL_MASK, dead[1]);
+            if (lane == 0) {
+                s_mb[2*r] = dead0;
+                s_mb[2*r + 1] = dead1;
+            }
+            if ((dead0 & dead1) == TQ_CUDA_FULL_MASK) {
+                s_p[r*T + lane] = 0.0f;
+                s_p[r*T + lane + 32] = 0.0f;
+                if (lane == 0) s_ms[r] = 1.0f;
+                continue;
+            }
+            float mx = fmaxf(sc[0], sc[1]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(TQ_CUDA_FULL_MASK, mx, o));
+            const float M_old = s_M[r];
+            // fmaxf skips a NaN score; exp(NaN - M) then carries it into S and the output, as the
+            // CPU's per-cell path does for a NaN key row that a row attends to
+            const float M_new = fmaxf(M_old, mx);
+            const float pa = dead[0] ? 0.0f : expf(sc[0] - M_new), pb = dead[1] ? 0.0f : expf(sc[1] - M_new);
+            s_p[r*T + lane] = pa;
+            s_p[r*T + lane + 32] = pb;
+            float sum = pa + pb;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(TQ_CUDA_FULL_MASK, sum, o);
+            __syncwarp(); // every lane has read s_M[r] before lane 0 writes it
+            if (lane == 0) {
+                const float ms = M_old == -INFINITY ? 0.0f : expf(M_old - M_new);
+                s_ms[r] = ms;
+                s_M[r] = M_new;
+                s_S[r] = s_S[r]*ms + sum;
+            }
+        }
+        __syncthreads();
+
+        // V: acc += p v in the rotated domain (TQ) over this thread's cells; a masked cell is skipped
+        // for its row (so a NaN row reaches only the rows that attend to it)
+        uint32_t any_dead = 0;
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            any_dead |= s_mb[2*r] | s_mb[2*r + 1];
+            const float ms = s_ms[r];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[r][k] *= ms;
+        }
+        for (int t = vg; t < nt; t += CG) {
+            float vv[4];
+            if (it + t == xv_cell) {
+                const float4 x = *(const float4 *) (s_xv + 4*vq);
+                vv[0] = x.x; vv[1] = x.y; vv[2] = x.z; vv[3] = x.w;
+            } else {
+                tq_decode_quad<VT>(s_vt_cur + t*L::SV, vq, s_lutv, vv);
+            }
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                if (any_dead && ((s_mb[2*r + t/32] >> (t & 31)) & 1)) {
+                    continue;
+                }
+                const float pr = s_p[r*T + t];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) acc[r][k] = fmaf(pr, vv[k], acc[r][k]);
+            }
+        }
+    }
+
+    // --- the cell groups' sums, in natural order --------------------------------------------------
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) s_o[(vg*NR + r)*D + tq_quad_dim<VT>(vq, k)] = acc[r][k];
+    }
+    __syncthreads();
+    for (int e = tid; e < NR*D; e += TQ_FA_THREADS) {
+        float o = s_o[e];
+        for (int g = 1; g < CG; ++g) o += s_o[g*NR*D + e];
+        s_o[e] = o;
+    }
+    __syncthreads();
+
+    if (p.n_split > 1) {
+        for (int e = tid; e < NR*(D + 2); e += TQ_FA_THREADS) {
+            const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
+            if (rr >= rows) continue;
+            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+            const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
+            p.part[(drow*p.n_split + split)*(D + 2) + j] = j == 0 ? s_M[r] : j == 1 ? s_S[r] : s_o[r*D + j - 2];
+        }
+        return;
+    }
+
+    // --- one split: finish here (sinks, 1/S, rotate back once) ------------------------------------
+    for (int r = warp; r < NR; r += TQ_FA_THREADS / 32) {
+        const int rr = r0 + r;
+        if (rr >= rows) continue;
+        const int iq2 = ik2*p.gqa + rr % p.gqa;
+        float M = s_M[r], S = s_S[r], ms = 1.0f;
+        if (p.sinks) {
+            const float sk = p.sinks[iq2];
+            if (sk > M) {
+                ms = expf(M - sk);
+                S = S*ms + 1.0f;
+            } else {
+                S = S + expf(sk - M);
+            }
+        }
+        const float f = S == 0.0f ? 0.0f : ms / S;
+        for (int j = lane; j < D; j += 32) s_o[r*D + j] *= f;
+    }
+    __syncthreads();
+    if (V_TQ) {
+        tq_rotate_smem(tab, s_o, NR*D, true);
+        __syncthreads();
+    }
+    for (int e = tid; e < NR*D; e += TQ_FA_THREADS) {
+        const int r = e / D, j = e % D, rr = r0 + r;
+        if (rr >= rows) continue;
+        const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+        p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_o[e];
+    }
+}
+
+// The splits of one output row: weights exp(M_s - M), the sinks, 1/S, and the rotation back.
+template <int D, bool V_TQ>
+__global__ void __launch_bounds__(TQ_FA_THREADS)
+tq_fattn_combine_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
+    __shared__ float s_o[D];
+    __shared__ float s_w[1024];
+    const size_t drow = blockIdx.x;
+    const int iq2 = (int) (drow % p.n_head);
+    const float * part = p.part + drow*p.n_split*(D + 2);
+
+    float M = -INFINITY;
+    for (int s = 0; s < p.n_split; ++s) M = fmaxf(M, part[s*(D + 2)]);
+    float S = 0.0f;
+    for (int s = threadIdx.x; s < p.n_split; s += blockDim.x) {
+        // M_s = -inf: the split saw no cell (S_s = 0), or only NaN scores (S_s NaN), which must carry on
+        const float Ms = part[s*(D + 2)];
+        s_w[s] = Ms == -INFINITY ? (part[s*(D + 2) + 1] == 0.0f ? 0.0f : NAN) : expf(Ms - M);
+    }
+    __syncthreads();
+    for (int s = 0; s < p.n_split; ++s) S += s_w[s]*part[s*(D + 2) + 1];
+    float ms = 1.0f;
+    if (p.sinks) {
+        const float sk = p.sinks[iq2];
+        if (sk > M) {
+            ms = expf(M - sk);
+            S = S*ms + 1.0f;
+        } else {
+            S = S + expf(sk - M);
+        }
+    }
+    const float f = S == 0.0f ? 0.0f : ms / S;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < p.n_split; ++s) {
+            const float w = s_w[s];
+            if (w != 0.0f) o = fmaf(w, part[s*(D + 2) + 2 + j], o);
+        }
+        s_o[j] = o*f;
+    }
+    __syncthreads();
+    if (V_TQ) {
+        tq_rotate_smem(tab, s_o, D, true);
+        __syncthreads();
+    }
+    for (int j = threadIdx.x; j < D; j += blockDim.x) p.dst[drow*D + j] = s_o[j];
+}
+
+// --- quantize, dequantize and rotate rows: one warp per 64-block ----------------------------------
+
+#define TQ_ROWS_THREADS 128
+
+struct tq_rows_params {
+    const char * src; int64_t ne0, ne1, ne2, ne3; size_t nb1, nb2, nb3;   // the rows read
+    const char * idx; int64_t ne_i1, ne_i2; size_t nb_i0, nb_i1, nb_i2;   // NULL: row i1 itself
+    char * dst; size_t dnb1, dnb2, dnb3;
+    int64_t n1, n2, n3;      // the rows of the output (set_rows: src's; get_rows: dst's)
+    unsigned flags;
+    bool rotated;
+};
+
+template <typename idx_t>
+static __device__ __forceinline__ int64_t tq_row_index(const tq_rows_params & p, int64_t i1, int64_t i2, int64_t i3) {
+    if (!p.idx) {
+        return i1;
+    }
+    return (int64_t) *(const idx_t *) (p.idx + i1*p.nb_i0 + (i2 % p.ne_i1)*p.nb_i1 + (i3 % p.ne_i2)*p.nb_i2);
+}
+
+// block b of row (i1, i2, i3) of the n1 x n2 x n3 rows of ne0 values; false past the end
+static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3) {
+    const int64_t nb = p.ne0 / QK_TQ;
+    int64_t w = ((int64_t) blockIdx.x*blockDim.x + threadIdx.x) / 32;
+    if (w >= nb*p.n1*p.n2*p.n3) {
+        return false;
+    }
+    b = w % nb; w /= nb;
+    i1 = w % p.n1; w /= p.n1;
+    i2 = w % p.n2;
+    i3 = w / p.n2;
+    return true;
+}
+
+// SET_ROWS / CPY: src row (i1, i2, i3) -> dst row (idx or i1, i2, i3)
+template <int BITS, typename src_t, typename idx_t>
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    __shared__ float s_c[16];
+    if (threadIdx.x < 16) {
+        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
+    }
+    __syncthreads();
+    int64_t b, i1, i2, i3;
+    if (!tq_warp_block(p, b, i1, i2, i3)) {
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    const src_t * x = (const src_t *) (p.src + i1*p.nb1 + i2*p.nb2 + i3*p.nb3) + b*QK_TQ;
+    float x0, x1;
+    if (std::is_same<src_t, float>::value) {
+        x0 = (float) x[lane];
+        x1 = (float) x[lane + 32];
+    } else {
+        x0 = __half2float(*(const __half *) &x[lane]);
+        x1 = __half2float(*(const __half *) &x[lane + 32]);
+    }
+    const int64_t row = tq_row_index<idx_t>(p, i1, i2, i3);
+    uint8_t * blk = (uint8_t *) (p.dst + row*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*BB;
+    tq_quantize_block_warp<BITS>(tab, s_c, x0, x1, blk, p.flags);
+}
+
+// GET_ROWS / dequantize: dst row (i1, i2, i3) <- src row (idx or i1, i2, i3), normal or rotated domain
+template <int BITS, typename dst_t, typename idx_t>
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    __shared__ float s_c[16];
+    if (threadIdx.x < 16) {
+        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
+    }
+    __syncthreads();
+    int64_t b, i1, i2, i3;
+    if (!tq_warp_block(p, b, i1, i2, i3)) {
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    const int64_t row = tq_row_index<idx_t>(p, i1, i2, i3);
+    const uint8_t * blk = (const uint8_t *) (p.src + row*p.nb1 + i2*p.nb2 + i3*p.nb3) + b*BB;
+    const float d = tq_h2f((uint16_t) blk[0] | ((uint16_t) blk[1] << 8));
+    int i0, i1v;
+    if (BITS == 4) {
+        i0 = blk[2 + lane] & 15;
+        i1v = blk[2 + lane] >> 4;
+    } else {
+        i0  = (blk[2 + (lane & 15)] >> (2*(lane >> 4))) & 3;
+        i1v = (blk[2 + (lane & 15)] >> (2*((lane + 32) >> 4))) & 3;
+        if (BITS == 3) {
+            i0  |= ((blk[18 + (lane & 7)] >> (lane >> 3)) & 1) << 2;
+            i1v |= ((blk[18 + (lane & 7)] >> ((lane + 32) >> 3)) & 1) << 2;
+        }
+    }
+    float x0 = __fmul_rn(d, s_c[i0]), x1 = __fmul_rn(d, s_c[i1v]);
+    if (!p.rotated) {
+        tq_unrotate_warp(tab, x0, x1);
+    }
+    dst_t * y = (dst_t *) (p.dst + i1*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*QK_TQ;
+    if (std::is_same<dst_t, float>::value) {
+        ((float *) y)[lane] = x0;
+        ((float *) y)[lane + 32] = x1;
+    } else {
+        ((__half *) y)[lane] = __float2half_rn(x0);
+        ((__half *) y)[lane + 32] = __float2half_rn(x1);
+    }
+}
+
+// rows of float32 rotated (or rotated back) in place, block by block
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_rotate_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+    int64_t b, i1, i2, i3;
+    if (!tq_warp_block(p, b, i1, i2, i3)) {
+        return;
+    }
+    const int lane = threadIdx.x & 31;
+    float * x = (float *) (p.dst + i1*p.dnb1) + b*QK_TQ;
+    float x0 = x[lane], x1 = x[lane + 32];
+    if (p.rotated) {
+        tq_unrotate_warp(tab, x0, x1);
+    } else {
+        tq_rotate_warp(tab, x0, x1);
+    }
+    x[lane] = x0;
+    x[lane + 32] = x1;
+}

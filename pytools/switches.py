@@ -1,0 +1,301 @@
+"""Every switch of the patched llama.cpp that changes what a TQ cache stores or computes, listed
+once with its default: the per-context TQ cache options and the measurement knobs.
+
+Options (protected layers, key centering, exact sink) are llama.cpp cache options like -ctk:
+`--tq-protect-layers N`, `--tq-key-center on|off`, `--tq-exact-sink on|off` on llama.cpp's command
+line, fields `tq_protect_layers`, `tq_key_center`, `tq_exact_sink` of llama_context_params, and
+keyword arguments of the same names for llama-cpp-python. Until the patches that add them land,
+llama.cpp reads them from the environment (TQ_PROTECT_LAYERS, TQ_KEY_CENTER, TQ_EXACT_SINK):
+OPTIONS_AS_FLAGS says which of the two a child process gets, the one place to change.
+
+Knobs are environment variables read by the library for measurements and A/B runs
+(LLAMA_ATTN_ROT_DISABLE, TQ_GRAPH_ROTATION, TQ_ATTN_ROWS, TQ_SCALE_SEARCH, TQ_NORM_CORRECTION,
+TQ_CPU_SIMD); they stay environment variables.
+
+A "setting" is a dict {switch name: value} of every switch (see `from_env`, `apply_args`): the
+value llama.cpp uses, parsed the way llama.cpp parses it (C atoi).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+from .cache_types import is_tq
+
+# False while llama.cpp reads the TQ cache options from the environment (patches/0003, 0006,
+# 0007); True once they are llama.cpp options (flags, llama_context_params fields).
+OPTIONS_AS_FLAGS = False
+
+Value = int | bool | str | None
+
+
+def c_atoi(text: str | None) -> int:
+    """C atoi, as llama.cpp reads its switches: the leading integer, 0 when there is none."""
+    m = re.match(r"\s*([-+]?\d+)", text or "")
+    return int(m.group(1)) if m else 0
+
+
+def _has_tq(k: str, v: str) -> bool:
+    return is_tq(k) or is_tq(v)
+
+
+def _has_mse_tq(k: str, v: str) -> bool:
+    return any(is_tq(t) and "qjl" not in t for t in (k, v))
+
+
+def _attn_rot_matters(k: str, v: str, setting: Mapping[str, Value]) -> bool:
+    # llama.cpp's Hadamard rotation of the graph applies to quantized non-TQ types, and to TQ
+    # types only with TQ_GRAPH_ROTATION=1
+    rotated_non_tq = any(t not in ("f16", "bf16", "f32") and not is_tq(t) for t in (k, v))
+    return rotated_non_tq or (_has_tq(k, v) and bool(setting.get("graph_rotation")))
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str                   # the key in a setting and in results files
+    env: str                    # the environment variable llama.cpp reads (options: until OPTIONS_AS_FLAGS)
+    default: Value
+    kind: str                   # "int", "on" (on/off switch, atoi != 0), "text"
+    option: bool                # a per-context llama.cpp cache option (else a measurement knob)
+    matters: Callable[[str, str, Mapping[str, Value]], bool]   # does it change a K/V pair's result
+    help: str
+
+    @property
+    def flag(self) -> str | None:
+        """llama.cpp's (and tq's) command-line flag of an option."""
+        return "--tq-" + self.name.replace("_", "-") if self.option else None
+
+    @property
+    def param(self) -> str | None:
+        """llama_context_params field and llama-cpp-python keyword argument of an option."""
+        return "tq_" + self.name if self.option else None
+
+    def parse_env(self, text: str | None) -> Value:
+        """The value llama.cpp uses when the variable holds text (None: unset)."""
+        if text is None:
+            return self.default
+        if self.kind == "int":
+            return max(0, c_atoi(text))
+        if self.kind == "on":
+            return c_atoi(text) != 0
+        return text
+
+    def env_text(self, value: Value) -> str:
+        if self.kind == "on":
+            return "1" if value else "0"
+        return str(value)
+
+    def show(self, value: Value) -> str:
+        """The value as results files and commands write it: on/off, a number, a name."""
+        if self.kind == "on":
+            return "on" if value else "off"
+        return str(value)
+
+
+# The order is the order of the parts of a results row's variant ("norm_correction=off,...").
+SWITCHES: tuple[Switch, ...] = (
+    Switch("norm_correction", "TQ_NORM_CORRECTION", True, "on", False, lambda k, v, s: _has_tq(k, v),
+           "the reference quantizer rescales a block's norm to its reconstruction's"),
+    Switch("scale_search", "TQ_SCALE_SEARCH", True, "on", False, lambda k, v, s: _has_mse_tq(k, v),
+           "the reference quantizer searches the block scale"),
+    Switch("key_center", "TQ_KEY_CENTER", True, "on", True, lambda k, v, s: is_tq(k),
+           "TQ K layers store k - m, m a mean key"),
+    Switch("exact_sink", "TQ_EXACT_SINK", True, "on", True, lambda k, v, s: _has_tq(k, v),
+           "TQ layers keep the first token's K and V rows in float32"),
+    Switch("graph_rotation", "TQ_GRAPH_ROTATION", False, "on", False, lambda k, v, s: _has_tq(k, v),
+           "llama.cpp's Hadamard rotation of the graph for TQ types as well"),
+    Switch("attn_rot", "LLAMA_ATTN_ROT_DISABLE", True, "on", False, _attn_rot_matters,
+           "llama.cpp's Hadamard rotation of quantized caches (LLAMA_ATTN_ROT_DISABLE=1 turns it off)"),
+    Switch("protect_layers", "TQ_PROTECT_LAYERS", 1, "int", True, lambda k, v, s: _has_tq(k, v),
+           "the first and last N layers of a TQ cache are kept at q8_0"),
+    Switch("attn_rows", "TQ_ATTN_ROWS", True, "on", False, lambda k, v, s: _has_tq(k, v),
+           "TQ attention reads the cache in tiles of query rows"),
+    Switch("cpu_simd", "TQ_CPU_SIMD", None, "text", False, lambda k, v, s: False,
+           "caps the TQ CPU kernels' SIMD level (scalar, avx2, avx512, neon); results are bit-identical"),
+)
+BY_NAME: dict[str, Switch] = {s.name: s for s in SWITCHES}
+OPTIONS: tuple[Switch, ...] = tuple(s for s in SWITCHES if s.option)
+ENV_NAMES: tuple[str, ...] = tuple(s.env for s in SWITCHES)
+
+
+def _value_from_env(switch: Switch, text: str | None) -> Value:
+    if switch.name == "attn_rot":   # the variable says "disable": on unless set to a non-zero number
+        return text is None or c_atoi(text) == 0
+    return switch.parse_env(text)
+
+
+def _env_from_value(switch: Switch, value: Value) -> str:
+    if switch.name == "attn_rot":
+        return "0" if value else "1"
+    return switch.env_text(value)
+
+
+def defaults() -> dict[str, Value]:
+    return {s.name: s.default for s in SWITCHES}
+
+
+def env_texts(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The switches' environment variables as set (None: unset), as results files record them."""
+    environ = os.environ if environ is None else environ
+    return {s.env: environ.get(s.env) for s in SWITCHES}
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Value]:
+    """The setting llama.cpp uses under these environment variables."""
+    environ = os.environ if environ is None else environ
+    return {s.name: _value_from_env(s, environ.get(s.env)) for s in SWITCHES}
+
+
+def non_default(setting: Mapping[str, Value]) -> dict[str, Value]:
+    return {s.name: setting[s.name] for s in SWITCHES if setting.get(s.name, s.default) != s.default}
+
+
+def variant(k: str, v: str, setting: Mapping[str, Value]) -> str:
+    """The switches that differ from their defaults and change this pair's result, e.g.
+    "key_center=off,protect_layers=0"; "" for the default behaviour."""
+    return ",".join(f"{s.name}={s.show(setting[s.name])}" for s in SWITCHES
+                    if s.name in non_default(setting) and s.matters(k, v, setting))
+
+
+def describe(setting: Mapping[str, Value]) -> dict[str, str | int | None]:
+    """Every switch and its value, as a results file records them."""
+    return {s.name: (setting[s.name] if s.kind == "int" or setting[s.name] is None else s.show(setting[s.name]))
+            for s in SWITCHES}
+
+
+# --- what a child process gets ------------------------------------------------------------------------
+
+
+def child_env(setting: Mapping[str, Value], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a llama.cpp process (or of this one, for llama-cpp-python) with this
+    setting: every switch's variable set or removed (options only while OPTIONS_AS_FLAGS is False)."""
+    env = dict(os.environ if environ is None else environ)
+    for s in SWITCHES:
+        if s.option and OPTIONS_AS_FLAGS:
+            env.pop(s.env, None)   # the flag says it; a stale variable must not
+            continue
+        value = setting.get(s.name, s.default)
+        if value == s.default or value is None:
+            env.pop(s.env, None)
+        else:
+            env[s.env] = _env_from_value(s, value)
+    return env
+
+
+def llama_args(setting: Mapping[str, Value]) -> list[str]:
+    """llama.cpp command-line arguments of the options that differ from their defaults (none while
+    llama.cpp reads them from the environment: see child_env)."""
+    if not OPTIONS_AS_FLAGS:
+        return []
+    args: list[str] = []
+    for s in OPTIONS:
+        value = setting.get(s.name, s.default)
+        if value != s.default:
+            args += [s.flag, s.show(value)]
+    return args
+
+
+@contextlib.contextmanager
+def options_for_context(kwargs: dict) -> Iterator[dict]:
+    """For llama-cpp-python: takes the option keyword arguments (tq_protect_layers, tq_key_center,
+    tq_exact_sink) out of kwargs and yields the keyword arguments llama_cpp.Llama gets for them;
+    while llama.cpp reads the options from the environment, the block runs with them set there
+    (context creation reads them) and the environment is restored after it."""
+    given = {s.name: kwargs.pop(s.param) for s in OPTIONS if s.param in kwargs}
+    for name, value in given.items():
+        s = BY_NAME[name]
+        if s.kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{s.param} must be a whole number of 0 or more, not {value!r}")
+        if s.kind == "on" and not isinstance(value, bool):
+            raise ValueError(f"{s.param} must be True or False, not {value!r}")
+    setting = from_env()
+    setting.update(given)
+    if OPTIONS_AS_FLAGS:
+        yield {BY_NAME[n].param: v for n, v in given.items()}
+        return
+    saved = {s.env: os.environ.get(s.env) for s in OPTIONS}
+    wanted = child_env(setting)
+    try:
+        for s in OPTIONS:
+            if s.env in wanted:
+                os.environ[s.env] = wanted[s.env]
+            else:
+                os.environ.pop(s.env, None)
+        yield {}
+    finally:
+        for env, text in saved.items():
+            if text is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = text
+
+
+# --- tq's own command line ---------------------------------------------------------------------------
+
+
+def _on_off(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("on", "1", "true", "yes"):
+        return True
+    if t in ("off", "0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not on or off")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """--tq-protect-layers, --tq-key-center, --tq-exact-sink, or those of `names` (default: the
+    environment variable, else the built-in default)."""
+    for s in OPTIONS:
+        if names is not None and s.name not in names:
+            continue
+        default = f"{s.env}, else {s.show(s.default)}"
+        if s.kind == "int":
+            parser.add_argument(s.flag, type=_count, default=None, metavar="N", help=f"{s.help} (default: {default})")
+        else:
+            parser.add_argument(s.flag, type=_on_off, default=None, metavar="on|off", help=f"{s.help} (default: {default})")
+
+
+def apply_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Value]:
+    """The setting of a tq command: the environment's, with the options given on tq's command line."""
+    setting = from_env(environ)
+    for s in OPTIONS:
+        value = getattr(args, s.flag[2:].replace("-", "_"), None)
+        if value is not None:
+            setting[s.name] = value
+    return setting
+
+
+def command_prefix(setting: Mapping[str, Value]) -> str:
+    """"VAR=value " for each knob that differs from its default, to put before a recorded command."""
+    knobs = [s for s in SWITCHES if not s.option and s.name in non_default(setting)]
+    return "".join(f"{s.env}={shlex.quote(_env_from_value(s, setting[s.name]))} " for s in knobs)
+
+
+def command_options(setting: Mapping[str, Value]) -> list[str]:
+    """tq's arguments for the options that differ from their defaults (what a recorded command adds)."""
+    out: list[str] = []
+    for s in OPTIONS:
+        if s.name in non_default(setting):
+            out += [s.flag, s.show(setting[s.name])]
+    return out
+
+
+def tq_command(parts: list[str], setting: Mapping[str, Value]) -> str:
+    """The shell command that makes a result again: knobs as variables, options as tq arguments."""
+    return command_prefix(setting) + shlex.join(parts + command_options(setting))
