@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import switches
 from .errors import UserError
 from .generate import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
@@ -74,7 +75,7 @@ def run_chat(args: argparse.Namespace, stdin=None, out=None, err=None) -> int:
     tolerate_any_bytes(stdin, out, err)
     try:
         llm = load_llama(args.model, args.ctk, args.ctv, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
-                         n_threads=args.threads, seed=args.seed)
+                         n_threads=args.threads, seed=args.seed, **switches.option_kwargs(switches.apply_args(args)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     shape = model_kv_shape(args.model)
@@ -153,6 +154,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_value, default=1)
     p.add_argument("--threads", "-t", type=thread_count, default=None,
                    help="CPU threads (default: half the cores)")
+    switches.add_option_arguments(p)
     p.set_defaults(func=_cmd_chat)
 
 

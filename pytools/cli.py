@@ -10,7 +10,8 @@ from .errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import codebook, distortion, header, upstream, build, models, roundtrip, generate, bench, evaluate, llama_python, chat, serve, mem, niah
+    from . import (bench, build, calibrate, chat, codebook, distortion, evaluate, generate, header, llama_python, mem, models,
+                   niah, roundtrip, serve, upstream)
 
     parser = argparse.ArgumentParser(
         prog="tq", description="TurboQuant KV caches for llama.cpp: build, check and evaluate."
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (codebook, distortion, header, upstream, build, models, roundtrip, generate, bench, evaluate, llama_python, chat, serve, mem, niah):
+    for module in (codebook, distortion, header, upstream, build, models, calibrate, roundtrip, generate, bench, evaluate,
+                   llama_python, chat, serve, mem, niah):
         module.add_commands(sub)
     return parser
 

@@ -185,8 +185,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="PPL, KL divergence and top-1 agreement against the f16 cache (llama-perplexity)",
         description="Run llama-perplexity once with an f16 cache to save its logits (cached), then once per "
                     "K/V pair with --kl-divergence. The TQ cache options below and the measurement variables "
-                    "(TQ_NORM_CORRECTION, TQ_SCALE_SEARCH, TQ_GRAPH_ROTATION, LLAMA_ATTN_ROT_DISABLE, "
-                    "TQ_ATTN_ROWS) are recorded; rows are keyed by K, V and the switches that change them.")
+                    "(TQ_NORM_CORRECTION, TQ_SCALE_SEARCH, LLAMA_ATTN_ROT_DISABLE, TQ_ATTN_ROWS) are "
+                    "recorded; rows are keyed by K, V and the switches that change them.")
     q.add_argument("--model", required=True, help="model name (see `tq models list`) or a .gguf path")
     q.add_argument("--types", default=DEFAULT_TYPES,
                    help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES}); "

@@ -12,9 +12,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Mapping
 
 from .build import find_binary
+from . import switches
 from .cache_types import cache_type
 from .errors import UserError
 from .kv_memory import kv_size
@@ -93,7 +94,8 @@ def completion_error(returncode: int, log: str) -> UserError:
 
 
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
-                   seed: int, extra: list[str], echo: BinaryIO | None = None) -> tuple[str, KvMemory | None]:
+                   seed: int, extra: list[str], echo: BinaryIO | None = None,
+                   setting: Mapping[str, switches.Value] | None = None) -> tuple[str, KvMemory | None]:
     """Generate with llama-completion; returns its output (the prompt, then the generated text)
     and the KV memory it reported. echo: a binary stream that gets the output as it comes, byte
     for byte (a multi-byte character cut by -n stays cut there)."""
@@ -109,7 +111,7 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
                "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
         if threads:
             cmd += ["-t", str(threads)]
-        cmd += extra
+        cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk) + extra
         with open(Path(tmp) / "stderr.log", "w+b") as err:
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
                 assert proc.stdout is not None
@@ -183,6 +185,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", "-c", type=context_size, default=4096)
     p.add_argument("--threads", "-t", type=thread_count, default=None)
     p.add_argument("--seed", type=seed_value, default=1)
+    switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)
 
@@ -194,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     try:
         text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
-                                   args.threads, args.seed, extra, echo=out)
+                                   args.threads, args.seed, extra, echo=out, setting=switches.apply_args(args))
         if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
             sys.stdout.write(text)
         if not text.endswith("\n"):

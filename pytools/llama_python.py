@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import REPO_ROOT
+from . import REPO_ROOT, switches
 from .build import bin_dir
 from .errors import UserError
 from .cache_types import CACHE_TYPES, TQ_NAMES
 from .generate import int_arg
 from .ggml_lib import GGML_TYPE_IDS
 from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
-from .upstream import UPSTREAM, fetch_sdist
+from .upstream import UPSTREAM, prepare_python_source
 
 TQ2 = GGML_TYPE_IDS["tq2"]
 TQ3 = GGML_TYPE_IDS["tq3"]
@@ -125,7 +125,10 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
 
     model: a manifest name (`tq models list`) or a .gguf path. Unknown type names and head sizes
     a type cannot serve raise ValueError before llama.cpp sees them. Other keyword arguments go
-    to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced). The Llama's
+    to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced), except tq's cache
+    options tq_protect_layers (default 1), tq_key_center (default True: the model's mean keys from
+    `tq calibrate`, calibrated on first use) and tq_exact_sink (default True); a tq_key_means path
+    is passed on as it is. The Llama's
     load_state refuses a state it cannot take with StateLoadError, naming the cache types, and
     leaves the context as it was (SafeStateMixin).
     """
@@ -137,6 +140,10 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     check_head_size(ctk, ctv, hk, hv)
     llama_cpp = import_llama_cpp(cuda)
     kw.setdefault("verbose", False)
+    options = switches.llama_kwargs(switches.setting_from_kwargs(kw), path if "tq_key_means" not in kw else None, ctk)
+    if "tq_key_means" in kw:
+        options["tq_key_means"] = kw.pop("tq_key_means")
+    kw.update(options)
     if "n_threads" in kw and "n_threads_batch" not in kw:
         # llama-cpp-python's n_threads_batch defaults to every core; on a busy machine ggml's
         # spinning threads then slow prompt processing down by orders of magnitude
@@ -161,44 +168,22 @@ class StateLoadError(ValueError, RuntimeError):
     well, which is what llama-cpp-python's load_state raises."""
 
 
-# llama.cpp's complaint about one layer of a state: "mismatched key type (1 != 8, layer 0)" is an
-# f16 layer here and a q8_0 layer in the state (llama_kv_cache::state_read_data)
-_TYPE_MISMATCH = re.compile(r"mismatched (key|value) type \((-?\d+) != (-?\d+), layer (\d+)\)")
+# llama.cpp's complaint about one layer of a state (llama_kv_cache::state_read_data, patches/0003):
+# "the state holds a q8_0 K cache, this context a f16 one (layer 0)"
+_TYPE_MISMATCH = re.compile(r"the state holds an? (\S+) (K|V) cache, this context an? (\S+) one \(layer (\d+)\)")
 _LOG_CHARS = 600
 
 
-def ggml_type_name(type_id: int) -> str:
-    """The name of a ggml type id, from the loaded library when it can say (every type), else
-    from the cache-type table."""
-    lib = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if lib and 0 <= type_id < 1000:
-        import ctypes
-
-        try:
-            base = ctypes.CDLL(str(Path(lib) / "libggml-base.so"))
-            base.ggml_type_name.restype = ctypes.c_char_p
-            base.ggml_type_name.argtypes = [ctypes.c_int]
-            base.ggml_type_count.restype = ctypes.c_int
-            if type_id < base.ggml_type_count():
-                name = base.ggml_type_name(type_id)
-                if name:
-                    return name.decode(errors="replace")
-        except (OSError, AttributeError):
-            pass
-    names = {i: n for n, i in CACHE_TYPE_IDS.items()}
-    return names.get(type_id, f"type {type_id}")
-
-
 def state_error_message(log: str, here: tuple[str, str] | None, saved: tuple[str, str] | None) -> str:
-    """Why llama.cpp refused a state, in type names: llama.cpp logs type ids, per layer (a TQ
+    """Why llama.cpp refused a state, in type names, from llama.cpp's log, per layer (a TQ
     cache keeps its first and last layers at q8_0, so layer 0 of a tq3/tq2 state says q8_0)."""
     parts = []
     if saved is not None and here is not None and tuple(saved) != tuple(here):
         parts.append(f"the state holds a {saved[0]}/{saved[1]} KV cache and this context's is {here[0]}/{here[1]}")
     m = _TYPE_MISMATCH.search(log)
     if m:
-        which, ours, theirs, layer = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        parts.append(f"layer {layer}'s {which}s are {ggml_type_name(theirs)} in the state and {ggml_type_name(ours)} here")
+        theirs, which, ours, layer = m.group(1), {"K": "key", "V": "value"}[m.group(2)], m.group(3), m.group(4)
+        parts.append(f"layer {layer}'s {which}s are {theirs} in the state and {ours} here")
         if saved is None and here is not None:
             parts.append(f"this context's KV cache is {here[0]}/{here[1]}")
     else:
@@ -410,9 +395,10 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
 
 def install_python(extra_pip_args: list[str] | None = None, no_build_isolation: bool | None = None) -> None:
     """pip install the pinned llama-cpp-python sdist, Python part only (the native library comes
-    from `tq build`). Retries without build isolation when the isolated build cannot get
-    scikit-build-core (offline), if scikit-build-core is installed here."""
-    sdist = fetch_sdist()
+    from `tq build`), patched by patches/llama-cpp-python/ (the TQ cache options). Retries without
+    build isolation when the isolated build cannot get scikit-build-core (offline), if
+    scikit-build-core is installed here."""
+    sdist = prepare_python_source()
     env = dict(os.environ)
     env["CMAKE_ARGS"] = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
     base = [sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(sdist)]

@@ -159,7 +159,7 @@ def run_niah(args: argparse.Namespace) -> dict:
 
     total = len(pairs) * len(prompts)
     bar = tqdm(total=total, desc=f"{label}: niah", unit="case", file=sys.stderr, dynamic_ncols=True)
-    options = {s.param: setting[s.name] for s in switches.OPTIONS}
+    options = switches.option_kwargs(setting)
     cases: list[dict] = []
     failures: list[str] = []
     for k, v in pairs:
@@ -168,12 +168,11 @@ def run_niah(args: argparse.Namespace) -> dict:
             n_ctx = n + CTX_MARGIN
             t_load = time.time()
             try:
-                with switches.options_for_context(dict(options)) as extra:
-                    llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
-                                     n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
-                                     # every type's cache and attention on the CPU: TQ has CPU kernels only,
-                                     # and the baselines then run the same attention code
-                                     offload_kqv=False, **extra)
+                llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
+                                 n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
+                                 # every type's cache and attention on the CPU: TQ has CPU kernels only,
+                                 # and the baselines then run the same attention code
+                                 offload_kqv=False, **options)
             except (ValueError, RuntimeError) as exc:
                 failures.append(f"{pair_key(k, v)} at n_ctx {n_ctx}: {exc}")
                 bar.update(len(depths) * args.needles)

@@ -168,9 +168,9 @@ class QualityRun:
     log_dir: Path
     setting: Mapping[str, switches.Value] = field(default_factory=switches.from_env)
 
-    def common_args(self) -> list[str]:
+    def common_args(self, k: str = "f16") -> list[str]:
         args = [str(self.binary), "-m", str(self.model), "-c", str(self.ctx), "--chunks", str(self.chunks),
-                "-fa", "on", "-t", str(self.threads)] + switches.llama_args(self.setting)
+                "-fa", "on", "-t", str(self.threads)] + switches.llama_args(self.setting, self.model, k)
         if self.cuda:
             args += ["-ngl", "99"]
         return args
@@ -210,7 +210,7 @@ class QualityRun:
         # -b ctx: one sequence per context, as llama-cli and llama-cpp-python run (with its default
         # batch llama-perplexity puts 4 chunks in 4 cache streams, whose first ubatch, and so the key
         # means, mixes 4 chunks); the saved f16 logits do not depend on it
-        cmd = self.common_args() + ["-b", str(self.ctx), "-ctk", k, "-ctv", v, "--kl-divergence-base", str(base),
+        cmd = self.common_args(k) + ["-b", str(self.ctx), "-ctk", k, "-ctv", v, "--kl-divergence-base", str(base),
                                     "--kl-divergence"]
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         tag = f"{k}-{v}" + (f"-{re.sub(r'[^A-Za-z0-9]+', '_', variant)}" if variant else "")

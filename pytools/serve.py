@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 
+from . import switches
 from .build import find_binary
 from .errors import UserError
 from .generate import check_cache_type, context_size, int_arg, port_number
@@ -145,6 +146,7 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cmd = [str(exe), "-m", str(model_path(args.model)), "-fa", "on",
            "-ctk", check_cache_type(args.ctk), "-ctv", check_cache_type(args.ctv),
            "-c", str(args.ctx), "--parallel", str(args.parallel), "--host", args.host, "--port", str(args.port)]
+    cmd += switches.llama_args(switches.apply_args(args), model_path(args.model), args.ctk)
     if args.gpu_layers is not None:
         cmd += ["-ngl", str(args.gpu_layers)]
         if args.gpu_layers != 0 and (is_tq(args.ctk) or is_tq(args.ctv)) and not {"-nkvo", "--no-kv-offload"} & set(extra):
@@ -173,6 +175,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, what="a layer count"), default=None,
                    help="layers to offload to the GPU (CUDA build)")
     p.add_argument("--cuda", action="store_true", help="run the CUDA build's llama-server")
+    switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments")
     p.set_defaults(func=_cmd_serve)
 

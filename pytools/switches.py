@@ -1,16 +1,17 @@
 """Every switch of the patched llama.cpp that changes what a TQ cache stores or computes, listed
 once with its default: the per-context TQ cache options and the measurement knobs.
 
-Options (protected layers, key centering, exact sink) are llama.cpp cache options like -ctk:
-`--tq-protect-layers N`, `--tq-key-center on|off`, `--tq-exact-sink on|off` on llama.cpp's command
-line, fields `tq_protect_layers`, `tq_key_center`, `tq_exact_sink` of llama_context_params, and
-keyword arguments of the same names for llama-cpp-python. Until the patches that add them land,
-llama.cpp reads them from the environment (TQ_PROTECT_LAYERS, TQ_KEY_CENTER, TQ_EXACT_SINK):
-OPTIONS_AS_FLAGS says which of the two a child process gets, the one place to change.
+Options (protected layers, key centering, exact sink) are per-context cache options like -ctk
+(patches/0008): on llama.cpp's command line `--tq-protect-layers N`, `--tq-key-means FILE` and
+`--no-tq-exact-sink`; fields `tq_protect_layers`, `tq_key_means` and `tq_exact_sink` of
+llama_context_params and keyword arguments of llama-cpp-python's Llama. tq's own commands take
+`--tq-protect-layers N`, `--tq-key-center on|off` and `--tq-exact-sink on|off`; key centering on
+means the model's mean keys from `tq calibrate` (calibrated on first use), which llama.cpp itself
+only uses when given the file.
 
 Knobs are environment variables read by the library for measurements and A/B runs
-(LLAMA_ATTN_ROT_DISABLE, TQ_GRAPH_ROTATION, TQ_ATTN_ROWS, TQ_SCALE_SEARCH, TQ_NORM_CORRECTION,
-TQ_CPU_SIMD); they stay environment variables.
+(LLAMA_ATTN_ROT_DISABLE, TQ_ATTN_ROWS, TQ_SCALE_SEARCH, TQ_NORM_CORRECTION, TQ_CPU_SIMD; ggml_tq
+reads its own in tq_knobs()); they stay environment variables.
 
 A "setting" is a dict {switch name: value} of every switch (see `from_env`, `apply_args`): the
 value llama.cpp uses, parsed the way llama.cpp parses it (C atoi).
@@ -19,18 +20,14 @@ value llama.cpp uses, parsed the way llama.cpp parses it (C atoi).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Callable, Mapping
 
 from .cache_types import is_tq
-
-# False while llama.cpp reads the TQ cache options from the environment (patches/0003, 0006,
-# 0007); True once they are llama.cpp options (flags, llama_context_params fields).
-OPTIONS_AS_FLAGS = False
 
 Value = int | bool | str | None
 
@@ -50,16 +47,15 @@ def _has_mse_tq(k: str, v: str) -> bool:
 
 
 def _attn_rot_matters(k: str, v: str, setting: Mapping[str, Value]) -> bool:
-    # llama.cpp's Hadamard rotation of the graph applies to quantized non-TQ types, and to TQ
-    # types only with TQ_GRAPH_ROTATION=1
-    rotated_non_tq = any(t not in ("f16", "bf16", "f32") and not is_tq(t) for t in (k, v))
-    return rotated_non_tq or (_has_tq(k, v) and bool(setting.get("graph_rotation")))
+    # llama.cpp's Hadamard rotation of the graph applies to quantized non-TQ types only (TQ types
+    # rotate inside each block)
+    return any(t not in ("f16", "bf16", "f32") and not is_tq(t) for t in (k, v))
 
 
 @dataclass(frozen=True)
 class Switch:
     name: str                   # the key in a setting and in results files
-    env: str                    # the environment variable llama.cpp reads (options: until OPTIONS_AS_FLAGS)
+    env: str | None             # the environment variable the library reads (knobs; options have none)
     default: Value
     kind: str                   # "int", "on" (on/off switch, atoi != 0), "text"
     option: bool                # a per-context llama.cpp cache option (else a measurement knob)
@@ -104,15 +100,13 @@ SWITCHES: tuple[Switch, ...] = (
            "the reference quantizer rescales a block's norm to its reconstruction's"),
     Switch("scale_search", "TQ_SCALE_SEARCH", True, "on", False, lambda k, v, s: _has_mse_tq(k, v),
            "the reference quantizer searches the block scale"),
-    Switch("key_center", "TQ_KEY_CENTER", True, "on", True, lambda k, v, s: is_tq(k),
-           "TQ K layers store k - m, m a mean key"),
-    Switch("exact_sink", "TQ_EXACT_SINK", True, "on", True, lambda k, v, s: _has_tq(k, v),
-           "TQ layers keep the first token's K and V rows in float32"),
-    Switch("graph_rotation", "TQ_GRAPH_ROTATION", False, "on", False, lambda k, v, s: _has_tq(k, v),
-           "llama.cpp's Hadamard rotation of the graph for TQ types as well"),
+    Switch("key_center", None, True, "on", True, lambda k, v, s: is_tq(k),
+           "TQ K layers store k - m, m the model's mean key (`tq calibrate`)"),
+    Switch("exact_sink", None, True, "on", True, lambda k, v, s: _has_tq(k, v),
+           "TQ layers keep each stream's first K and V rows in float32"),
     Switch("attn_rot", "LLAMA_ATTN_ROT_DISABLE", True, "on", False, _attn_rot_matters,
            "llama.cpp's Hadamard rotation of quantized caches (LLAMA_ATTN_ROT_DISABLE=1 turns it off)"),
-    Switch("protect_layers", "TQ_PROTECT_LAYERS", 1, "int", True, lambda k, v, s: _has_tq(k, v),
+    Switch("protect_layers", None, 1, "int", True, lambda k, v, s: _has_tq(k, v),
            "the first and last N layers of a TQ cache are kept at q8_0"),
     Switch("attn_rows", "TQ_ATTN_ROWS", True, "on", False, lambda k, v, s: _has_tq(k, v),
            "TQ attention reads the cache in tiles of query rows"),
@@ -121,10 +115,12 @@ SWITCHES: tuple[Switch, ...] = (
 )
 BY_NAME: dict[str, Switch] = {s.name: s for s in SWITCHES}
 OPTIONS: tuple[Switch, ...] = tuple(s for s in SWITCHES if s.option)
-ENV_NAMES: tuple[str, ...] = tuple(s.env for s in SWITCHES)
+ENV_NAMES: tuple[str, ...] = tuple(s.env for s in SWITCHES if s.env)
 
 
 def _value_from_env(switch: Switch, text: str | None) -> Value:
+    if switch.env is None:          # an option: set on the command line or by keyword, never by the environment
+        return switch.default
     if switch.name == "attn_rot":   # the variable says "disable": on unless set to a non-zero number
         return text is None or c_atoi(text) == 0
     return switch.parse_env(text)
@@ -143,13 +139,13 @@ def defaults() -> dict[str, Value]:
 def env_texts(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """The switches' environment variables as set (None: unset), as results files record them."""
     environ = os.environ if environ is None else environ
-    return {s.env: environ.get(s.env) for s in SWITCHES}
+    return {s.env: environ.get(s.env) for s in SWITCHES if s.env}
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Value]:
     """The setting llama.cpp uses under these environment variables."""
     environ = os.environ if environ is None else environ
-    return {s.name: _value_from_env(s, environ.get(s.env)) for s in SWITCHES}
+    return {s.name: _value_from_env(s, environ.get(s.env) if s.env else None) for s in SWITCHES}
 
 
 def non_default(setting: Mapping[str, Value]) -> dict[str, Value]:
@@ -174,11 +170,10 @@ def describe(setting: Mapping[str, Value]) -> dict[str, str | int | None]:
 
 def child_env(setting: Mapping[str, Value], environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a llama.cpp process (or of this one, for llama-cpp-python) with this
-    setting: every switch's variable set or removed (options only while OPTIONS_AS_FLAGS is False)."""
+    setting's knobs set or removed (options go on the command line: llama_args)."""
     env = dict(os.environ if environ is None else environ)
     for s in SWITCHES:
-        if s.option and OPTIONS_AS_FLAGS:
-            env.pop(s.env, None)   # the flag says it; a stale variable must not
+        if s.env is None:
             continue
         value = setting.get(s.name, s.default)
         if value == s.default or value is None:
@@ -188,52 +183,58 @@ def child_env(setting: Mapping[str, Value], environ: Mapping[str, str] | None = 
     return env
 
 
-def llama_args(setting: Mapping[str, Value]) -> list[str]:
-    """llama.cpp command-line arguments of the options that differ from their defaults (none while
-    llama.cpp reads them from the environment: see child_env)."""
-    if not OPTIONS_AS_FLAGS:
-        return []
+def _key_means(setting: Mapping[str, Value], model: str | Path | None, k: str | None) -> Path | None:
+    """The key-means file a TQ K cache of this model uses under this setting (None: not centred)."""
+    if not setting.get("key_center", True) or model is None or (k is not None and not is_tq(k)):
+        return None
+    from .calibrate import key_means
+
+    return key_means(model)
+
+
+def llama_args(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None) -> list[str]:
+    """llama.cpp's command-line arguments for the options: where llama.cpp's default differs from
+    the setting (key centering needs the model's mean keys: none is passed for a K type that is not
+    TQ, or without a model)."""
     args: list[str] = []
-    for s in OPTIONS:
-        value = setting.get(s.name, s.default)
-        if value != s.default:
-            args += [s.flag, s.show(value)]
+    means = _key_means(setting, model, k)
+    if means is not None:
+        args += ["--tq-key-means", str(means)]
+    if not setting.get("exact_sink", True):
+        args += ["--no-tq-exact-sink"]
+    protect = setting.get("protect_layers", 1)
+    if protect != BY_NAME["protect_layers"].default:
+        args += ["--tq-protect-layers", str(protect)]
     return args
 
 
-@contextlib.contextmanager
-def options_for_context(kwargs: dict) -> Iterator[dict]:
-    """For llama-cpp-python: takes the option keyword arguments (tq_protect_layers, tq_key_center,
-    tq_exact_sink) out of kwargs and yields the keyword arguments llama_cpp.Llama gets for them;
-    while llama.cpp reads the options from the environment, the block runs with them set there
-    (context creation reads them) and the environment is restored after it."""
-    given = {s.name: kwargs.pop(s.param) for s in OPTIONS if s.param in kwargs}
-    for name, value in given.items():
-        s = BY_NAME[name]
+def llama_kwargs(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None) -> dict:
+    """llama-cpp-python's Llama keyword arguments for the options (patches/llama-cpp-python)."""
+    means = _key_means(setting, model, k)
+    return {"tq_protect_layers": int(setting.get("protect_layers", 1)),
+            "tq_key_means": str(means) if means is not None else None,
+            "tq_exact_sink": bool(setting.get("exact_sink", True))}
+
+
+def option_kwargs(setting: Mapping[str, Value]) -> dict:
+    """tq's option keyword arguments (load_llama) of a setting: tq_protect_layers, tq_key_center, tq_exact_sink."""
+    return {s.param: setting.get(s.name, s.default) for s in OPTIONS}
+
+
+def setting_from_kwargs(kwargs: dict) -> dict[str, Value]:
+    """Takes tq's option keyword arguments (tq_protect_layers, tq_key_center, tq_exact_sink) out of
+    kwargs, checked, and returns the setting they make with the environment's knobs."""
+    setting = from_env()
+    for s in OPTIONS:
+        if s.param not in kwargs:
+            continue
+        value = kwargs.pop(s.param)
         if s.kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{s.param} must be a whole number of 0 or more, not {value!r}")
         if s.kind == "on" and not isinstance(value, bool):
             raise ValueError(f"{s.param} must be True or False, not {value!r}")
-    setting = from_env()
-    setting.update(given)
-    if OPTIONS_AS_FLAGS:
-        yield {BY_NAME[n].param: v for n, v in given.items()}
-        return
-    saved = {s.env: os.environ.get(s.env) for s in OPTIONS}
-    wanted = child_env(setting)
-    try:
-        for s in OPTIONS:
-            if s.env in wanted:
-                os.environ[s.env] = wanted[s.env]
-            else:
-                os.environ.pop(s.env, None)
-        yield {}
-    finally:
-        for env, text in saved.items():
-            if text is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = text
+        setting[s.name] = value
+    return setting
 
 
 # --- tq's own command line ---------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def add_option_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]
     for s in OPTIONS:
         if names is not None and s.name not in names:
             continue
-        default = f"{s.env}, else {s.show(s.default)}"
+        default = s.show(s.default)
         if s.kind == "int":
             parser.add_argument(s.flag, type=_count, default=None, metavar="N", help=f"{s.help} (default: {default})")
         else:

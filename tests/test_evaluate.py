@@ -187,35 +187,35 @@ def test_gguf_header_reader(tmp_path):
 # --- switches ----------------------------------------------------------------------------------------------
 
 
-def _variant(k: str, v: str, env: dict) -> str:
-    return switches.variant(k, v, switches.from_env({n: t for n, t in env.items() if t is not None}))
+def _variant(k: str, v: str, env: dict, **options) -> str:
+    setting = switches.from_env({n: t for n, t in env.items() if t is not None})
+    setting.update(options)
+    return switches.variant(k, v, setting)
 
 
 def test_variant_of():
-    off = {"TQ_NORM_CORRECTION": "0", "TQ_GRAPH_ROTATION": None, "LLAMA_ATTN_ROT_DISABLE": None}
+    off = {"TQ_NORM_CORRECTION": "0", "LLAMA_ATTN_ROT_DISABLE": None}
     assert _variant("tq3", "tq2", off) == "norm_correction=off"
     assert _variant("q8_0", "q8_0", off) == ""  # the switch cannot change this pair
     assert _variant("tq3", "tq3", {"TQ_NORM_CORRECTION": "1"}) == ""  # the default
-    assert _variant("tq3", "tq3", {"TQ_GRAPH_ROTATION": "1"}) == "graph_rotation=on"
-    assert _variant("tq3", "tq3", {"TQ_GRAPH_ROTATION": "0"}) == ""
     assert _variant("q4_0", "q4_0", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == "attn_rot=off"
     assert _variant("tq3", "tq3", {"LLAMA_ATTN_ROT_DISABLE": "1"}) == ""
     assert _variant("f16", "f16", {"LLAMA_ATTN_ROT_DISABLE": "1", "TQ_NORM_CORRECTION": "0"}) == ""
     assert _variant("tq3", "tq2", {"TQ_SCALE_SEARCH": "0"}) == "scale_search=off"
     assert _variant("tq3_qjl", "q8_0", {"TQ_SCALE_SEARCH": "0"}) == ""  # the QJL types do not search
     # key centering acts on TQ keys only
-    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "0"}) == "key_center=off"
-    assert _variant("q8_0", "tq2", {"TQ_KEY_CENTER": "0"}) == ""
-    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "1"}) == ""
-    assert _variant("tq4", "tq4", {"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0"}) == "scale_search=off,key_center=off"
+    assert _variant("tq3", "tq2", {}, key_center=False) == "key_center=off"
+    assert _variant("q8_0", "tq2", {}, key_center=False) == ""
+    assert _variant("tq3", "tq2", {}, key_center=True) == ""
+    assert _variant("tq4", "tq4", {"TQ_SCALE_SEARCH": "0"}, key_center=False) == "scale_search=off,key_center=off"
     # the exact sink acts on layers with a TQ K or V
-    assert _variant("q8_0", "tq2", {"TQ_EXACT_SINK": "0"}) == "exact_sink=off"
-    assert _variant("q8_0", "q4_0", {"TQ_EXACT_SINK": "0"}) == ""
-    assert _variant("tq3", "tq2", {"TQ_KEY_CENTER": "0", "TQ_EXACT_SINK": "0"}) == "key_center=off,exact_sink=off"
-    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "2"}) == "protect_layers=2"
-    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "0"}) == "protect_layers=0"
-    assert _variant("tq3", "tq2", {"TQ_PROTECT_LAYERS": "1"}) == ""  # the default
-    assert _variant("q4_0", "q4_0", {"TQ_PROTECT_LAYERS": "2"}) == ""
+    assert _variant("q8_0", "tq2", {}, exact_sink=False) == "exact_sink=off"
+    assert _variant("q8_0", "q4_0", {}, exact_sink=False) == ""
+    assert _variant("tq3", "tq2", {}, key_center=False, exact_sink=False) == "key_center=off,exact_sink=off"
+    assert _variant("tq3", "tq2", {}, protect_layers=2) == "protect_layers=2"
+    assert _variant("tq3", "tq2", {}, protect_layers=0) == "protect_layers=0"
+    assert _variant("tq3", "tq2", {}, protect_layers=1) == ""  # the default
+    assert _variant("q4_0", "q4_0", {}, protect_layers=2) == ""
 
 
 def test_protected_layers_sizes():
@@ -226,28 +226,25 @@ def test_protected_layers_sizes():
     assert types[:2] == types[-2:] == [("q8_0", "q8_0")] * 2 and types[2:28] == [("tq3", "tq2")] * 26
     assert kv_memory.layer_cache_types(shape, "q8_0", "tq2", 1)[0] == ("q8_0", "q8_0")
     assert kv_memory.layer_cache_types(shape, "f16", "tq2", 1)[-1] == ("f16", "q8_0")
-    assert ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({"TQ_PROTECT_LAYERS": "0"})) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
+    assert ev.pair_sizes(shape, "tq3", "tq2", {**switches.defaults(), "protect_layers": 0}) == (pytest.approx(2.75), 30 * 3 * (26 + 18))
     assert ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({})) == (pytest.approx((28 * 2.75 + 2 * 8.5) / 30),
                                                       28 * 3 * (26 + 18) + 2 * 3 * 2 * 68)
-    bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", switches.from_env({"TQ_PROTECT_LAYERS": "2"}))
+    bpv, per_token = ev.pair_sizes(shape, "tq3", "tq2", {**switches.defaults(), "protect_layers": 2})
     assert per_token == 26 * 3 * (26 + 18) + 4 * 3 * 2 * 68
     assert bpv == pytest.approx((26 * 2.75 + 4 * 8.5) / 30)
-    assert ev.pair_sizes(shape, "q8_0", "q4_0", switches.from_env({"TQ_PROTECT_LAYERS": "2"})) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
+    assert ev.pair_sizes(shape, "q8_0", "q4_0", {**switches.defaults(), "protect_layers": 2}) == (pytest.approx(6.5), 30 * 3 * (68 + 36))
 
 
-@pytest.mark.parametrize("name,env", [("key_center", "TQ_KEY_CENTER"), ("exact_sink", "TQ_EXACT_SINK")])
-def test_tq_switches_are_read_like_atoi(monkeypatch, name, env):
-    monkeypatch.delenv(env, raising=False)
-    assert switches.from_env()[name] is True
-    for text, on in (("0", False), ("1", True), (" 2x", True), ("off", False), ("-1", True)):
-        assert switches.from_env({env: text})[name] is on, text
+def test_options_are_not_read_from_the_environment(monkeypatch):
+    """The TQ cache options are per-context options (flags, keyword arguments), never environment
+    variables: the old variables change nothing."""
+    for env in ("TQ_KEY_CENTER", "TQ_EXACT_SINK", "TQ_PROTECT_LAYERS"):
+        monkeypatch.setenv(env, "0")
+    assert {n: switches.from_env()[n] for n in ("key_center", "exact_sink", "protect_layers")} == \
+        {"key_center": True, "exact_sink": True, "protect_layers": kv_memory.DEFAULT_PROTECT_LAYERS}
 
 
-def test_protect_layers_env_is_read_like_atoi(monkeypatch):
-    monkeypatch.delenv("TQ_PROTECT_LAYERS", raising=False)
-    assert switches.from_env()["protect_layers"] == kv_memory.DEFAULT_PROTECT_LAYERS == 1
-    for text, n in (("0", 0), ("2", 2), (" 3x", 3), ("-1", 0), ("off", 0)):
-        assert switches.from_env({"TQ_PROTECT_LAYERS": text})["protect_layers"] == n, text
+def test_protected_layers_count_every_layer():
     # layers without a KV cache keep their index: protection counts all layers, as llama.cpp does
     meta = {"general.architecture": "llama", "llama.block_count": 4, "llama.embedding_length": 256,
             "llama.attention.head_count": 4, "llama.attention.head_count_kv": [0, 2, 2, 2]}
@@ -258,9 +255,9 @@ def test_protect_layers_env_is_read_like_atoi(monkeypatch):
 
 def test_env_switches_are_read(monkeypatch):
     monkeypatch.setenv("TQ_NORM_CORRECTION", "0")
-    monkeypatch.delenv("TQ_GRAPH_ROTATION", raising=False)
+    monkeypatch.delenv("TQ_ATTN_ROWS", raising=False)
     assert switches.env_texts()["TQ_NORM_CORRECTION"] == "0"
-    assert switches.env_texts()["TQ_GRAPH_ROTATION"] is None
+    assert switches.env_texts()["TQ_ATTN_ROWS"] is None
     assert switches.from_env()["norm_correction"] is False
 
 

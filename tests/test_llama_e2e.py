@@ -34,16 +34,15 @@ def test_generation_answers_and_saves_memory(smollm2, ctk, ctv):
     assert mem.f16_mib / mem.total_mib > 1.0
 
 
-@pytest.mark.parametrize("protect", [None, "0", "2"])
-def test_kv_memory_matches_block_sizes(smollm2, monkeypatch, protect):
+@pytest.mark.parametrize("protect", [None, 0, 2])
+def test_kv_memory_matches_block_sizes(smollm2, protect):
     # SmolLM2: 30 layers, 3 kv heads of 64 -> 3 blocks of 64 per token per layer for K and for V;
-    # the first and last N layers (TQ_PROTECT_LAYERS, default 1) keep q8_0: 6 blocks of 34 bytes
-    if protect is None:
-        monkeypatch.delenv("TQ_PROTECT_LAYERS", raising=False)
-    else:
-        monkeypatch.setenv("TQ_PROTECT_LAYERS", protect)
-    n = 1 if protect is None else int(protect)
-    _, mem = run_completion("smollm2", PROMPT, "tq3", "tq2", 4, 1024, 2, 1, [])
+    # the first and last N layers (--tq-protect-layers, default 1) keep q8_0: 6 blocks of 34 bytes
+    from turboquant_llama import switches
+
+    setting = switches.defaults() if protect is None else {**switches.defaults(), "protect_layers": protect}
+    n = 1 if protect is None else protect
+    _, mem = run_completion("smollm2", PROMPT, "tq3", "tq2", 4, 1024, 2, 1, [], setting=setting)
     q8 = 2 * n * 1024 * 6 * 34
     assert mem.k_mib == pytest.approx(((30 - 2 * n) * 1024 * 3 * 26 + q8) / 2**20, abs=0.01)
     assert mem.v_mib == pytest.approx(((30 - 2 * n) * 1024 * 3 * 18 + q8) / 2**20, abs=0.01)

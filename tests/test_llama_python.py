@@ -218,18 +218,17 @@ CENTER_TEXT_OFFSET = 5000   # a WikiText-2 passage: natural text, several ubatch
 CENTER_TOKENS = 384
 
 
-def _passage_logprobs(monkeypatch, ctk: str, ctv: str, center: str, sink: str = "1"):
+def _passage_logprobs(ctk: str, ctv: str, center: str, sink: str = "1"):
     """Log-probabilities of every position of a 384-token passage, evaluated in three 128-token
-    ubatches (the means come from the first; the others must be stored against the same means)."""
+    ubatches, keys centred on the model's mean keys (center "1") or not."""
     import numpy as np
 
     from turboquant_llama.corpus import wikitext2_test_path
     from turboquant_llama.llama_python import load_llama
 
     corpus = wikitext2_test_path()
-    monkeypatch.setenv("TQ_KEY_CENTER", center)
-    monkeypatch.setenv("TQ_EXACT_SINK", sink)
-    llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=128, logits_all=True)
+    llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=128, logits_all=True,
+                     tq_key_center=center == "1", tq_exact_sink=sink == "1")
     try:
         text = corpus.read_text(encoding="utf-8")[CENTER_TEXT_OFFSET:CENTER_TEXT_OFFSET + 4000]
         toks = llm.tokenize(text.encode())[:CENTER_TOKENS]
@@ -243,19 +242,18 @@ def _passage_logprobs(monkeypatch, ctk: str, ctv: str, center: str, sink: str = 
 
 
 @pytest.mark.parametrize("ctk,ctv", [("tq3", "tq2"), ("tq4", "tq4")])
-def test_key_centering_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
+def test_key_centering_brings_tq_closer_to_f16(ctk, ctv):
     """Centering changes no logit of an exact cache (softmax ignores a vector subtracted from every
     key), so with TQ keys it may only cut the quantization error: the mean KL divergence to the f16
-    cache's next-token distributions drops (measured before the exact sink: 0.377 -> 0.275 for
-    tq3/tq2, 0.055 -> 0.042 for tq4: ratios 0.73 and 0.77; keys stored against means of different
-    ubatches would raise it)."""
+    cache's next-token distributions drops with the model's calibrated mean keys (SmolLM2 over 20
+    WikiText-2 chunks: tq3/tq2 0.307 -> 0.183)."""
     import numpy as np
 
     _require_llama_cpp()
-    ref = _passage_logprobs(monkeypatch, "f16", "f16", "1")
+    ref = _passage_logprobs("f16", "f16", "1")
 
     def kld(center: str) -> float:
-        lp = _passage_logprobs(monkeypatch, ctk, ctv, center)
+        lp = _passage_logprobs(ctk, ctv, center)
         return float((np.exp(ref) * (ref - lp)).sum(axis=1).mean())
 
     off, on = kld("0"), kld("1")
@@ -263,17 +261,17 @@ def test_key_centering_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
 
 
 @pytest.mark.parametrize("ctk,ctv", [("tq3", "tq2"), ("tq4", "tq4")])
-def test_exact_sink_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
+def test_exact_sink_brings_tq_closer_to_f16(ctk, ctv):
     """Keeping the first token's K and V rows in float32 next to their TQ codes removes the coding
     error of the token that draws the most attention: the mean KL divergence to the f16 cache
     drops (measured 0.275 -> 0.224 for tq3/tq2, 0.042 -> 0.027 for tq4: ratios 0.81 and 0.64)."""
     import numpy as np
 
     _require_llama_cpp()
-    ref = _passage_logprobs(monkeypatch, "f16", "f16", "1")
+    ref = _passage_logprobs("f16", "f16", "1")
 
     def kld(sink: str) -> float:
-        lp = _passage_logprobs(monkeypatch, ctk, ctv, "1", sink)
+        lp = _passage_logprobs(ctk, ctv, "1", sink)
         return float((np.exp(ref) * (ref - lp)).sum(axis=1).mean())
 
     off, on = kld("0"), kld("1")
@@ -282,8 +280,8 @@ def test_exact_sink_brings_tq_closer_to_f16(monkeypatch, ctk, ctv):
 
 class _LowLevel:
     """SmolLM2 through llama-cpp-python's C API: contexts with two sequences in one cache, decoding
-    into a chosen sequence, sequence states. TQ_KEY_CENTER and TQ_EXACT_SINK are read when a
-    context is made."""
+    into a chosen sequence, sequence states; each context with or without the model's mean keys and
+    the exact sink (llama_context_params.tq_key_means, tq_exact_sink)."""
 
     def __init__(self):
         self.lc = lc = _require_llama_cpp()
@@ -297,6 +295,9 @@ class _LowLevel:
         self.vocab = lc.llama_model_get_vocab(self.mdl)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.ctxs: list = []
+        from turboquant_llama.calibrate import key_means
+
+        self.means = str(key_means("smollm2")).encode()
 
     def close(self):
         for ctx in self.ctxs:
@@ -309,7 +310,8 @@ class _LowLevel:
         n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
         return list(buf[:n])
 
-    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2", unified: bool = True, threads: int = 2):
+    def new_ctx(self, ctk: str = "tq3", ctv: str = "tq2", unified: bool = True, threads: int = 2, center: bool = True,
+                sink: bool = True):
         """unified=False: one cache stream per sequence (what llama-server's slots get)."""
         from turboquant_llama.llama_python import cache_type_id
 
@@ -319,6 +321,8 @@ class _LowLevel:
         p.type_k, p.type_v = cache_type_id(ctk), cache_type_id(ctv)
         p.flash_attn_type = 1
         p.kv_unified = unified
+        p.tq_key_means = self.means if center else None
+        p.tq_exact_sink = sink
         ctx = self.lc.llama_init_from_model(self.mdl, p)
         assert ctx
         self.ctxs.append(ctx)
@@ -374,100 +378,70 @@ def lowlevel():
     ll.close()
 
 
-@pytest.mark.parametrize("center", ["1", "0"])
-def test_seq_state_restored_next_to_other_keys(monkeypatch, lowlevel, center):
-    """A sequence's saved state restored into an empty cache adopts the saved means: continuing
-    gives the saver's logits bit for bit. Restored next to another sequence's keys (stored against
-    the means of other text), its rows are requantized against the cache's means: the logits move
-    by the requantization only, less than the TQ cache's own distance to f16 (measured KL 0.08
-    against 0.37); without centering the rows are restored as they are, bit for bit."""
+@pytest.mark.parametrize("center", [True, False])
+def test_seq_state_restored_next_to_other_keys(lowlevel, center):
+    """A sequence's saved state restored into an empty cache, or next to another sequence's keys,
+    continues bit for bit: the keys of both are stored against the same mean keys, a constant of
+    the model, so nothing is requantized. (Without the exact sink: in a busy one-stream cache the
+    stream's sink is the other sequence's first token.)"""
     import numpy as np
 
     ll = lowlevel
-    monkeypatch.setenv("TQ_KEY_CENTER", center)
-    # the busy cache's exact sink is the other sequence's first token: only without it (and without
-    # centering) does the restored sequence see exactly what the saver saw
-    monkeypatch.setenv("TQ_EXACT_SINK", center)
     prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
-    saver = ll.new_ctx()
+    saver = ll.new_ctx(center=center, sink=False)
     first = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
     state = ll.save_seq(saver, 0)
     direct = ll.decode(saver, [first], 0, len(prompt))
 
-    empty = ll.new_ctx()
+    empty = ll.new_ctx(center=center, sink=False)
     ll.load_seq(empty, state, 0)
     assert np.array_equal(ll.decode(empty, [first], 0, len(prompt)), direct)
 
-    busy = ll.new_ctx()
+    busy = ll.new_ctx(center=center, sink=False)
     ll.decode(busy, other, 1, 0)
     ll.load_seq(busy, state, 0)
-    restored = ll.decode(busy, [first], 0, len(prompt))
-    if center == "0":
-        assert np.array_equal(restored, direct)
-    else:
-        f16 = ll.new_ctx("f16", "f16")
-        ll.decode(f16, prompt, 0, 0)
-        exact = ll.decode(f16, [first], 0, len(prompt))
-        assert 0.0 < _kld(direct, restored) < _kld(exact, direct), (_kld(direct, restored), _kld(exact, direct))
-        # the saver's two best tokens here are 0.27 apart in logit (f16 prefers a third): the
-        # requantization may swap them, not bring another one up
-        assert np.argmax(direct) in np.argsort(restored)[-2:]
+    assert np.array_equal(ll.decode(busy, [first], 0, len(prompt)), direct)
 
 
-def test_state_moves_between_centering_settings(monkeypatch, lowlevel):
-    """A state saved without centering (its means are zeros) loads bit for bit into a centring
-    cache; one saved with centred keys loads into a cache without centering with its rows
-    requantized as k, close to the saver's logits."""
+def test_state_moves_between_centering_settings(lowlevel):
+    """A state saved without centering (its means are zeros) loads into a centring cache with its
+    rows requantized as k - m, and one saved with centred keys into a cache without centering as
+    k: both continue close to their saver, closer than the TQ cache is to f16."""
     import numpy as np
 
     ll = lowlevel
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")  # its rows move with the means too; here the keys alone
     prompt = ll.tokenize(PROMPT)
-    # each saver continues with its own greedy token: the two settings need not pick the same one
-    states, direct, first = {}, {}, {}
-    for center in ("0", "1"):
-        monkeypatch.setenv("TQ_KEY_CENTER", center)
-        saver = ll.new_ctx()
-        first[center] = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
-        states[center] = ll.save_seq(saver, 0)
-        direct[center] = ll.decode(saver, [first[center]], 0, len(prompt))
-
-    monkeypatch.setenv("TQ_KEY_CENTER", "1")
-    loader = ll.new_ctx()
-    ll.load_seq(loader, states["0"], 0)
-    assert np.array_equal(ll.decode(loader, [first["0"]], 0, len(prompt)), direct["0"])
-
-    monkeypatch.setenv("TQ_KEY_CENTER", "0")
-    loader = ll.new_ctx()
-    ll.load_seq(loader, states["1"], 0)
-    first = first["1"]
-    moved = ll.decode(loader, [first], 0, len(prompt))
     f16 = ll.new_ctx("f16", "f16")
     ll.decode(f16, prompt, 0, 0)
-    exact = ll.decode(f16, [first], 0, len(prompt))
-    assert 0.0 < _kld(direct["1"], moved) < _kld(exact, direct["1"]), (_kld(direct["1"], moved), _kld(exact, direct["1"]))
-    # no check on the top token: a KL of 0.11 (against 0.37 to f16) swaps candidates 0.7 logit
-    # apart in this continuation, as the cache's own distance to f16 does
+    for saved_centred in (False, True):
+        saver = ll.new_ctx(center=saved_centred, sink=False)
+        first = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
+        state = ll.save_seq(saver, 0)
+        direct = ll.decode(saver, [first], 0, len(prompt))
+        loader = ll.new_ctx(center=not saved_centred, sink=False)
+        ll.load_seq(loader, state, 0)
+        moved = ll.decode(loader, [first], 0, len(prompt))
+        exact = ll.decode(f16, [first], 0, len(prompt))
+        ll.seq_rm(f16, 0)
+        ll.decode(f16, prompt, 0, 0)
+        assert 0.0 < _kld(direct, moved) < _kld(exact, direct), (saved_centred, _kld(direct, moved), _kld(exact, direct))
 
 
-def test_exact_sink_ends_when_its_cell_is_overwritten(monkeypatch, lowlevel):
+def test_exact_sink_ends_when_its_cell_is_overwritten(lowlevel):
     """The sink's float32 rows belong to one cell: once another token is written there (here after
     the sequence was removed and a new one took cell 0), that cell's TQ code counts again, so the
     new sequence sees what it sees without the exact sink, bit for bit, while the first sequence's
-    logits did depend on it. (Keys are not centred here: the means come from the first sequence,
-    whose keys the sink changes.)"""
+    logits did depend on it."""
     import numpy as np
 
     ll = lowlevel
-    monkeypatch.setenv("TQ_KEY_CENTER", "0")
     prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
     second = ll.tokenize("Water boils at one hundred degrees Celsius at sea level, and")
     if second[0] == prompt[0]:  # a shared first token would write the same row at the same place
         second = second[1:]
     out = {}
     for sink in ("1", "0"):
-        monkeypatch.setenv("TQ_EXACT_SINK", sink)
-        ctx = ll.new_ctx()
+        ctx = ll.new_ctx(sink=sink == "1")
         first = ll.decode(ctx, prompt, 0, 0)
         ll.decode(ctx, other, 1, 0)
         ll.seq_rm(ctx, 0)
@@ -477,26 +451,22 @@ def test_exact_sink_ends_when_its_cell_is_overwritten(monkeypatch, lowlevel):
     assert np.array_equal(out["1"][1], out["0"][1])
 
 
-def test_each_stream_keeps_its_own_sink(monkeypatch, lowlevel):
+def test_each_stream_keeps_its_own_sink(lowlevel):
     """With one cache stream per sequence (llama-server's slots without --kv-unified), every stream
     keeps the exact rows of its own first token: the second sequence sees the same with or without
     a first sequence in the other stream, bit for bit, and the same as alone in a one-stream cache;
-    and it does see its sink (the logits differ with TQ_EXACT_SINK=0). Keys are not centred here:
-    the means come from the first ubatch, which the first sequence would otherwise supply."""
+    and it does see its sink (the logits differ without the exact sink)."""
     import numpy as np
 
     ll = lowlevel
-    monkeypatch.setenv("TQ_KEY_CENTER", "0")
     prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
     out = {}
     for sink in ("1", "0"):
-        monkeypatch.setenv("TQ_EXACT_SINK", sink)
-        both = ll.new_ctx(unified=False)
+        both = ll.new_ctx(unified=False, sink=sink == "1")
         ll.decode(both, prompt, 0, 0)
         out["both", sink] = ll.decode(both, other, 1, 0)
-        alone = ll.new_ctx(unified=False)
+        alone = ll.new_ctx(unified=False, sink=sink == "1")
         out["alone", sink] = ll.decode(alone, other, 1, 0)
-    monkeypatch.setenv("TQ_EXACT_SINK", "1")
     out["unified"] = ll.decode(ll.new_ctx(), other, 1, 0)
     assert np.array_equal(out["both", "1"], out["alone", "1"])
     assert np.array_equal(out["both", "1"], out["unified"])
@@ -504,38 +474,35 @@ def test_each_stream_keeps_its_own_sink(monkeypatch, lowlevel):
     assert not np.array_equal(out["both", "1"], out["both", "0"])
 
 
-@pytest.mark.parametrize("center", ["1", "0"])
-def test_seq_state_carries_its_streams_sink(monkeypatch, lowlevel, center):
+@pytest.mark.parametrize("center", [True, False])
+def test_seq_state_carries_its_streams_sink(lowlevel, center):
     """The saved state of a sequence in the second stream carries that stream's sink rows:
     restored into an empty two-stream cache it continues bit for bit, and differently from a state
     restored into a cache without the exact sink."""
     import numpy as np
 
     ll = lowlevel
-    monkeypatch.setenv("TQ_KEY_CENTER", center)
-    monkeypatch.setenv("TQ_EXACT_SINK", "1")
     prompt, other = ll.tokenize(PROMPT), ll.tokenize(OTHER)
-    saver = ll.new_ctx(unified=False)
+    saver = ll.new_ctx(unified=False, center=center)
     ll.decode(saver, prompt, 0, 0)
     first = int(np.argmax(ll.decode(saver, other, 1, 0)))
     state = ll.save_seq(saver, 1)
     direct = ll.decode(saver, [first], 1, len(other))
 
-    loader = ll.new_ctx(unified=False)
+    loader = ll.new_ctx(unified=False, center=center)
     ll.load_seq(loader, state, 1)
     assert np.array_equal(ll.decode(loader, [first], 1, len(other)), direct)
 
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")
-    loader = ll.new_ctx(unified=False)
+    loader = ll.new_ctx(unified=False, center=center, sink=False)
     ll.load_seq(loader, state, 1)
     assert not np.array_equal(ll.decode(loader, [first], 1, len(other)), direct)
 
 
 def test_reused_graphs_keep_the_cache_updates(lowlevel):
-    """Graphs hold the key-mean and sink-row updates only for the ubatches that make them (patches/
-    0008), and llama.cpp reuses a graph for the next ubatch of the same shape: a one-token ubatch
-    into an emptied cache, after one-token ubatches that made no update, must still set the means
-    and the sink (same logits as in a fresh cache, bit for bit, for it and the token after it)."""
+    """Graphs hold the sink-row updates only for the ubatches that make them (patches/0010), and
+    llama.cpp reuses a graph for the next ubatch of the same shape: a one-token ubatch into an
+    emptied cache, after one-token ubatches that made no update, must still set the sink (same
+    logits as in a fresh cache, bit for bit, for it and the token after it)."""
     import numpy as np
 
     ll = lowlevel
@@ -552,7 +519,7 @@ def test_reused_graphs_keep_the_cache_updates(lowlevel):
 
 def test_one_token_rows_quantize_the_same_on_any_thread_count(lowlevel):
     """A decoded token's K/V row (3 blocks of 64 on SmolLM2) is quantized by several threads when
-    there are fewer rows than threads (patches/0009), block by block: the cache holds the same bytes
+    there are fewer rows than threads (patches/0005), block by block: the cache holds the same bytes
     and the logits are the same, bit for bit, with 1, 2 and 4 threads."""
     import numpy as np
 
@@ -571,7 +538,7 @@ def test_one_token_rows_quantize_the_same_on_any_thread_count(lowlevel):
 def test_prompt_attention_is_the_same_on_any_thread_count(lowlevel):
     """A prompt's query rows are split between threads in chunks whose size depends on the thread
     count, and the TQ attention tiles group up to 64 rows of a chunk that read one K/V head
-    (patches/0010). With 86 tokens, SmolLM2's 3 query heads per K/V head make blocks of 258 rows:
+    (patches/0005). With 86 tokens, SmolLM2's 3 query heads per K/V head make blocks of 258 rows:
     one thread groups them 64, 64, 64, 64 and 2, other counts differently. The logits after the
     prompt are the same, bit for bit, with 1, 2 and 4 threads. (The model's matrix products round
     their inputs to 8 bits, which hides last-bit differences in attention outputs; that each row's
@@ -585,7 +552,7 @@ def test_prompt_attention_is_the_same_on_any_thread_count(lowlevel):
     assert np.array_equal(logits[4], logits[1])
 
 
-def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
+def test_states_move_between_exact_sink_settings(lowlevel):
     """A state saved without the exact sink loads bit for bit into a cache that keeps one (there is
     no sink to adopt); one saved with it loads into a cache without it and continues from the TQ
     codes alone, close to the saver."""
@@ -595,19 +562,16 @@ def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
     prompt = ll.tokenize(PROMPT)
     states, direct, first = {}, {}, {}
     for sink in ("0", "1"):
-        monkeypatch.setenv("TQ_EXACT_SINK", sink)
-        saver = ll.new_ctx()
+        saver = ll.new_ctx(sink=sink == "1")
         first[sink] = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
         states[sink] = ll.save_seq(saver, 0)
         direct[sink] = ll.decode(saver, [first[sink]], 0, len(prompt))
 
-    monkeypatch.setenv("TQ_EXACT_SINK", "1")
     loader = ll.new_ctx()
     ll.load_seq(loader, states["0"], 0)
     assert np.array_equal(ll.decode(loader, [first["0"]], 0, len(prompt)), direct["0"])
 
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")
-    loader = ll.new_ctx()
+    loader = ll.new_ctx(sink=False)
     ll.load_seq(loader, states["1"], 0)
     moved = ll.decode(loader, [first["1"]], 0, len(prompt))
     f16 = ll.new_ctx("f16", "f16")

@@ -353,10 +353,8 @@ class _FakeLlama:
     created: list[dict] = []
 
     def __init__(self, ctk: str, kwargs: dict):
-        import os
-
         self.ctk = ctk
-        _FakeLlama.created.append({"ctk": ctk, "n_ctx": kwargs["n_ctx"], "key_center": os.environ.get("TQ_KEY_CENTER"),
+        _FakeLlama.created.append({"ctk": ctk, "n_ctx": kwargs["n_ctx"], "key_center": kwargs.get("tq_key_center"),
                                    "extra": sorted(k for k in kwargs if k.startswith("tq_"))})
 
     def create_completion(self, prompt, **kw):
@@ -386,8 +384,8 @@ def test_run_with_a_stand_in_model(tmp_path, monkeypatch, filler, capsys):
     assert out["recall"] == {"f16/f16": 1.0, "tq3/tq2": 0.0}
     assert len(out["cases"]) == 2 * 2 * 2                  # 512 is above n_ctx_train: skipped
     assert [c["n_ctx"] for c in _FakeLlama.created] == [264, 320, 264, 320]
-    assert all(c["key_center"] == ("0" if not switches_as_flags() else None) for c in _FakeLlama.created)
-    assert "TQ_KEY_CENTER" not in __import__("os").environ  # set around context creation only
+    assert all(c["key_center"] is False for c in _FakeLlama.created)
+    assert all(c["extra"] == ["tq_exact_sink", "tq_key_center", "tq_protect_layers"] for c in _FakeLlama.created)
     stem = tmp_path / "niah-tiny-key_center_off"
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["command"].endswith("--json --tq-key-center off") and f"--filler {text}" in data["command"]
@@ -401,9 +399,3 @@ def test_run_with_a_stand_in_model(tmp_path, monkeypatch, filler, capsys):
     merged = json.loads(stem.with_suffix(".json").read_text())
     assert merged["recall"] == {"f16/f16": 1.0, "tq3/tq2": 0.0, "q8_0/q8_0": 0.0}
     assert len(merged["commands"]) == 2
-
-
-def switches_as_flags() -> bool:
-    from turboquant_llama.switches import OPTIONS_AS_FLAGS
-
-    return OPTIONS_AS_FLAGS

@@ -150,7 +150,7 @@ def test_run_ascii_prompt_cut_inside_a_character(smollm2):
 def test_state_error_message_names_types():
     from turboquant_llama.llama_python import state_error_message
 
-    log = "state_read_data: mismatched value type (1 != 43, layer 3)\n"
+    log = "state_read_data: the state holds a tq2 V cache, this context a f16 one (layer 3)\n"
     msg = state_error_message(log, ("f16", "f16"), ("tq3", "tq2"))
     assert "a tq3/tq2 KV cache and this context's is f16/f16" in msg
     assert "layer 3's values are tq2 in the state and f16 here" in msg

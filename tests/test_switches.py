@@ -36,51 +36,61 @@ def test_registry_lists_every_switch_the_sources_read():
 
 
 def test_options_reach_llama_cpp_the_way_the_patches_take_them():
-    """While OPTIONS_AS_FLAGS is False the patches read the options' variables; once the patches
-    take the options as flags, the constant must say so (the one place to change)."""
-    patches = "\n".join(p.read_text() for p in sorted((REPO_ROOT / "patches").glob("*.patch")))
-    read = _read_by_sources()
-    for s in switches.OPTIONS:
-        if switches.OPTIONS_AS_FLAGS:
-            assert s.flag in patches and s.param in patches, s.name
-        else:
-            assert s.env in read, f"{s.env} is no longer read from the environment: set OPTIONS_AS_FLAGS = True"
+    """The options are llama.cpp flags and llama_context_params fields (patches/0008), and
+    llama-cpp-python keyword arguments (patches/llama-cpp-python); no patch reads them from the
+    environment."""
+    patches = "\n".join(p.read_text() for p in sorted((REPO_ROOT / "patches").rglob("*.patch")))
+    for flag in ("--tq-protect-layers", "--tq-key-means", "--no-tq-exact-sink"):
+        assert f'"{flag}"' in patches, flag
+    for field in ("tq_protect_layers", "tq_key_means", "tq_exact_sink"):
+        assert f"cparams.{field}" in patches and f'("{field}", ' in patches, field
+    assert not {"TQ_PROTECT_LAYERS", "TQ_KEY_CENTER", "TQ_EXACT_SINK", "TQ_GRAPH_ROTATION"} & _read_by_sources()
+    assert all(s.env is None for s in switches.OPTIONS)
 
 
 def test_values_are_parsed_like_c_atoi():
     assert switches.from_env({}) == switches.defaults()
     d = switches.defaults()
-    assert (d["protect_layers"], d["key_center"], d["exact_sink"], d["attn_rot"], d["graph_rotation"]) == (1, True, True, True, False)
-    got = switches.from_env({"TQ_PROTECT_LAYERS": "-3", "TQ_KEY_CENTER": "off", "TQ_EXACT_SINK": " 2x",
-                             "LLAMA_ATTN_ROT_DISABLE": "1", "TQ_GRAPH_ROTATION": "0", "TQ_CPU_SIMD": "avx2"})
-    assert got["protect_layers"] == 0 and got["key_center"] is False and got["exact_sink"] is True
-    assert got["attn_rot"] is False and got["graph_rotation"] is False and got["cpu_simd"] == "avx2"
-    assert switches.non_default(got) == {"protect_layers": 0, "key_center": False, "attn_rot": False, "cpu_simd": "avx2"}
+    assert (d["protect_layers"], d["key_center"], d["exact_sink"], d["attn_rot"]) == (1, True, True, True)
+    got = switches.from_env({"TQ_PROTECT_LAYERS": "-3", "TQ_KEY_CENTER": "off", "TQ_ATTN_ROWS": " 0x",
+                             "LLAMA_ATTN_ROT_DISABLE": "1", "TQ_CPU_SIMD": "avx2"})
+    assert got["protect_layers"] == 1 and got["key_center"] is True   # options: never from the environment
+    assert got["attn_rot"] is False and got["attn_rows"] is False and got["cpu_simd"] == "avx2"
+    assert switches.non_default(got) == {"attn_rot": False, "attn_rows": False, "cpu_simd": "avx2"}
 
 
-def test_child_env_sets_and_clears_the_variables():
+def test_child_env_and_llama_args():
     setting = switches.from_env({"TQ_ATTN_ROWS": "0"})
-    setting["key_center"] = False
-    env = switches.child_env(setting, {"TQ_EXACT_SINK": "0", "PATH": "/bin", "TQ_PROTECT_LAYERS": "1"})
+    setting.update(key_center=False, exact_sink=False, protect_layers=2)
+    env = switches.child_env(setting, {"TQ_SCALE_SEARCH": "1", "PATH": "/bin"})
     assert env["PATH"] == "/bin" and env["TQ_ATTN_ROWS"] == "0"
-    assert "TQ_EXACT_SINK" not in env and "TQ_PROTECT_LAYERS" not in env   # defaults: nothing stale is left
-    if switches.OPTIONS_AS_FLAGS:
-        assert "TQ_KEY_CENTER" not in env
-        assert switches.llama_args(setting) == ["--tq-key-center", "off"]
-    else:
-        assert env["TQ_KEY_CENTER"] == "0"
-        assert switches.llama_args(setting) == []
+    assert "TQ_SCALE_SEARCH" not in env                                   # a default: nothing stale is left
+    assert switches.llama_args(setting, "smollm2", "tq3") == ["--no-tq-exact-sink", "--tq-protect-layers", "2"]
+    assert switches.llama_args(switches.defaults(), None, "tq3") == []      # no model: no key means to give
+    assert switches.llama_args(switches.defaults(), "smollm2", "q8_0") == []  # centering needs TQ keys
+    assert switches.llama_kwargs(setting, "smollm2", "tq3") == {"tq_protect_layers": 2, "tq_key_means": None,
+                                                               "tq_exact_sink": False}
+
+
+def test_key_centering_gives_llama_cpp_the_calibrated_means(monkeypatch, tmp_path):
+    from turboquant_llama import calibrate
+
+    means = tmp_path / "means.gguf"
+    monkeypatch.setattr(calibrate, "key_means", lambda model, *a, **k: means)
+    assert switches.llama_args(switches.defaults(), "smollm2", "tq3") == ["--tq-key-means", str(means)]
+    assert switches.llama_kwargs(switches.defaults(), "smollm2", "tq4")["tq_key_means"] == str(means)
 
 
 def test_variant_names_the_switches_that_change_a_pair():
-    setting = switches.from_env({"TQ_KEY_CENTER": "0", "TQ_SCALE_SEARCH": "0", "TQ_ATTN_ROWS": "0", "TQ_CPU_SIMD": "scalar"})
+    setting = switches.from_env({"TQ_SCALE_SEARCH": "0", "TQ_ATTN_ROWS": "0", "TQ_CPU_SIMD": "scalar"})
+    setting["key_center"] = False
     assert switches.variant("tq4", "tq4", setting) == "scale_search=off,key_center=off,attn_rows=off"
     assert switches.variant("q8_0", "tq2", setting) == "scale_search=off,attn_rows=off"
     assert switches.variant("q8_0", "q8_0", setting) == ""
 
 
 def test_describe_lists_every_switch():
-    d = switches.describe(switches.from_env({"TQ_EXACT_SINK": "0"}))
+    d = switches.describe({**switches.defaults(), "exact_sink": False})
     assert list(d) == [s.name for s in switches.SWITCHES]
     assert d["exact_sink"] == "off" and d["key_center"] == "on" and d["protect_layers"] == 1 and d["cpu_simd"] is None
 
@@ -112,23 +122,11 @@ def test_bad_option_values_are_clear_errors(capsys):
         main(["mem", "--tq-key-center", "off"])
 
 
-def test_options_for_context_takes_the_keyword_arguments(monkeypatch):
-    import os
-
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")
-    monkeypatch.delenv("TQ_KEY_CENTER", raising=False)
+def test_setting_from_kwargs_takes_the_keyword_arguments():
     kwargs = {"tq_key_center": False, "tq_protect_layers": 2, "n_ctx": 256}
-    with switches.options_for_context(kwargs) as extra:
-        assert kwargs == {"n_ctx": 256}
-        if switches.OPTIONS_AS_FLAGS:
-            assert extra == {"tq_key_center": False, "tq_protect_layers": 2}
-        else:
-            assert extra == {}
-            assert (os.environ["TQ_KEY_CENTER"], os.environ["TQ_PROTECT_LAYERS"]) == ("0", "2")
-            assert os.environ["TQ_EXACT_SINK"] == "0"       # not given: the environment's stays
-    assert "TQ_KEY_CENTER" not in os.environ and "TQ_PROTECT_LAYERS" not in os.environ
-    assert os.environ["TQ_EXACT_SINK"] == "0"
+    setting = switches.setting_from_kwargs(kwargs)
+    assert kwargs == {"n_ctx": 256}
+    assert (setting["key_center"], setting["protect_layers"], setting["exact_sink"]) == (False, 2, True)
     for bad in ({"tq_key_center": 1}, {"tq_protect_layers": -1}, {"tq_protect_layers": True}):
         with pytest.raises(ValueError):
-            with switches.options_for_context(dict(bad)):
-                pass
+            switches.setting_from_kwargs(dict(bad))
