@@ -240,9 +240,9 @@ def build_fingerprint(binary: Path) -> dict:
            "libs_mtime": _dt.datetime.fromtimestamp(newest, _dt.timezone.utc).isoformat(timespec="seconds")}
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+                              text=True, errors="replace", timeout=10)
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "ggml_tq", "patches"],
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, errors="replace", timeout=10)
         if head.returncode == 0:
             out["repo_commit"] = head.stdout.strip()
             out["tq_sources_dirty"] = bool(dirty.stdout.strip())

@@ -172,7 +172,8 @@ def _patch_set_digest(source_digest: str) -> str:
 def apply_patches(tree: Path) -> None:
     """Apply patches/ in order; stop with the name of the first patch that does not apply."""
     for p in patch_files():
-        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True, text=True)
+        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True, text=True,
+                               errors="replace")
         if check.returncode != 0:
             raise UserError(f"patch {p.name} does not apply to llama.cpp {UPSTREAM.llama_cpp_commit[:12]} "
                             f"(llama-cpp-python=={UPSTREAM.version}):\n{check.stderr.strip()}\n"
@@ -251,7 +252,8 @@ def prepare_python_source() -> Path:
         tar.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest)
     root = dest / UPSTREAM.vendor_prefix.split("/")[0]
     for p in python_patch_files():
-        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=root, capture_output=True, text=True)
+        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=root, capture_output=True, text=True,
+                               errors="replace")
         if check.returncode != 0:
             raise UserError(f"patch {p.relative_to(REPO_ROOT)} does not apply to {UPSTREAM.package}=={UPSTREAM.version}:\n"
                             f"{check.stderr.strip()}")

@@ -64,3 +64,33 @@ def _default_measurement_switches(monkeypatch):
 
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (servers in tests bind to loopback only)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc, base: str, log_path, timeout: float = 120.0) -> None:
+    """Poll base/health until llama-server answers 200; fail with its log's tail if the process
+    exits or the time runs out (the loop is bounded)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n" + log_path.read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"llama-server did not become healthy in {timeout:.0f} s")
+        time.sleep(0.3)

@@ -13,16 +13,14 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
 
-from .conftest import require_build, require_llama_cpp, require_model
+from .conftest import free_port, require_build, require_llama_cpp, require_model, wait_healthy
 
 TQ = [sys.executable, "-m", "turboquant_llama.cli"]
 N_PROMPTS = 80
@@ -36,12 +34,6 @@ def _prompts() -> list[str]:
     return [styles[i // len(TOPICS)].format(TOPICS[i % len(TOPICS)]) for i in range(N_PROMPTS)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _complete(base: str, prompt: str) -> str:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0, "seed": 1}
     req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
@@ -51,28 +43,18 @@ def _complete(base: str, prompt: str) -> str:
 
 
 def _serve(ctk: str, ctv: str, log_path):
-    port = _free_port()
+    port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(TQ + ["serve", "--model", "smollm2", "--ctk", ctk, "--ctv", ctv, "--ctx", "2048",
                                   "--parallel", "2", "--port", str(port), "--", "-t", "2", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"tq serve exited with {proc.returncode}:\n" + log_path.read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, log, base
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail("llama-server did not become healthy in 120 s")
-        time.sleep(0.3)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log_path)
+    except BaseException:
+        proc.kill()
+        log.close()
+        raise
+    return proc, log, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("ctk,ctv", [("f16", "f16"), ("tq3", "tq2")])

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .conftest import require_build, require_llama_cpp, require_model
+from .conftest import free_port, require_build, require_llama_cpp, require_model, wait_healthy
 
 TQ = [sys.executable, "-m", "turboquant_llama.cli"]
 KV_LINE = ("0.00.434.150 I llama_kv_cache: size =    5.04 MiB (  1024 cells,  30 layers,  1/1 seqs), "
@@ -284,36 +282,20 @@ def test_serve_refuses_aip_port_override(fake_server, tiny_gguf, capsys, monkeyp
     assert "AIP_HTTP_PORT (9999) instead of --port 8080" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_listens_where_it_says(smollm2, tmp_path):
     """The real llama-server, on loopback: a port given after -- (with --allow-remote) is the one
     it listens on and the one printed; tq serve's own --port is not used."""
     from turboquant_llama.build import find_binary
 
     find_binary("llama-server")
-    port, unused = _free_port(), _free_port()
+    port, unused = free_port(), free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(TQ + ["serve", "--model", "smollm2", "--ctx", "512", "--parallel", "1", "--port", str(unused),
                                   "--allow-remote", "--", "--host", "127.0.0.1", "--port", str(port), "-t", "1",
                                   "--no-webui"],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=_env())
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "llama-server did not become healthy in 60 s"
-            time.sleep(0.3)
+        wait_healthy(proc, f"http://127.0.0.1:{port}", tmp_path / "server.log")
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{unused}/health", timeout=2)
         proc.terminate()

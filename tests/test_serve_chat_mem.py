@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
 
-from .conftest import require_build, require_model
+from .conftest import free_port, require_build, require_model, wait_healthy
 
 TQ = [sys.executable, "-m", "turboquant_llama.cli"]
 
@@ -32,12 +30,6 @@ def _env():
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -48,24 +40,14 @@ def test_serve_answers_concurrent_requests(smollm2, tmp_path):
     from turboquant_llama.build import find_binary
 
     find_binary("llama-server")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(TQ + ["serve", "--model", "smollm2", "--ctk", "tq3", "--ctv", "tq2", "--ctx", "1024",
                                   "--parallel", "2", "--port", str(port), "--", "-t", "1", "--no-webui"],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=_env())
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "llama-server did not become healthy in 60 s"
-            time.sleep(0.3)
+        wait_healthy(proc, base, tmp_path / "server.log")
         results, errors = [], []
 
         def worker(i: int):
