@@ -16,6 +16,7 @@ from typing import Mapping
 from tqdm import tqdm
 
 from . import REPO_ROOT, results, switches
+from .arguments import int_arg, thread_count
 from .build import find_binary
 from .cache_types import parse_type_specs
 from .errors import UserError
@@ -124,10 +125,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--types", default=DEFAULT_TYPES,
                    help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES})")
     p.add_argument("--depths", default="0,4096", help="comma-separated context depths")
-    p.add_argument("--n-gen", type=int, default=32)
-    p.add_argument("--n-prompt", type=int, default=0)
-    p.add_argument("--threads", "-t", type=int, default=min(os.cpu_count() or 2, 16))
-    p.add_argument("--reps", "-r", type=int, default=3)
+    p.add_argument("--n-gen", type=int_arg(0, what="a token count"), default=32)
+    p.add_argument("--n-prompt", type=int_arg(0, what="a token count"), default=0)
+    p.add_argument("--threads", "-t", type=thread_count, default=min(os.cpu_count() or 2, 16))
+    p.add_argument("--reps", "-r", type=int_arg(1, what="a repetition count"), default=3)
     p.add_argument("--cuda", action="store_true", help="use the CUDA build")
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu or cuda)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")

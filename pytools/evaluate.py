@@ -24,6 +24,7 @@ from typing import Mapping
 from tqdm import tqdm
 
 from . import REPO_ROOT, results, switches
+from .arguments import int_arg, thread_count
 from .cache_types import CACHE_TYPES, bits_per_value, parse_type_specs
 from .corpus import default_corpus, is_packaged
 from .errors import UserError
@@ -72,12 +73,6 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     from .upstream import UPSTREAM
 
     pairs = parse_type_specs(args.types, DEFAULT_TYPES)
-    if args.chunks < 1:
-        raise UserError("--chunks must be at least 1")
-    if args.ctx < 16:
-        raise UserError("--ctx must be at least 16")
-    if args.threads < 1:
-        raise UserError("--threads must be at least 1")
     model = model_path(args.model)
     label = results.model_label(args.model)
     corpus = Path(args.corpus) if args.corpus else default_corpus()
@@ -191,11 +186,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--types", default=DEFAULT_TYPES,
                    help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES}); "
                         f"valid: {', '.join(VALID_TYPES)}")
-    q.add_argument("--chunks", type=int, default=20, help="number of chunks of the corpus (default 20)")
+    q.add_argument("--chunks", type=int_arg(1, what="a chunk count"), default=20, help="number of chunks of the corpus (default 20)")
     q.add_argument("--corpus", default=None,
                    help="evaluation text (default: TQ_CORPUS, else the packaged WikiText-2 raw test, wiki.test.raw)")
-    q.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context size per chunk (default {DEFAULT_CTX})")
-    q.add_argument("--threads", "-t", type=int, default=os.cpu_count() or 2, help="CPU threads (default: all cores)")
+    q.add_argument("--ctx", type=int_arg(16, what="a context size in tokens"), default=DEFAULT_CTX, help=f"context size per chunk (default {DEFAULT_CTX})")
+    q.add_argument("--threads", "-t", type=thread_count, default=os.cpu_count() or 2, help="CPU threads (default: all cores)")
     q.add_argument("--cuda", action="store_true", help="use the CUDA build with all layers on the GPU (-ngl 99)")
     q.add_argument("--json", action="store_true", help="print the results as a JSON list")
     q.add_argument("--out-dir", default=None, help="where quality-<model>.{json,md,png} go (default: results/)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import switches
 from .cache_types import CACHE_TYPES, is_tq
+from .arguments import context_size, float_arg, int_arg
 from .errors import UserError
 from .kv_memory import (DEFAULT_BATCH, DEFAULT_PROTECT_LAYERS, DEFAULT_UBATCH, KvSize, Slots, bits_per_value,
                         bytes_per_token, kv_bytes_for_tokens, kv_size, max_ctx)
@@ -137,22 +138,22 @@ def _print_report(r: dict) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mem", help="KV cache memory per token and in total, and the longest context that fits a budget")
     p.add_argument("--model", "-m", default="smollm2", help="model name from `tq models list`, or a .gguf path")
-    p.add_argument("--ctx", "-c", type=int, default=4096, help="context length (default 4096), all slots together")
+    p.add_argument("--ctx", "-c", type=context_size, default=4096, help="context length (default 4096), all slots together")
     p.add_argument("--ctk", default="tq3", help="K cache type (default tq3)")
     p.add_argument("--ctv", default="tq2", help="V cache type (default tq2)")
-    p.add_argument("--budget-gib", type=float, default=DEFAULT_BUDGET_GIB,
+    p.add_argument("--budget-gib", type=float_arg(0.0, what="a memory size in GiB"), default=DEFAULT_BUDGET_GIB,
                    help=f"memory for the KV cache, GiB (default {DEFAULT_BUDGET_GIB:g}: what is left for the "
                         "cache on a 12-16 GB GPU after a small model's weights)")
-    p.add_argument("--parallel", "-np", type=int, default=1,
+    p.add_argument("--parallel", "-np", type=int_arg(1, what="a slot count"), default=1,
                    help="sequences (llama-server slots, `tq serve --parallel`; default 1): each gets its own "
                         "ctx/parallel cells and its own sliding-window cache unless --kv-unified")
     p.add_argument("--kv-unified", "-kvu", action="store_true",
                    help="one cache shared by all sequences (llama.cpp --kv-unified; what llama-server picks "
                         "when it is not given --parallel: 4 slots, unified)")
     p.add_argument("--swa-full", action="store_true", help="full-size sliding-window caches (llama.cpp --swa-full)")
-    p.add_argument("--ubatch", type=int, default=DEFAULT_UBATCH, help="n_ubatch (sizes SWA caches; default 512)")
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="n_batch (caps n_ubatch; default 2048)")
-    p.add_argument("--protect-layers", type=int, default=None, metavar="N", dest="protect_layers",
+    p.add_argument("--ubatch", type=int_arg(1, what="a batch size"), default=DEFAULT_UBATCH, help="n_ubatch (sizes SWA caches; default 512)")
+    p.add_argument("--batch", type=int_arg(1, what="a batch size"), default=DEFAULT_BATCH, help="n_batch (caps n_ubatch; default 2048)")
+    p.add_argument("--protect-layers", type=int_arg(0, what="a layer count"), default=None, metavar="N", dest="protect_layers",
                    help="the same as --tq-protect-layers")
     switches.add_option_arguments(p, ("protect_layers",))   # the other options do not change the size
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -160,19 +161,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_mem(args: argparse.Namespace) -> int:
-    if args.ctx <= 0:
-        raise UserError("--ctx must be positive")
-    if args.budget_gib <= 0:
-        raise UserError("--budget-gib must be positive")
-    if args.parallel < 1:
-        raise UserError("--parallel must be at least 1")
-    if args.ubatch < 1 or args.batch < 1:
-        raise UserError("--ubatch and --batch must be at least 1")
-    if args.protect_layers is not None:
-        if args.protect_layers < 0:
-            raise UserError("--protect-layers must be 0 or more")
-        if args.tq_protect_layers is None:
-            args.tq_protect_layers = args.protect_layers
+    if args.budget_gib == 0:
+        raise UserError("--budget-gib must be more than 0")
+    if args.protect_layers is not None and args.tq_protect_layers is None:
+        args.tq_protect_layers = args.protect_layers
     setting = switches.apply_args(args)
     r = report(args.model, args.ctx, args.ctk, args.ctv, args.budget_gib, args.ubatch, int(setting["protect_layers"]),
                args.parallel, args.kv_unified, args.swa_full, args.batch)

@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import REPO_ROOT, results, switches
+from .arguments import int_arg, thread_count
 from .cache_types import parse_type_specs
 from .corpus import default_corpus, is_packaged
 from .errors import UserError
@@ -120,10 +121,6 @@ def run_niah(args: argparse.Namespace) -> dict:
     pairs = parse_type_specs(args.types, DEFAULT_TYPES)
     lengths = parse_lengths(args.lengths)
     depths = parse_depths(args.depths)
-    if args.needles < 1:
-        raise UserError("--needles must be at least 1")
-    if args.threads < 1:
-        raise UserError("--threads must be at least 1")
     path = model_path(args.model)
     label = results.model_label(args.model)
     shape = model_kv_shape(path)
@@ -299,10 +296,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "model's training context are skipped")
     p.add_argument("--depths", default=DEFAULT_DEPTHS,
                    help=f"needle depths, fractions of the haystack (default {DEFAULT_DEPTHS})")
-    p.add_argument("--needles", type=int, default=1, help="needles (prompts) per length and depth (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the needles and filler offsets (default 0)")
-    p.add_argument("--threads", "-t", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--gpu-layers", "-ngl", type=int, default=0,
+    p.add_argument("--needles", type=int_arg(1, what="a needle count"), default=1, help="needles (prompts) per length and depth (default 1)")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1, what="a seed"), default=0, help="seed of the needles and filler offsets (default 0)")
+    p.add_argument("--threads", "-t", type=thread_count, default=1, help="CPU threads (default 1)")
+    p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, what="a layer count"), default=0,
                    help="layers whose weights go to the GPU (CUDA build; the KV cache and attention of every type "
                         "stay on the CPU, where the TQ kernels are; default 0)")
     p.add_argument("--filler", default=None,

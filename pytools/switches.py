@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .arguments import int_arg
 from .cache_types import is_tq
 
 Value = int | bool | str | None
@@ -249,16 +250,6 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"'{text}' is not on or off")
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return n
-
-
 def add_option_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """--tq-protect-layers, --tq-key-center, --tq-exact-sink, or those of `names` (default: the
     environment variable, else the built-in default)."""
@@ -267,7 +258,7 @@ def add_option_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...]
             continue
         default = s.show(s.default)
         if s.kind == "int":
-            parser.add_argument(s.flag, type=_count, default=None, metavar="N", help=f"{s.help} (default: {default})")
+            parser.add_argument(s.flag, type=int_arg(0, what="a layer count"), default=None, metavar="N", help=f"{s.help} (default: {default})")
         else:
             parser.add_argument(s.flag, type=_on_off, default=None, metavar="on|off", help=f"{s.help} (default: {default})")
 

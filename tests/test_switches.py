@@ -117,7 +117,7 @@ def test_bad_option_values_are_clear_errors(capsys):
     assert exc.value.code == 2 and "is not on or off" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["mem", "--tq-protect-layers", "-1"])
-    assert "must be 0 or more" in capsys.readouterr().err
+    assert "-1 is out of range: a layer count at least 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):   # tq mem takes only the option that changes a cache's size
         main(["mem", "--tq-key-center", "off"])
 
