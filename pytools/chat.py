@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .errors import UserError
-from .generate import context_size, float_arg, int_arg, seed_value, thread_count
+from .arguments import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
 from .kv_shape import model_kv_shape
 

@@ -26,7 +26,7 @@ from . import REPO_ROOT
 from .build import bin_dir
 from .errors import UserError
 from .cache_types import CACHE_TYPES, TQ_NAMES
-from .generate import int_arg
+from .arguments import int_arg
 from .ggml_lib import GGML_TYPE_IDS
 from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
 from .upstream import UPSTREAM, fetch_sdist

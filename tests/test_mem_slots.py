@@ -5,7 +5,6 @@ small random sliding-window model (olmo2, 256-value heads, window 512) written h
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,14 +13,13 @@ import numpy as np
 import pytest
 
 from turboquant_llama.build import find_binary
+from turboquant_llama.generate import logged_caches, parse_kv_memory
 from turboquant_llama.kv_memory import Slots, kv_size
 from turboquant_llama.kv_shape import model_kv_shape
 from turboquant_llama.mem import allocation_summary, report, server_slots
 
 from .conftest import require_binary, require_model
 
-_SIZE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +(\d+) layers, +(\d+)/(\d+) seqs\), "
-                   r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
 
 
 def write_swa_model(path: Path, n_layer: int = 4, head_dim: int = 256, window: int = 512) -> Path:
@@ -87,22 +85,15 @@ def swa_model(tmp_path_factory) -> Path:
     return write_swa_model(tmp_path_factory.mktemp("swa") / "olmo2-swa.gguf")
 
 
-def logged_caches(log: str) -> list[tuple[int, int, str, float, str, float]]:
-    """(cells, seqs, K type, K MiB, V type, V MiB) of each cache of the last context llama.cpp
-    created (it creates one without memory first while fitting; a sliding-window model has two)."""
-    last = log.rsplit("llama_context: n_ctx ", 1)[-1]
-    return [(int(m[1]), int(m[3]), m[5], float(m[6]), m[7], float(m[8])) for m in _SIZE.finditer(last)]
-
-
 def _check(log: str, r: dict) -> None:
     caches = logged_caches(log)
     assert caches, log[-2000:]
-    k = sum(c[3] for c in caches)
-    v = sum(c[5] for c in caches)
+    mem = parse_kv_memory(log)
     # the log rounds each cache to 0.01 MiB
-    assert abs(k - r["k_mib"]) <= 0.006 * len(caches), (caches, r["k_mib"])
-    assert abs(v - r["v_mib"]) <= 0.006 * len(caches), (caches, r["v_mib"])
-    assert {c[1] for c in caches} == {r["n_seq"]}
+    assert abs(mem.k_mib - r["k_mib"]) <= 0.006 * len(caches), (caches, r["k_mib"])
+    assert abs(mem.v_mib - r["v_mib"]) <= 0.006 * len(caches), (caches, r["v_mib"])
+    assert {c.n_seq for c in caches} == {r["n_seq"]} and {c.n_stream for c in caches} == {r["n_stream"]}
+    assert caches[0].cells == r["n_ctx_cells"]
 
 
 def _completion_log(model: Path, ctk: str, ctv: str, ctx: int, parallel: int, extra: list[str] = ()) -> str:
