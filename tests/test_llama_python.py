@@ -105,21 +105,11 @@ def test_head_size_check(head):
 def test_head_size_check_reads_gguf_before_llama_cpp(tmp_path):
     """A GGUF whose metadata says head size 80 (no tensors: llama.cpp could not even load it) is
     refused by load_llama with the head size and the types that serve it."""
-    import gguf
-
     from turboquant_llama.llama_python import head_sizes, load_llama
 
-    path = tmp_path / "head80.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_embedding_length(640)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_context_length(2048)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from .gguf_files import write_metadata_gguf
+
+    path = write_metadata_gguf(tmp_path / "head80.gguf", "llama", 2, 640, 8, 2, context_length=2048)
     assert head_sizes(path) == ([80, 80], [80, 80])
     with pytest.raises(ValueError, match=r"K cache type tq3 cannot serve head size 80.*use f32, f16, bf16"):
         load_llama(path, "tq3", "tq2")
@@ -415,40 +405,45 @@ def test_seq_state_restored_next_to_other_keys(monkeypatch, lowlevel, center):
         assert np.argmax(direct) in np.argsort(restored)[-2:]
 
 
-def test_state_moves_between_centering_settings(monkeypatch, lowlevel):
-    """A state saved without centering (its means are zeros) loads bit for bit into a centring
-    cache; one saved with centred keys loads into a cache without centering with its rows
-    requantized as k, close to the saver's logits."""
+def _state_moves_between_settings(monkeypatch, ll, switch: str) -> None:
+    """A state saved with the switch off loads bit for bit into a context with it on; one saved
+    with it on loads into a context with it off and continues close to the saver: nearer than an
+    f16 cache is."""
     import numpy as np
 
-    ll = lowlevel
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")  # its rows move with the means too; here the keys alone
     prompt = ll.tokenize(PROMPT)
     # each saver continues with its own greedy token: the two settings need not pick the same one
     states, direct, first = {}, {}, {}
-    for center in ("0", "1"):
-        monkeypatch.setenv("TQ_KEY_CENTER", center)
+    for on in ("0", "1"):
+        monkeypatch.setenv(switch, on)
         saver = ll.new_ctx()
-        first[center] = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
-        states[center] = ll.save_seq(saver, 0)
-        direct[center] = ll.decode(saver, [first[center]], 0, len(prompt))
+        first[on] = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
+        states[on] = ll.save_seq(saver, 0)
+        direct[on] = ll.decode(saver, [first[on]], 0, len(prompt))
 
-    monkeypatch.setenv("TQ_KEY_CENTER", "1")
+    monkeypatch.setenv(switch, "1")
     loader = ll.new_ctx()
     ll.load_seq(loader, states["0"], 0)
     assert np.array_equal(ll.decode(loader, [first["0"]], 0, len(prompt)), direct["0"])
 
-    monkeypatch.setenv("TQ_KEY_CENTER", "0")
+    monkeypatch.setenv(switch, "0")
     loader = ll.new_ctx()
     ll.load_seq(loader, states["1"], 0)
-    first = first["1"]
-    moved = ll.decode(loader, [first], 0, len(prompt))
+    moved = ll.decode(loader, [first["1"]], 0, len(prompt))
     f16 = ll.new_ctx("f16", "f16")
     ll.decode(f16, prompt, 0, 0)
-    exact = ll.decode(f16, [first], 0, len(prompt))
+    exact = ll.decode(f16, [first["1"]], 0, len(prompt))
     assert 0.0 < _kld(direct["1"], moved) < _kld(exact, direct["1"]), (_kld(direct["1"], moved), _kld(exact, direct["1"]))
     # no check on the top token: a KL of 0.11 (against 0.37 to f16) swaps candidates 0.7 logit
     # apart in this continuation, as the cache's own distance to f16 does
+
+
+def test_state_moves_between_centering_settings(monkeypatch, lowlevel):
+    """A state saved without centering (its means are zeros) loads bit for bit into a centring
+    cache; one saved with centred keys loads into a cache without centering with its rows
+    requantized as k, close to the saver's logits."""
+    monkeypatch.setenv("TQ_EXACT_SINK", "0")  # its rows move with the means too; here the keys alone
+    _state_moves_between_settings(monkeypatch, lowlevel, "TQ_KEY_CENTER")
 
 
 def test_exact_sink_ends_when_its_cell_is_overwritten(monkeypatch, lowlevel):
@@ -590,33 +585,7 @@ def test_states_move_between_exact_sink_settings(monkeypatch, lowlevel):
     """A state saved without the exact sink loads bit for bit into a cache that keeps one (there is
     no sink to adopt); one saved with it loads into a cache without it and continues from the TQ
     codes alone, close to the saver."""
-    import numpy as np
-
-    ll = lowlevel
-    prompt = ll.tokenize(PROMPT)
-    states, direct, first = {}, {}, {}
-    for sink in ("0", "1"):
-        monkeypatch.setenv("TQ_EXACT_SINK", sink)
-        saver = ll.new_ctx()
-        first[sink] = int(np.argmax(ll.decode(saver, prompt, 0, 0)))
-        states[sink] = ll.save_seq(saver, 0)
-        direct[sink] = ll.decode(saver, [first[sink]], 0, len(prompt))
-
-    monkeypatch.setenv("TQ_EXACT_SINK", "1")
-    loader = ll.new_ctx()
-    ll.load_seq(loader, states["0"], 0)
-    assert np.array_equal(ll.decode(loader, [first["0"]], 0, len(prompt)), direct["0"])
-
-    monkeypatch.setenv("TQ_EXACT_SINK", "0")
-    loader = ll.new_ctx()
-    ll.load_seq(loader, states["1"], 0)
-    moved = ll.decode(loader, [first["1"]], 0, len(prompt))
-    f16 = ll.new_ctx("f16", "f16")
-    ll.decode(f16, prompt, 0, 0)
-    exact = ll.decode(f16, [first["1"]], 0, len(prompt))
-    assert 0.0 < _kld(direct["1"], moved) < _kld(exact, direct["1"]), (_kld(direct["1"], moved), _kld(exact, direct["1"]))
-    # no check on the top token: a KL of 0.11 (against 0.37 to f16) swaps candidates 0.7 logit
-    # apart in this continuation, as the cache's own distance to f16 does
+    _state_moves_between_settings(monkeypatch, lowlevel, "TQ_EXACT_SINK")
 
 
 def test_cache_options_as_keyword_arguments(monkeypatch):

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from turboquant_llama.build import find_binary
@@ -19,65 +18,8 @@ from turboquant_llama.kv_shape import model_kv_shape
 from turboquant_llama.mem import allocation_summary, report, server_slots
 
 from .conftest import require_binary, require_model
+from .gguf_files import write_swa_model
 
-
-
-def write_swa_model(path: Path, n_layer: int = 4, head_dim: int = 256, window: int = 512) -> Path:
-    """A random olmo2 GGUF with a sliding window: layers 0-2 of every 4 use the window (llama.cpp's
-    default olmo2 pattern), layer 3 full attention; 2 query heads, 1 KV head of head_dim values."""
-    import gguf
-
-    n_head, n_head_kv, n_vocab, n_ff = 2, 1, 64, 64
-    n_embd = head_dim * n_head
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "olmo2")
-    w.add_context_length(16384)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_sliding_window(window)
-    # a small SentencePiece vocabulary: llama-completion tokenizes its prompt
-    tokens = ["<unk>", "<s>", "</s>", "\u2581"] + [chr(c) for c in range(ord("a"), ord("a") + n_vocab - 4)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [1] * (n_vocab - 3))
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def t(name: str, *shape: int) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
-
-    def ones(name: str, n: int) -> None:
-        w.add_tensor(name, np.ones(n, np.float32))
-
-    t("token_embd.weight", n_vocab, n_embd)
-    ones("output_norm.weight", n_embd)
-    t("output.weight", n_vocab, n_embd)
-    for i in range(n_layer):
-        t(f"blk.{i}.attn_q.weight", n_embd, n_embd)
-        t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd)
-        t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
-        t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
-        ones(f"blk.{i}.attn_q_norm.weight", n_embd)
-        ones(f"blk.{i}.attn_k_norm.weight", n_head_kv * head_dim)
-        ones(f"blk.{i}.post_attention_norm.weight", n_embd)
-        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
-        ones(f"blk.{i}.post_ffw_norm.weight", n_embd)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")
