@@ -7,7 +7,6 @@ quantizes). Real K caches have a few huge channels per head; synthetic rows only
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
