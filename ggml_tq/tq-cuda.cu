@@ -1,5 +1,6 @@
 // TurboQuant KV-cache types on CUDA: host entry points (tq-cuda.h) over the kernels of tq-cuda.cuh.
-// Build: nvcc -O3 -arch=sm_XX (never --use_fast_math or -ftz=true: the quantizer is bit-exact).
+// Build: nvcc -O3 -arch=sm_XX; ggml-cuda's -use_fast_math is fine (the bit-exact parts are inline
+// PTX, tq-cuda.cuh; tests/native/tq_cuda_build.sh with TQ_CUDA_FLAGS=-use_fast_math checks it).
 #include "tq-cuda.h"
 #include "tq-cuda.cuh"
 #include "tq-codebooks.h"

@@ -2,10 +2,11 @@
 // (the design of llama.cpp's fattn-vec: a small decode function per type, one kernel).
 // The bytes and the exact arithmetic are tq-blocks.h's; the host entry points are in tq-cuda.cu.
 //
-// Bit-exact quantization needs IEEE float32 without fused multiply-add where tq-blocks.h forbids
-// it: every such operation below is an explicit __fadd_rn/__fmul_rn/__fdiv_rn (never contracted),
-// the double sums are __dadd_rn in the reference's order, and nothing may be built with
-// --use_fast_math or -ftz=true (denormals are kept).
+// Bit-exact quantization and decoding need IEEE float32 as tq-blocks.h writes it (no fused
+// multiply-add, denormals kept): every such operation below is tq_fadd/tq_fmul/... (inline PTX, so
+// that ggml-cuda's -use_fast_math changes none of them), the double sums are __dadd_rn in the
+// reference's order. The attention kernel's own arithmetic (scores, softmax) is float32 to a bound,
+// not bit-exact, and may be built with fast math. The check builds both ways.
 #pragma once
 
 #include "tq-blocks.h"
@@ -49,6 +50,24 @@ template <int T, int D> __host__ __device__ constexpr int tq_row_bytes() { retur
 
 static __device__ __forceinline__ float tq_h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 
+// IEEE float32 operations exactly as written, whatever the build's flags: ggml-cuda compiles with
+// -use_fast_math (-ftz=true, approximate division, contraction), which would flush the reference's
+// denormals (tq-blocks.h keeps them) and change its roundings. Inline PTX without .ftz is not
+// rewritten by those flags; negation flips the sign bit (neg.ftz would flush too).
+static __device__ __forceinline__ float tq_fadd(float a, float b) { float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+static __device__ __forceinline__ float tq_fsub(float a, float b) { float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+static __device__ __forceinline__ float tq_fmul(float a, float b) { float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+static __device__ __forceinline__ float tq_fdiv(float a, float b) { float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r; }
+static __device__ __forceinline__ float tq_fneg(float a) { return __uint_as_float(__float_as_uint(a) ^ 0x80000000u); }
+static __device__ __forceinline__ int tq_fgt(float a, float b) {
+    int r;
+    asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\tselp.s32 %0, 1, 0, p;\n\t}" : "=r"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float tq_d2f(double x) { float r; asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x)); return r; }
+static __device__ __forceinline__ double tq_f2d(float x) { double r; asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x)); return r; }
+static __device__ __forceinline__ uint16_t tq_f2h(float x) { uint16_t r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x)); return r; }
+
 // --- the rotation on one warp: lane holds x[lane] (x0) and x[lane + 32] (x1) of a 64-block --------
 
 // Unnormalised FWHT, butterflies h = 1, 2, ..., 32 as tq_fwht64 (each pair's (a + b, a - b) is the
@@ -60,22 +79,22 @@ static __device__ __forceinline__ void tq_fwht64_warp(float & x0, float & x1) {
         const float o0 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x0, h);
         const float o1 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x1, h);
         if (lane & h) {
-            x0 = __fsub_rn(o0, x0);
-            x1 = __fsub_rn(o1, x1);
+            x0 = tq_fsub(o0, x0);
+            x1 = tq_fsub(o1, x1);
         } else {
-            x0 = __fadd_rn(x0, o0);
-            x1 = __fadd_rn(x1, o1);
+            x0 = tq_fadd(x0, o0);
+            x1 = tq_fadd(x1, o1);
         }
     }
     const float a = x0, b = x1;
-    x0 = __fadd_rn(a, b);
-    x1 = __fsub_rn(a, b);
+    x0 = tq_fadd(a, b);
+    x1 = tq_fsub(a, b);
 }
 
 static __device__ __forceinline__ void tq_signs_warp(const tq_cuda_tables & t, int r, float & x0, float & x1) {
     const int lane = threadIdx.x & 31;
-    if ((t.signs[r][0] >> lane) & 1) x0 = -x0;
-    if ((t.signs[r][1] >> lane) & 1) x1 = -x1;
+    if ((t.signs[r][0] >> lane) & 1) x0 = tq_fneg(x0);
+    if ((t.signs[r][1] >> lane) & 1) x1 = tq_fneg(x1);
 }
 
 static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, float & x0, float & x1) {
@@ -83,8 +102,8 @@ static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, 
     for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
         tq_signs_warp(t, r, x0, x1);
         tq_fwht64_warp(x0, x1);
-        x0 = __fmul_rn(x0, 0.125f);
-        x1 = __fmul_rn(x1, 0.125f);
+        x0 = tq_fmul(x0, 0.125f);
+        x1 = tq_fmul(x1, 0.125f);
     }
 }
 
@@ -92,8 +111,8 @@ static __device__ __forceinline__ void tq_unrotate_warp(const tq_cuda_tables & t
 #pragma unroll
     for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
         tq_fwht64_warp(x0, x1);
-        x0 = __fmul_rn(x0, 0.125f);
-        x1 = __fmul_rn(x1, 0.125f);
+        x0 = tq_fmul(x0, 0.125f);
+        x1 = tq_fmul(x1, 0.125f);
         tq_signs_warp(t, r, x0, x1);
     }
 }
@@ -121,7 +140,7 @@ static __device__ __forceinline__ int tq_cell_count(float v, const float * b) {
     int n = 0;
 #pragma unroll
     for (int k = 0; k < (1 << BITS) - 1; ++k) {
-        n += v > b[k] ? 1 : 0;
+        n += tq_fgt(v, b[k]);
     }
     return n;
 }
@@ -130,7 +149,7 @@ template <int BITS>
 static __device__ __forceinline__ void tq_scaled_boundaries(const tq_cuda_tables & t, int m, float * sb) {
 #pragma unroll
     for (int k = 0; k < (1 << BITS) - 1; ++k) {
-        sb[k] = __fmul_rn(t.grid[m], t.b[BITS - 2][k]);
+        sb[k] = tq_fmul(t.grid[m], t.b[BITS - 2][k]);
     }
 }
 
@@ -147,11 +166,11 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
 #pragma unroll 8
     for (int j = 0; j < QK_TQ; ++j) {
         const float v = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? x0 : x1, j & 31);
-        s = __dadd_rn(s, __dmul_rn((double) v, (double) v));
+        s = __dadd_rn(s, __dmul_rn(tq_f2d(v), tq_f2d(v)));
     }
     const bool finite = isfinite(s);
-    const float n = finite ? __double2float_rn(__dsqrt_rn(s)) : 0.0f;
-    if (!finite || n == 0.0f) {
+    const float n = finite ? tq_d2f(__dsqrt_rn(s)) : 0.0f;
+    if (!finite || (__float_as_uint(n) & 0x7fffffffu) == 0) {   // n == 0, denormal n is not zero
         for (int i = lane; i < BB; i += 32) {
             blk[i] = 0;
         }
@@ -164,7 +183,7 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
 
     // step 2: rotate, divide by the norm
     tq_rotate_warp(t, x0, x1);
-    const float u0 = __fdiv_rn(x0, n), u1 = __fdiv_rn(x1, n);
+    const float u0 = tq_fdiv(x0, n), u1 = tq_fdiv(x1, n);
 
     // step 3: lane m < n_scales scores scale m of the grid (sums in the reference's order)
     const bool search = !(flags & (TQ_CUDA_NO_NORM_CORRECTION | TQ_CUDA_NO_SCALE_SEARCH));
@@ -177,8 +196,8 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
     for (int j = 0; j < QK_TQ; ++j) {
         const float uj = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? u0 : u1, j & 31);
         const float cv = c[tq_cell_count<BITS>(uj, sb)];
-        dot = __dadd_rn(dot, __dmul_rn((double) uj, (double) cv));
-        cs  = __dadd_rn(cs,  __dmul_rn((double) cv, (double) cv));
+        dot = __dadd_rn(dot, __dmul_rn(tq_f2d(uj), tq_f2d(cv)));
+        cs  = __dadd_rn(cs,  __dmul_rn(tq_f2d(cv), tq_f2d(cv)));
     }
     const double score = __ddiv_rn(dot, __dsqrt_rn(cs));
     int best_m = 0;
@@ -196,7 +215,7 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
 
     // step 4: the norm (corrected), fp16 round to nearest even
     const float d = (flags & TQ_CUDA_NO_NORM_CORRECTION) ? n
-                  : __double2float_rn(__ddiv_rn((double) n, __dsqrt_rn(cs_best)));
+                  : tq_d2f(__ddiv_rn(tq_f2d(n), __dsqrt_rn(cs_best)));
 
     // bit planes
     if (BITS == 4) {
@@ -224,7 +243,7 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
         }
     }
     if (lane == 0) {
-        *(uint16_t *) blk = __half_as_ushort(__float2half_rn(d));
+        *(uint16_t *) blk = tq_f2h(d);
     }
 }
 
@@ -272,21 +291,21 @@ static __device__ __forceinline__ void tq_decode_quad(const uint8_t * row, int q
             const uint32_t q = blk[2 + i];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                v[k] = __fmul_rn(d, lut[(q >> (2*k)) & 3]);
+                v[k] = tq_fmul(d, lut[(q >> (2*k)) & 3]);
             }
         } else if (T == TQK_TQ3) {
             const uint32_t q = blk[2 + i];
             const uint32_t h = (uint32_t) blk[18 + (i & 7)] >> (i >> 3);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                v[k] = __fmul_rn(d, lut[((q >> (2*k)) & 3) | (((h >> (2*k)) & 1) << 2)]);
+                v[k] = tq_fmul(d, lut[((q >> (2*k)) & 3) | (((h >> (2*k)) & 1) << 2)]);
             }
         } else {
             const uint32_t lo = blk[2 + i], hi = blk[2 + i + 16];
-            v[0] = __fmul_rn(d, lut[lo & 15]);
-            v[1] = __fmul_rn(d, lut[hi & 15]);
-            v[2] = __fmul_rn(d, lut[lo >> 4]);
-            v[3] = __fmul_rn(d, lut[hi >> 4]);
+            v[0] = tq_fmul(d, lut[lo & 15]);
+            v[1] = tq_fmul(d, lut[hi & 15]);
+            v[2] = tq_fmul(d, lut[lo >> 4]);
+            v[3] = tq_fmul(d, lut[hi >> 4]);
         }
     }
 }
@@ -861,7 +880,7 @@ tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
             i1v |= ((blk[18 + (lane & 7)] >> ((lane + 32) >> 3)) & 1) << 2;
         }
     }
-    float x0 = __fmul_rn(d, s_c[i0]), x1 = __fmul_rn(d, s_c[i1v]);
+    float x0 = tq_fmul(d, s_c[i0]), x1 = tq_fmul(d, s_c[i1v]);
     if (!p.rotated) {
         tq_unrotate_warp(tab, x0, x1);
     }
@@ -870,8 +889,8 @@ tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
         ((float *) y)[lane] = x0;
         ((float *) y)[lane + 32] = x1;
     } else {
-        ((__half *) y)[lane] = __float2half_rn(x0);
-        ((__half *) y)[lane + 32] = __float2half_rn(x1);
+        ((uint16_t *) y)[lane] = tq_f2h(x0);
+        ((uint16_t *) y)[lane + 32] = tq_f2h(x1);
     }
 }
 

@@ -12,7 +12,7 @@ import sys
 
 from . import switches
 from .errors import UserError
-from .generate import context_size, float_arg, int_arg, seed_value, thread_count
+from .arguments import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
 from .kv_shape import model_kv_shape
 

@@ -4,7 +4,6 @@ how much KV memory the cache types save against f16."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -18,12 +17,14 @@ from .build import find_binary
 from . import switches
 from .cache_types import cache_type
 from .errors import UserError
-from .kv_memory import kv_size
+from .arguments import context_size, int_arg, seed_value, thread_count
+from .kv_memory import Slots, kv_size
 from .kv_shape import KvShape, model_kv_shape
 from .models import model_path
 
-_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*K \((\w+)\): +([\d.]+) MiB, "
-                      r"V \((\w+)\): +([\d.]+) MiB")
+_KV_LINE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +\d+ layers, +(\d+)/(\d+) seqs\), "
+                      r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
+_CONTEXT_LINE = "llama_context: n_ctx "   # each context creation logs it before its caches
 
 
 def check_cache_type(name: str) -> str:
@@ -51,18 +52,41 @@ class KvMemory:
                 f"{self.f16_mib / self.total_mib:.2f}x smaller, {self.f16_mib - self.total_mib:.2f} MiB saved")
 
 
+@dataclass(frozen=True)
+class LoggedCache:
+    """One `llama_kv_cache: size = ...` line: cells per stream, sequences, streams, K and V."""
+    cells: int
+    n_seq: int
+    n_stream: int
+    k_type: str
+    k_mib: float
+    v_type: str
+    v_mib: float
+
+
+def logged_caches(log: str) -> list[LoggedCache]:
+    """The KV caches of the last context llama.cpp created (verbose log): it may create one more
+    than once while fitting memory, and a sliding-window model has two caches, the full-attention
+    one first. Without the context line only the last cache line counts."""
+    found = [LoggedCache(int(m[1]), int(m[2]), int(m[3]), m[4], float(m[5]), m[6], float(m[7]))
+             for m in _KV_LINE.finditer(log.rsplit(_CONTEXT_LINE, 1)[-1])]
+    return found if _CONTEXT_LINE in log else found[-1:]
+
+
 def parse_kv_memory(log: str, shape: KvShape | None = None) -> KvMemory | None:
-    """The KV cache llama.cpp reports when it creates the context (it may create it more than once
-    while fitting memory: the last report is the one in use). With the model's KV shape, also what
-    an f16 cache of the same cells takes (the ratio is not one of bits per value alone: a TQ cache
-    keeps protected layers at q8_0)."""
-    found = list(_KV_LINE.finditer(log))
-    if not found:
+    """The KV cache of the context llama.cpp created, all its caches together. With the model's
+    KV shape, also what an f16 cache of the same layout takes (the ratio is not one of bits per
+    value alone: a TQ cache keeps protected layers at q8_0)."""
+    caches = logged_caches(log)
+    if not caches:
         return None
-    m = found[-1]
-    cells = int(m.group(2))
-    f16 = kv_size(shape, "f16", "f16", cells).total / 2**20 if shape is not None else None
-    return KvMemory(m.group(3), m.group(5), float(m.group(4)), float(m.group(6)), cells, f16)
+    full = caches[0]
+    f16 = None
+    if shape is not None:
+        slots = Slots(full.cells * full.n_stream, full.n_seq, unified=full.n_stream == 1 and full.n_seq > 1)
+        f16 = kv_size(shape, "f16", "f16", slots).total / 2**20
+    return KvMemory(full.k_type, full.v_type, round(sum(c.k_mib for c in caches), 2),
+                    round(sum(c.v_mib for c in caches), 2), full.cells, f16)
 
 
 # what an error message may quote of a child's log: llama.cpp's verbose log repeats the whole
@@ -127,51 +151,6 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
     if returncode != 0:
         raise completion_error(returncode, log)
     return decode_output(b"".join(parts)), parse_kv_memory(log, model_kv_shape(path))
-
-
-# --------------------------------------------------------------------------- numeric arguments
-# argparse types that refuse what llama.cpp would silently turn into something else (-c -5 is a
-# 256-token context, --seed -5 wraps around, -t 0 means every core)
-
-def int_arg(low: int | None = None, high: int | None = None, also: tuple[int, ...] = (), what: str = "a whole number"):
-    """An argparse type: an int in [low, high] or one of also; ArgumentTypeError says the range."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
-        if value in also or ((low is None or value >= low) and (high is None or value <= high)):
-            return value
-        if high is None:
-            allowed = f"at least {low}"
-        elif low is None:
-            allowed = f"at most {high}"
-        else:
-            allowed = f"from {low} to {high}"
-        if also:
-            allowed += " (or " + ", ".join(map(str, also)) + ")"
-        raise argparse.ArgumentTypeError(f"{value} is out of range: {what} {allowed}")
-    parse.__name__ = what
-    return parse
-
-
-def float_arg(low: float = 0.0, what: str = "a number"):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
-        if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} of at least {low}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-context_size = int_arg(1, what="a context size in tokens")
-thread_count = int_arg(1, what="a thread count")
-port_number = int_arg(1, 65535, what="a TCP port")
-seed_value = int_arg(0, 2**32 - 1, also=(-1,), what="a seed (-1: random)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import REPO_ROOT, switches
+from . import REPO_ROOT, results, switches
 from .build import bin_dir
 from .errors import UserError
 from .cache_types import CACHE_TYPES, TQ_NAMES
-from .generate import int_arg
+from .arguments import int_arg
 from .ggml_lib import GGML_TYPE_IDS
 from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
 from .upstream import UPSTREAM, prepare_python_source
@@ -345,15 +345,16 @@ def agreement(ref: list[list[int]], got: list[list[int]], n_tokens: int) -> dict
 
 
 def measure_agreement(model: str = "smollm2", pairs=AGREEMENT_PAIRS, prompts=AGREEMENT_PROMPTS, n_tokens: int = 8,
-                      n_ctx: int = 256, n_threads: int = 1) -> dict:
+                      n_ctx: int = 256, n_threads: int = 1, options: dict | None = None) -> dict:
     """Greedy generations with each K/V pair against the f16 cache: the fraction of prompts whose
-    first n_tokens are identical, whose first token is, and the mean length of the common prefix."""
+    first n_tokens are identical, whose first token is, and the mean length of the common prefix.
+    options: TQ cache options (load_llama's tq_* keyword arguments) of the pairs' contexts."""
     ref_llm = load_llama(model, "f16", "f16", n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
     ref = [greedy_tokens(ref_llm, p, n_tokens) for p in prompts]
     del ref_llm
     result = {}
     for k, v in pairs:
-        llm = load_llama(model, k, v, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx)
+        llm = load_llama(model, k, v, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_ctx, **(options or {}))
         got = [greedy_tokens(llm, p, n_tokens) for p in prompts]
         del llm
         result[f"{k}/{v}"] = agreement(ref, got, n_tokens)
@@ -368,9 +369,12 @@ def _git_describe() -> str | None:
 
 def _cmd_agreement(args: argparse.Namespace) -> int:
     t0 = time.time()
-    rates = measure_agreement(args.model, AGREEMENT_PAIRS + REFERENCE_PAIRS, n_tokens=args.n_tokens)
+    setting = switches.apply_args(args)
+    options = {s.param: setting[s.name] for s in switches.OPTIONS}
+    rates = measure_agreement(args.model, AGREEMENT_PAIRS + REFERENCE_PAIRS, n_tokens=args.n_tokens, options=options)
+    parts = ["tq", "python-agreement", "--model", args.model, "--n-tokens", str(args.n_tokens), "--output", args.output]
     out = {
-        "command": f"tq python-agreement --model {args.model} --n-tokens {args.n_tokens} --output {args.output}",
+        "command": results.command(parts, setting), "date": results.now(), "switches": switches.describe(setting),
         "what": f"greedy decoding through llama-cpp-python {UPSTREAM.version} (CPU build, 1 thread, n_ctx 256), "
                 f"{len(AGREEMENT_PROMPTS)} prompts: fraction whose first {args.n_tokens} tokens equal the f16 cache's, "
                 "fraction whose first token does, mean common prefix length (tokens); q8_0 and q4_0 "
@@ -378,12 +382,13 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
         "model": args.model, "n_tokens": args.n_tokens, "prompts": list(AGREEMENT_PROMPTS),
         "pairs": rates, "seconds": round(time.time() - t0, 1), "repo_commit": _git_describe(),
     }
-    text = json.dumps(out, indent=2) + "\n"
     if args.output == "-":
-        sys.stdout.write(text)
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        path = Path(args.output)
+        if path.suffix != ".json":
+            raise UserError(f"--output {args.output}: give a .json file (or - for stdout)")
+        results.write(results.ResultFiles(path.parent, path.name[:-len(".json")]), out)
         for pair, r in rates.items():
             print(f"{pair:10s} identical {r['identical_fraction']:.3f}  first token {r['first_token_fraction']:.3f}  "
                   f"mean prefix {r['mean_common_prefix']:.2f}")
@@ -459,4 +464,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default="smollm2")
     p.add_argument("--n-tokens", type=int_arg(1, what="a token count"), default=8)
     p.add_argument("--output", "-o", default=str(Path("results") / "llama-python-agreement.json"))
+    switches.add_option_arguments(p)
     p.set_defaults(func=_cmd_agreement)

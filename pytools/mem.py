@@ -10,24 +10,15 @@ import sys
 from pathlib import Path
 
 from . import switches
-from .cache_types import CACHE_TYPES, is_tq
 from .arguments import context_size, float_arg, int_arg
+from .cache_types import is_tq
 from .errors import UserError
-from .kv_memory import (DEFAULT_BATCH, DEFAULT_PROTECT_LAYERS, DEFAULT_UBATCH, KvSize, Slots, bits_per_value,
-                        bytes_per_token, kv_bytes_for_tokens, kv_size, max_ctx)
-from .kv_shape import HeadSizeError, KvShape, check_head_size, model_kv_shape, types_for_head_size
+from .kv_memory import DEFAULT_BATCH, DEFAULT_UBATCH, Slots, bits_per_value, bytes_per_token, kv_size, max_ctx
+from .kv_shape import HeadSizeError, KvShape, model_kv_shape
 
 # The baselines `tq mem` always compares (as K/V pairs with the same type for K and V).
 BASELINES = ("f16", "q8_0", "q4_0")
 DEFAULT_BUDGET_GIB = 8.0
-
-# Names serve.py, chat.py, generate.py and llama_python.py import from here (until they import
-# from kv_shape and kv_memory themselves).
-TYPE_BLOCKS: dict[str, tuple[int, int]] = {n: (t.block_values, t.block_bytes) for n, t in CACHE_TYPES.items()}
-
-
-def check_pair(shape: KvShape, ctk: str, ctv: str) -> None:
-    shape.check_types(ctk, ctv)
 
 
 def server_slots(n_ctx: int, parallel: int | None, extra: list[str] = (), n_ubatch: int = DEFAULT_UBATCH) -> Slots:

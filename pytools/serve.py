@@ -29,9 +29,11 @@ import sys
 from . import switches
 from .build import find_binary
 from .errors import UserError
-from .generate import check_cache_type, context_size, int_arg, port_number
+from .arguments import context_size, int_arg, port_number
+from .generate import check_cache_type
 from .cache_types import is_tq
 from .kv_shape import model_kv_shape
+from .mem import allocation_summary, server_slots
 from .models import model_path
 
 
@@ -198,7 +200,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         f"({os.environ.get('AIP_HTTP_PORT') or 8080}) instead of --port {args.port}; unset AIP_MODE")
     if args.ctx < args.parallel:
         raise UserError(f"--ctx {args.ctx} is less than --parallel {args.parallel}: each slot needs at least one token")
-    model_kv_shape(args.model).check_types(args.ctk, args.ctv)
+    shape = model_kv_shape(args.model)
+    shape.check_types(args.ctk, args.ctv)
+    slots = server_slots(args.ctx, args.parallel, extra)
     cmd = server_command(args, extra)
     print(f"tq: {shlex.join(cmd)}", file=sys.stderr)
     # its own process group: a terminal's Ctrl-C reaches only us, and we forward it once
@@ -211,8 +215,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     print(f"tq: serving {args.model} at {endpoint_text(args.host, args.port, _api_prefix(extra))}, "
-          f"KV cache {args.ctk}/{args.ctv}, {args.parallel} slots of {args.ctx // args.parallel} tokens; "
+          + (f"{args.parallel} slots sharing {slots.n_ctx_padded} tokens; " if slots.unified else
+             f"{args.parallel} slots of {slots.n_ctx_seq} tokens; ") +
           "Ctrl-C stops it", flush=True)
+    print(f"tq: {allocation_summary(shape, args.ctk, args.ctv, slots)}", flush=True)
     try:
         while True:
             try:

@@ -13,6 +13,8 @@ from turboquant_llama.cache_types import bits_per_value, parse_type_specs
 from turboquant_llama.errors import UserError
 from turboquant_llama.kv_shape import kv_shape, read_gguf_metadata
 
+from .gguf_files import write_metadata_gguf
+
 # Captured from the patched build (CPU, 2 threads):
 #   llama-perplexity -m SmolLM2-135M-Instruct.Q4_1.gguf -c 512 --chunks 2 -fa on -t 2 \
 #       -ctk tq3 -ctv tq2 --kl-divergence-base base.kld --kl-divergence
@@ -141,20 +143,8 @@ def test_kv_shape_and_bytes_per_token():
 
 
 def test_gguf_header_reader(tmp_path):
-    import gguf
-
-    path = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(4)
-    w.add_embedding_length(256)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_token_list(["a", "bb", "ccc"] * 100)
-    w.add_array("test.numbers", [1, 2, 3])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_metadata_gguf(tmp_path / "tiny.gguf", "llama", 4, 256, 4, 2, token_list=["a", "bb", "ccc"] * 100,
+                               more=lambda w: w.add_array("test.numbers", [1, 2, 3]))
     meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert meta["test.numbers"] == [1, 2, 3]
@@ -166,14 +156,7 @@ def test_gguf_header_reader(tmp_path):
     import os
     import time
 
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(2)
-    w.add_embedding_length(256)
-    w.add_head_count(2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_metadata_gguf(path, "qwen2", 2, 256, 2, 2)
     later = time.time() + 5
     os.utime(path, (later, later))
     assert read_gguf_metadata(path)["general.architecture"] == "qwen2"

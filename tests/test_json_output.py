@@ -9,7 +9,7 @@ from turboquant_llama.cli import main
 from turboquant_llama.models import load_manifest, models_dir
 
 from .conftest import require_binary
-from .test_head_size import write_tiny_llama
+from .gguf_files import write_tiny_llama
 
 
 def test_models_list_json(capsys):

@@ -90,6 +90,13 @@ def test_kv_log_parser():
     mem = parse_kv_memory(log)
     assert (mem.k_type, mem.v_type, mem.cells) == ("tq3", "tq2", 1024)
     assert (mem.k_mib, mem.v_mib) == (2.95, 2.04) and mem.f16_mib is None
+    # a sliding-window model: two caches per context, the last context's count (the first one,
+    # made while fitting memory, does not)
+    swa = ("0.00.434.151 I llama_kv_cache: size =    1.00 MiB (  1024 cells,   3 layers,  4/4 seqs), "
+           "K (tq3):    0.60 MiB, V (tq2):    0.40 MiB\n")
+    context = "0.00.300.000 I llama_context: n_ctx                 = 8192\n"
+    mem = parse_kv_memory(context + line + swa + context + line.replace("1/1", "4/4") + swa)
+    assert (mem.k_mib, mem.v_mib, mem.cells) == (3.55, 2.44, 1024)
 
 
 def test_backend_ops_tq_cases():

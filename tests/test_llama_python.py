@@ -11,6 +11,7 @@ identical, 22/24 first tokens, mean common prefix 5.62 tokens; tq3/tq3 7/24, 18/
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -104,21 +105,11 @@ def test_head_size_check(head):
 def test_head_size_check_reads_gguf_before_llama_cpp(tmp_path):
     """A GGUF whose metadata says head size 80 (no tensors: llama.cpp could not even load it) is
     refused by load_llama with the head size and the types that serve it."""
-    import gguf
-
     from turboquant_llama.llama_python import head_sizes, load_llama
 
-    path = tmp_path / "head80.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_embedding_length(640)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_context_length(2048)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from .gguf_files import write_metadata_gguf
+
+    path = write_metadata_gguf(tmp_path / "head80.gguf", "llama", 2, 640, 8, 2, context_length=2048)
     assert head_sizes(path) == ([80, 80], [80, 80])
     with pytest.raises(ValueError, match=r"K cache type tq3 cannot serve head size 80.*use f32, f16, bf16"):
         load_llama(path, "tq3", "tq2")
@@ -580,3 +571,51 @@ def test_states_move_between_exact_sink_settings(lowlevel):
     assert 0.0 < _kld(direct["1"], moved) < _kld(exact, direct["1"]), (_kld(direct["1"], moved), _kld(exact, direct["1"]))
     # no check on the top token: a KL of 0.11 (against 0.37 to f16) swaps candidates 0.7 logit
     # apart in this continuation, as the cache's own distance to f16 does
+
+def test_cache_options_as_keyword_arguments():
+    """load_llama's tq_protect_layers reaches llama.cpp's cache (a state of the same ~130 tokens is
+    smaller with every layer at tq3/tq2 than with the first and last at q8_0); a bad value is a
+    clear error before llama.cpp sees it."""
+    _require_llama_cpp()
+    from turboquant_llama.llama_python import load_llama
+
+    sizes = {}
+    for protect in (0, 1, 3):
+        llm = load_llama("smollm2", "tq3", "tq2", n_ctx=N_CTX, n_threads=1, n_batch=N_CTX, tq_protect_layers=protect)
+        try:
+            # enough tokens that rows, not the per-layer exact-sink rows and key means, dominate
+            llm.eval(llm.tokenize(b"The three primary colors are red, yellow and blue. " * 12))
+            sizes[protect] = len(llm.save_state().llama_state)
+        finally:
+            llm.close()
+    assert sizes[0] < sizes[1] < sizes[3]
+    with pytest.raises(ValueError, match="tq_key_center must be True or False"):
+        load_llama("smollm2", "tq3", "tq2", n_ctx=N_CTX, tq_key_center="off")
+
+
+def test_agreement_file_records_its_command_and_switches(tmp_path, monkeypatch, capsys):
+    """The agreement run writes through the results writer: the command that made the file, with
+    the options it was given, and every switch."""
+    from turboquant_llama import llama_python as lp
+    from turboquant_llama.cli import main
+
+    seen = {}
+
+    def fake(model, pairs, n_tokens, options):
+        seen.update(options)
+        return {f"{k}/{v}": {"identical_fraction": 1.0, "first_token_fraction": 1.0, "mean_common_prefix": 8.0}
+                for k, v in pairs}
+
+    monkeypatch.setattr(lp, "measure_agreement", fake)
+    monkeypatch.setenv("TQ_ATTN_ROWS", "0")
+    out = tmp_path / "agreement.json"
+    assert main(["python-agreement", "--output", str(out), "--tq-exact-sink", "off"]) == 0
+    data = json.loads(out.read_text())
+    assert data["command"] == f"TQ_ATTN_ROWS=0 tq python-agreement --model smollm2 --n-tokens 8 --output {out} " \
+                              "--tq-exact-sink off"
+    assert data["switches"]["exact_sink"] == "off" and data["switches"]["attn_rows"] == "off"
+    assert seen == {"tq_exact_sink": False, "tq_key_center": True, "tq_protect_layers": 1}
+    assert set(data["pairs"]) == {"tq4/tq4", "tq3/tq3", "tq3/tq2", "tq2/tq2", "q8_0/q8_0", "q4_0/q4_0"}
+    assert main(["python-agreement", "--output", str(tmp_path / "a.txt")]) == 2
+    assert "give a .json file" in capsys.readouterr().err
+

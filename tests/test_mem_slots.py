@@ -5,81 +5,21 @@ small random sliding-window model (olmo2, 256-value heads, window 512) written h
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from turboquant_llama.build import find_binary
+from turboquant_llama.generate import logged_caches, parse_kv_memory
 from turboquant_llama.kv_memory import Slots, kv_size
 from turboquant_llama.kv_shape import model_kv_shape
 from turboquant_llama.mem import allocation_summary, report, server_slots
 
 from .conftest import require_binary, require_model
+from .gguf_files import write_swa_model
 
-_SIZE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +(\d+) layers, +(\d+)/(\d+) seqs\), "
-                   r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
-
-
-def write_swa_model(path: Path, n_layer: int = 4, head_dim: int = 256, window: int = 512) -> Path:
-    """A random olmo2 GGUF with a sliding window: layers 0-2 of every 4 use the window (llama.cpp's
-    default olmo2 pattern), layer 3 full attention; 2 query heads, 1 KV head of head_dim values."""
-    import gguf
-
-    n_head, n_head_kv, n_vocab, n_ff = 2, 1, 64, 64
-    n_embd = head_dim * n_head
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "olmo2")
-    w.add_context_length(16384)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_sliding_window(window)
-    # a small SentencePiece vocabulary: llama-completion tokenizes its prompt
-    tokens = ["<unk>", "<s>", "</s>", "\u2581"] + [chr(c) for c in range(ord("a"), ord("a") + n_vocab - 4)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [1] * (n_vocab - 3))
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def t(name: str, *shape: int) -> None:
-        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
-
-    def ones(name: str, n: int) -> None:
-        w.add_tensor(name, np.ones(n, np.float32))
-
-    t("token_embd.weight", n_vocab, n_embd)
-    ones("output_norm.weight", n_embd)
-    t("output.weight", n_vocab, n_embd)
-    for i in range(n_layer):
-        t(f"blk.{i}.attn_q.weight", n_embd, n_embd)
-        t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd)
-        t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
-        t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
-        ones(f"blk.{i}.attn_q_norm.weight", n_embd)
-        ones(f"blk.{i}.attn_k_norm.weight", n_head_kv * head_dim)
-        ones(f"blk.{i}.post_attention_norm.weight", n_embd)
-        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
-        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
-        ones(f"blk.{i}.post_ffw_norm.weight", n_embd)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +27,15 @@ def swa_model(tmp_path_factory) -> Path:
     return write_swa_model(tmp_path_factory.mktemp("swa") / "olmo2-swa.gguf")
 
 
-def logged_caches(log: str) -> list[tuple[int, int, str, float, str, float]]:
-    """(cells, seqs, K type, K MiB, V type, V MiB) of each cache of the last context llama.cpp
-    created (it creates one without memory first while fitting; a sliding-window model has two)."""
-    last = log.rsplit("llama_context: n_ctx ", 1)[-1]
-    return [(int(m[1]), int(m[3]), m[5], float(m[6]), m[7], float(m[8])) for m in _SIZE.finditer(last)]
-
-
 def _check(log: str, r: dict) -> None:
     caches = logged_caches(log)
     assert caches, log[-2000:]
-    k = sum(c[3] for c in caches)
-    v = sum(c[5] for c in caches)
+    mem = parse_kv_memory(log)
     # the log rounds each cache to 0.01 MiB
-    assert abs(k - r["k_mib"]) <= 0.006 * len(caches), (caches, r["k_mib"])
-    assert abs(v - r["v_mib"]) <= 0.006 * len(caches), (caches, r["v_mib"])
-    assert {c[1] for c in caches} == {r["n_seq"]}
+    assert abs(mem.k_mib - r["k_mib"]) <= 0.006 * len(caches), (caches, r["k_mib"])
+    assert abs(mem.v_mib - r["v_mib"]) <= 0.006 * len(caches), (caches, r["v_mib"])
+    assert {c.n_seq for c in caches} == {r["n_seq"]} and {c.n_stream for c in caches} == {r["n_stream"]}
+    assert caches[0].cells == r["n_ctx_cells"]
 
 
 def _completion_log(model: Path, ctk: str, ctv: str, ctx: int, parallel: int, extra: list[str] = ()) -> str:

@@ -256,7 +256,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_unsupported_head_size(tmp_path, capsys):
     from turboquant_llama.cli import main
 
-    from .test_head_size import write_tiny_llama
+    from .gguf_files import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "m.gguf", 80)
     assert main(["eval", "niah", "--model", str(model), "--types", "f16,tq3"]) == 2
@@ -369,7 +369,7 @@ def test_run_with_a_stand_in_model(tmp_path, monkeypatch, filler, capsys):
     from turboquant_llama import llama_python
     from turboquant_llama.cli import main
 
-    from .test_head_size import write_tiny_llama
+    from .gguf_files import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "tiny.gguf", 64)   # n_ctx_train 256
     text = tmp_path / "filler.raw"

@@ -7,18 +7,18 @@ quantizes). Real K caches have a few huge channels per head; synthetic rows only
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from turboquant_llama import layout
+from turboquant_llama.corpus import wikitext2_test_path
 from turboquant_llama.layout import QK_TQ, TQ_TYPES
 
 from .conftest import require_build, require_model
 from .test_parity_c import EPS32, _dot_bound
 
-WIKITEXT = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+WIKITEXT = wikitext2_test_path()   # the packaged WikiText-2 test text
 FALLBACK_TEXT = (
     "Robert Boulter is an English film , television and theatre actor . He had a guest starring role on "
     "the television series The Bill in 2000 . This was followed by a starring role in the play Herons "

@@ -1,7 +1,8 @@
 #!/bin/sh
 # On a GPU machine: build the CUDA check if the carried binary does not run there, then check,
 # time, and run compute-sanitizer's memcheck and racecheck on a short check. Logs go to $OUT (or
-# ./tq-cuda-out). Usage: tests/native/tq_cuda_run.sh BIN_DIR [SM]; TQ_SANITIZE=0 skips the sanitizers.
+# ./tq-cuda-out). Usage: tests/native/tq_cuda_run.sh BIN_DIR [SM]; TQ_SANITIZE=0 skips the sanitizers,
+# TQ_TIME=0 the timings.
 set -u
 bin=${1:?usage: $0 BIN_DIR [SM]}
 sm=${2:-90}
@@ -15,7 +16,9 @@ if [ $? -ne 2 ]; then   # the usage message's exit code: the binary loads here
     "$(dirname "$0")/tq_cuda_build.sh" "$bin" "$sm" || exit 1
 fi
 status=0
-"$bin/tq_cuda_check" --time > "$out/check.log" 2>&1 || status=1
+time_arg=--time
+[ "${TQ_TIME:-1}" = 0 ] && time_arg=
+"$bin/tq_cuda_check" $time_arg > "$out/check.log" 2>&1 || status=1
 grep -E "FAIL|passed|worst|differ$" "$out/check.log" | grep -v " 0 of " | head -80
 sed -n '/^device-to-device/,$p' "$out/check.log"
 if [ "${TQ_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
