@@ -123,7 +123,7 @@ def render_heatmaps(model: str, data: dict, path: Path) -> None:
     sub = f"{settings['needles']} needle(s) per cell, seed {data['seed']}, greedy, {data['settings']['prompt_format']} prompt"
     protect = settings.get("protect_layers", 0)
     sub += f"; TQ caches keep the first and last {protect} layer(s) at q8_0" if protect else \
-        "; TQ caches on every layer (TQ_PROTECT_LAYERS=0)"
+        "; TQ caches on every layer (--tq-protect-layers 0)"
     sub += ", TQ keys centred" if settings.get("key_center", "off") == "on" else ", TQ keys not centred"
     sub += ", exact sink" if settings.get("exact_sink", "off") == "on" else ""
     if data.get("skipped_lengths"):

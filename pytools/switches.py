@@ -149,6 +149,20 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Value]:
     return {s.name: _value_from_env(s, environ.get(s.env) if s.env else None) for s in SWITCHES}
 
 
+# the environment variables llama.cpp read the options from before they were options (patches/0008);
+# results files made then recorded them
+RECORDED_OPTION_ENV = {"TQ_PROTECT_LAYERS": "protect_layers", "TQ_KEY_CENTER": "key_center", "TQ_EXACT_SINK": "exact_sink"}
+
+
+def from_recorded_env(env: Mapping[str, str]) -> dict[str, Value]:
+    """The setting of a results row recorded when the options were environment variables."""
+    setting = from_env(env)
+    for var, name in RECORDED_OPTION_ENV.items():
+        if env.get(var) is not None:
+            setting[name] = max(0, c_atoi(env[var])) if BY_NAME[name].kind == "int" else c_atoi(env[var]) != 0
+    return setting
+
+
 def non_default(setting: Mapping[str, Value]) -> dict[str, Value]:
     return {s.name: setting[s.name] for s in SWITCHES if setting.get(s.name, s.default) != s.default}
 

@@ -59,7 +59,7 @@ def require_llama_cpp(cuda: bool | None = None):
 @pytest.fixture(autouse=True)
 def _default_measurement_switches(monkeypatch):
     """Tests assert the default behaviour of the patched llama.cpp: switches a developer may have
-    exported for a measurement (TQ_PROTECT_LAYERS=0, ...) must not leak into them."""
+    exported for a measurement (TQ_SCALE_SEARCH=0, ...) must not leak into them."""
     from turboquant_llama.switches import ENV_NAMES
 
     for name in ENV_NAMES:

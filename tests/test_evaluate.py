@@ -346,7 +346,7 @@ def test_eval_quality_end_to_end(tmp_path, capsys, monkeypatch):
             assert r[key] is not None, key
     f16, tq = rows
     assert f16["kld"] == 0 and f16["top1"] == 100 and f16["bpv"] == 16 and f16["kv_bytes_per_token"] == 23040
-    # the first and last layers are q8_0 (TQ_PROTECT_LAYERS default 1)
+    # the first and last layers are q8_0 (--tq-protect-layers, default 1)
     assert tq["bpv"] == pytest.approx((28 * 2.75 + 2 * 8.5) / 30)
     assert tq["kv_bytes_per_token"] == 28 * 3 * (26 + 18) + 2 * 3 * 2 * 68
     assert tq["kld"] > 0 and tq["top1"] < 100 and tq["ppl"] > 1
