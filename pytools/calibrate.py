@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,7 +101,14 @@ def key_means(model: str | Path, n_tokens: int = DEFAULT_TOKENS, force: bool = F
         print(f"tq: calibrating the mean keys of {gguf.name} over {n_tokens} tokens of {CALIBRATION_TEXT.name} "
               f"(once; cached in {path.parent}) ...", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_key_means(path, gguf, measure_key_means(gguf, n_tokens), n_tokens)
+    # in a child process: llama.cpp aborts the process on a model it cannot run, and a calibration
+    # must fail with a message, not take the caller (a server, a test run) down with it
+    proc = subprocess.run([sys.executable, "-m", "turboquant_llama.calibrate", str(gguf), str(n_tokens), str(path)],
+                          capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0 or not path.exists():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:])
+        raise UserError(f"calibrating the key means of {gguf.name} failed (exit {proc.returncode}); turn key centering "
+                        f"off (--tq-key-center off, tq_key_center=False) to run without them:\n{tail}")
     return path
 
 
@@ -117,3 +125,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise UserError("--tokens must be at least 64")
     print(key_means(args.model, args.tokens, force=args.force))
     return 0
+
+
+if __name__ == "__main__":   # the child of key_means: GGUF, token count, output file
+    model_arg, tokens_arg, out_arg = sys.argv[1:4]
+    write_key_means(Path(out_arg), Path(model_arg), measure_key_means(Path(model_arg), int(tokens_arg)), int(tokens_arg))

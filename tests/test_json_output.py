@@ -31,7 +31,8 @@ def test_bench_json(tmp_path, capsys):
     require_binary("llama-bench")
     model = write_tiny_llama(tmp_path / "tiny.gguf", 64)
     rc = main(["bench", "--model", str(model), "--types", "f16,tq3/tq2", "--depths", "0", "--n-gen", "4",
-               "--reps", "1", "--threads", "1", "--tq-exact-sink", "off", "--out-dir", str(tmp_path), "--json"])
+               "--reps", "1", "--threads", "1", "--tq-key-center", "off", "--tq-exact-sink", "off", "--out-dir", str(tmp_path),
+               "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = json.loads(captured.out)

@@ -1,0 +1,64 @@
+"""`tq calibrate`: the model's mean keys for key centering, a GGUF that llama.cpp reads through
+--tq-key-means; a file of another model or a model that cannot be calibrated is a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from turboquant_llama.build import find_binary
+
+from .conftest import require_build, require_llama_cpp, require_model
+from .gguf_files import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def smollm2_means():
+    require_model("smollm2")
+    require_llama_cpp()
+    from turboquant_llama.calibrate import key_means
+
+    return key_means("smollm2")
+
+
+def test_key_means_file_holds_every_layer(smollm2_means):
+    """One finite mean per layer, of the layer's K row width (SmolLM2: 3 heads of 64), written by
+    the calibration text that ships with the project, and the same file on a second call."""
+    from gguf import GGUFReader
+
+    from turboquant_llama.calibrate import CALIBRATION_TEXT, key_means
+
+    reader = GGUFReader(smollm2_means)
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert sorted(tensors) == sorted(f"tq_key_mean.{il}" for il in range(30))
+    assert all(t.shape == (192,) and np.isfinite(t).all() for t in tensors.values())
+    assert float(np.abs(tensors["tq_key_mean.10"]).max()) > 0.1   # keys share a large common part
+    text = reader.get_field("tq.calibration.text")
+    assert bytes(text.parts[text.data[0]]).decode() == CALIBRATION_TEXT.name
+    assert key_means("smollm2") == smollm2_means
+
+
+def test_means_of_another_model_are_a_clear_error(smollm2_means, tmp_path):
+    """llama.cpp refuses a key-means file whose layers do not fit the model, naming the file."""
+    require_build()
+    model = write_tiny_llama(tmp_path / "tiny.gguf", 64)
+    proc = subprocess.run([str(find_binary("llama-completion")), "-m", str(model), "-p", "hi", "-n", "1", "-c", "256",
+                           "-fa", "on", "-ctk", "tq3", "-ctv", "tq2", "--tq-key-means", str(smollm2_means), "-no-cnv",
+                           "--no-warmup", "-t", "1"], capture_output=True, text=True, errors="replace", timeout=120)
+    assert proc.returncode > 0, "must fail cleanly, not crash"
+    assert str(smollm2_means) in proc.stderr and "another model" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_model_that_cannot_be_calibrated_is_a_clear_error(tmp_path):
+    """The calibration runs in a child process: a model llama.cpp cannot run gives a UserError that
+    says how to go on without centering, and the caller lives on."""
+    require_llama_cpp()
+    from turboquant_llama.calibrate import key_means
+    from turboquant_llama.errors import UserError
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(UserError, match="tq-key-center off"):
+        key_means(broken)
