@@ -140,10 +140,11 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     check_head_size(ctk, ctv, hk, hv)
     llama_cpp = import_llama_cpp(cuda)
     kw.setdefault("verbose", False)
-    options = switches.llama_kwargs(switches.setting_from_kwargs(kw), path if "tq_key_means" not in kw else None, ctk)
-    if "tq_key_means" in kw:
-        options["tq_key_means"] = kw.pop("tq_key_means")
-    kw.update(options)
+    means_given = "tq_key_means" in kw   # a path given as it is: no calibration
+    means = kw.pop("tq_key_means", None)
+    kw.update(switches.llama_kwargs(switches.setting_from_kwargs(kw), None if means_given else path, ctk))
+    if means_given:
+        kw["tq_key_means"] = means
     if "n_threads" in kw and "n_threads_batch" not in kw:
         # llama-cpp-python's n_threads_batch defaults to every core; on a busy machine ggml's
         # spinning threads then slow prompt processing down by orders of magnitude

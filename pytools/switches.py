@@ -159,7 +159,7 @@ def from_recorded_env(env: Mapping[str, str]) -> dict[str, Value]:
     setting = from_env(env)
     for var, name in RECORDED_OPTION_ENV.items():
         if env.get(var) is not None:
-            setting[name] = max(0, c_atoi(env[var])) if BY_NAME[name].kind == "int" else c_atoi(env[var]) != 0
+            setting[name] = BY_NAME[name].parse_env(env[var])
     return setting
 
 
