@@ -50,6 +50,22 @@ static int tq_launch_status() {
     return (int) cudaGetLastError();
 }
 
+// the rows of src (through idx where it has data) and of dst, n[1..3] rows of dst in each dimension
+static tq_rows_params tq_rows_params_of(const tq_cuda_tensor & src, const tq_cuda_tensor & idx, void * dst,
+                                        const size_t dst_nb[4], const int64_t n[4]) {
+    tq_rows_params p;
+    memset(&p, 0, sizeof(p));
+    p.src = (const char *) src.data;
+    p.ne0 = src.ne[0]; p.ne1 = src.ne[1]; p.ne2 = src.ne[2]; p.ne3 = src.ne[3];
+    p.nb1 = src.nb[1]; p.nb2 = src.nb[2]; p.nb3 = src.nb[3];
+    p.idx = (const char *) idx.data;
+    p.ne_i1 = std::max<int64_t>(1, idx.ne[1]); p.ne_i2 = std::max<int64_t>(1, idx.ne[2]);
+    p.nb_i0 = idx.nb[0]; p.nb_i1 = idx.nb[1]; p.nb_i2 = idx.nb[2];
+    p.dst = (char *) dst; p.dnb1 = dst_nb[1]; p.dnb2 = dst_nb[2]; p.dnb3 = dst_nb[3];
+    p.n1 = n[1]; p.n2 = n[2]; p.n3 = n[3];
+    return p;
+}
+
 // --- set_rows / cpy --------------------------------------------------------------------------------
 
 bool tq_cuda_set_rows_supported(int dst_type, int src_type) {
@@ -78,16 +94,7 @@ int tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_ten
     if (!tq_cuda_set_rows_supported(dst_type, src_type) || src.ne[0] % QK_TQ != 0) {
         return (int) cudaErrorInvalidValue;
     }
-    tq_rows_params p;
-    memset(&p, 0, sizeof(p));
-    p.src = (const char *) src.data;
-    p.ne0 = src.ne[0]; p.ne1 = src.ne[1]; p.ne2 = src.ne[2]; p.ne3 = src.ne[3];
-    p.nb1 = src.nb[1]; p.nb2 = src.nb[2]; p.nb3 = src.nb[3];
-    p.idx = (const char *) idx.data;
-    p.ne_i1 = std::max<int64_t>(1, idx.ne[1]); p.ne_i2 = std::max<int64_t>(1, idx.ne[2]);
-    p.nb_i0 = idx.nb[0]; p.nb_i1 = idx.nb[1]; p.nb_i2 = idx.nb[2];
-    p.dst = (char *) dst; p.dnb1 = dst_nb[1]; p.dnb2 = dst_nb[2]; p.dnb3 = dst_nb[3];
-    p.n1 = src.ne[1]; p.n2 = src.ne[2]; p.n3 = src.ne[3];
+    tq_rows_params p = tq_rows_params_of(src, idx, dst, dst_nb, src.ne);
     p.flags = flags;
     const int64_t n_blocks = src.ne[0] / QK_TQ * src.ne[1] * src.ne[2] * src.ne[3];
     if (n_blocks == 0) {
@@ -124,16 +131,7 @@ int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool 
         src.ne[0] % QK_TQ != 0 || dst_ne[0] != src.ne[0]) {
         return (int) cudaErrorInvalidValue;
     }
-    tq_rows_params p;
-    memset(&p, 0, sizeof(p));
-    p.src = (const char *) src.data;
-    p.ne0 = src.ne[0]; p.ne1 = src.ne[1]; p.ne2 = src.ne[2]; p.ne3 = src.ne[3];
-    p.nb1 = src.nb[1]; p.nb2 = src.nb[2]; p.nb3 = src.nb[3];
-    p.idx = (const char *) idx.data;
-    p.ne_i1 = std::max<int64_t>(1, idx.ne[1]); p.ne_i2 = std::max<int64_t>(1, idx.ne[2]);
-    p.nb_i0 = idx.nb[0]; p.nb_i1 = idx.nb[1]; p.nb_i2 = idx.nb[2];
-    p.dst = (char *) dst; p.dnb1 = dst_nb[1]; p.dnb2 = dst_nb[2]; p.dnb3 = dst_nb[3];
-    p.n1 = dst_ne[1]; p.n2 = dst_ne[2]; p.n3 = dst_ne[3];
+    tq_rows_params p = tq_rows_params_of(src, idx, dst, dst_nb, dst_ne);
     p.rotated = rotated;
     const int64_t n_blocks = dst_ne[0] / QK_TQ * dst_ne[1] * dst_ne[2] * dst_ne[3];
     if (n_blocks == 0) {
@@ -163,6 +161,17 @@ int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool i
         return 0;
     }
     tq_rotate_rows_kernel<<<tq_rows_grid(n_blocks), TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>(p, tq_cuda_tables_host());
+    return tq_launch_status();
+}
+
+int tq_cuda_put_exact_rows(void * kv_f16, const int64_t ne[4], const size_t nb[4], const float * exact, size_t exact_nb1,
+                           const int32_t * exact_cell, void * stream) {
+    if (ne[2] == 0 || ne[3] == 0) {
+        return 0;
+    }
+    const dim3 grid((unsigned) ne[2], (unsigned) ne[3]);
+    tq_put_exact_rows_kernel<<<grid, TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>((__half *) kv_f16, ne[0], ne[1], nb[1], nb[2], nb[3],
+                                                                                   exact, exact_nb1, exact_cell);
     return tq_launch_status();
 }
 
@@ -309,7 +318,7 @@ int tq_cuda_fattn(const tq_cuda_fattn_args * a, void * work, size_t work_size, i
         a->q.nb[0] != sizeof(float) || a->k.ne[2] <= 0 || a->q.ne[2] % a->k.ne[2] != 0 ||
         a->v.ne[2] != a->k.ne[2] || a->v.ne[1] != a->k.ne[1] || a->k.ne[3] != a->q.ne[3] || a->v.ne[3] != a->q.ne[3] ||
         (a->mask.data && (a->mask.ne[0] < a->k.ne[1] || a->mask.ne[1] < a->q.ne[1])) ||
-        (a->exact_cell && !a->k_exact)) {
+        (a->exact_cell && !a->k_exact && !a->v_exact)) {
         return (int) cudaErrorInvalidValue;
     }
     const tq_fa_plan pl = tq_fa_make_plan(a, n_sm, n_split);

@@ -821,18 +821,25 @@ static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, i
     return true;
 }
 
+// every thread of the CTA loads the codebook of BITS into shared memory; then the warp's block, if any
+template <int BITS>
+static __device__ __forceinline__ bool tq_rows_kernel_start(const tq_cuda_tables & tab, float * s_c, const tq_rows_params & p,
+                                                            int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3) {
+    if (threadIdx.x < 16) {
+        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
+    }
+    __syncthreads();
+    return tq_warp_block(p, b, i1, i2, i3);
+}
+
 // SET_ROWS / CPY: src row (i1, i2, i3) -> dst row (idx or i1, i2, i3)
 template <int BITS, typename src_t, typename idx_t>
 __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
     constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
     __shared__ float s_c[16];
-    if (threadIdx.x < 16) {
-        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
-    }
-    __syncthreads();
     int64_t b, i1, i2, i3;
-    if (!tq_warp_block(p, b, i1, i2, i3)) {
+    if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3)) {
         return;
     }
     const int lane = threadIdx.x & 31;
@@ -856,12 +863,8 @@ __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
     constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
     __shared__ float s_c[16];
-    if (threadIdx.x < 16) {
-        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
-    }
-    __syncthreads();
     int64_t b, i1, i2, i3;
-    if (!tq_warp_block(p, b, i1, i2, i3)) {
+    if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3)) {
         return;
     }
     const int lane = threadIdx.x & 31;
@@ -911,4 +914,30 @@ tq_rotate_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_ta
     }
     x[lane] = x0;
     x[lane + 32] = x1;
+}
+
+// The prompt path's exact sink: rows decoded to f16 ([D, n_kv, n_head_kv, n_stream]) take, in cell
+// exact_cell[s] of stream s, the exact float32 row (D values of head h at exact + s*nbx1 + h*D)
+// rounded to f16, unless the decoded row holds a NaN (its coded row was a NaN row: NaN travels as
+// in an f16 cache, as on the CPU). One CTA per (head, stream).
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_put_exact_rows_kernel(__half * kv, int64_t D, int64_t n_kv, size_t nb1, size_t nb2, size_t nb3,
+                         const float * exact, size_t nbx1, const int32_t * exact_cell) {
+    const int64_t h = blockIdx.x, s = blockIdx.y;
+    const int32_t c = exact_cell[s];
+    if (c < 0 || c >= n_kv) {
+        return;
+    }
+    __half * row = (__half *) ((char *) kv + c*nb1 + h*nb2 + s*nb3);
+    bool nan = false;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        nan |= __hisnan(row[j]);
+    }
+    if (__syncthreads_or(nan)) {
+        return;
+    }
+    const float * x = (const float *) ((const char *) exact + s*nbx1) + h*D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        row[j] = __float2half(x[j]);
+    }
 }

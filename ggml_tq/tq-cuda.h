@@ -63,6 +63,13 @@ int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool 
 // prompt path's Q in and output out. n_rows rows of n values, row stride nb1 bytes.
 int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool inverse, void * stream);
 
+// The exact sink for a prompt path that decodes K or V to f16 ([D, n_kv, n_head_kv, n_stream], strides
+// nb) and runs an f16 attention kernel: cell exact_cell[s] of stream s takes the float32 exact row of
+// ggml_flash_attn_ext_add_exact_row (row s at exact + s*exact_nb1, head h at h*D) rounded to f16,
+// unless the decoded row holds a NaN (its coded row was a NaN row), as the CPU kernel does.
+int tq_cuda_put_exact_rows(void * kv_f16, const int64_t ne[4], const size_t nb[4], const float * exact, size_t exact_nb1,
+                           const int32_t * exact_cell, void * stream);
+
 // Flash attention while decoding (GGML_OP_FLASH_ATTN_EXT with few query rows; any number works,
 // but rows beyond 8 per K/V head re-read the cache). K and V: f16, q8_0, tq2, tq3, tq4 with at least
 // one of them TQ (f16/f16 is there as the baseline of the same design); head sizes 64, 128, 256 (DK == DV).

@@ -15,7 +15,7 @@ from typing import Mapping
 
 from tqdm import tqdm
 
-from . import REPO_ROOT, results, switches
+from . import REPO_ROOT, random_gguf, results, switches
 from .arguments import int_arg, thread_count
 from .build import find_binary
 from .cache_types import parse_type_specs
@@ -26,6 +26,9 @@ from .models import model_path
 from .upstream import UPSTREAM
 
 DEFAULT_TYPES = "f16,q8_0,q4_0,tq4,tq3,tq3/tq2"
+GPU_TYPES = "f16,q8_0,q4_0,tq4,tq3,tq3/tq2,tq2"
+GPU_DEPTHS = "0,8192,32768,65536"
+GPU_MODEL = "llama-3.1-8b"
 
 
 def parse_depths(text: str) -> list[int]:
@@ -130,6 +133,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", "-t", type=thread_count, default=min(os.cpu_count() or 2, 16))
     p.add_argument("--reps", "-r", type=int_arg(1, what="a repetition count"), default=3)
     p.add_argument("--cuda", action="store_true", help="use the CUDA build")
+    p.add_argument("--gpu", action="store_true",
+                   help=f"the GPU benchmark: the CUDA build, all layers and the cache on the GPU (-ngl 99), a random-weight "
+                        f"Q4_0 GGUF of {GPU_MODEL}'s shape made on first use, types {GPU_TYPES}, depths {GPU_DEPTHS}, pp512; "
+                        "key centering off (random weights have no mean key; its cost is one subtraction per K row)")
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu or cuda)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
@@ -143,7 +150,9 @@ def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, s
     parts = ["tq", "bench", "--model", args.model, "--types", args.types, "--depths", args.depths,
              "--n-gen", str(args.n_gen), "--n-prompt", str(args.n_prompt), "--threads", str(args.threads),
              "--reps", str(args.reps)]
-    if args.cuda:
+    if args.gpu:
+        parts.append("--gpu")
+    elif args.cuda:
         parts.append("--cuda")
     if args.tag:
         parts += ["--tag", args.tag]
@@ -151,9 +160,31 @@ def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, s
     return command + (" -- " + " ".join(map(shlex_quote, extra)) if extra else "")
 
 
+def _gpu_defaults(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """--gpu: the CUDA build with every layer and the cache on the GPU, the random 8B-shaped model
+    unless --model names one, the GPU types and depths unless given."""
+    given = set(sys.argv)
+    args.cuda = True
+    if "--model" not in given and "-m" not in given:
+        args.model = str(random_gguf.cached(GPU_MODEL))
+    if "--types" not in given:
+        args.types = GPU_TYPES
+    if "--depths" not in given:
+        args.depths = GPU_DEPTHS
+    if "--n-prompt" not in given:
+        args.n_prompt = 512
+    if "--tag" not in given:
+        args.tag = "gpu"
+    return extra + ["-ngl", "99"]
+
+
 def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    if args.gpu:
+        extra = _gpu_defaults(args, extra)
     setting = switches.apply_args(args)
+    if args.gpu and random_gguf.is_random(args.model):
+        setting = dict(setting, key_center=False)
     rows = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths), args.n_gen,
                  args.n_prompt, args.threads, args.reps, args.cuda, extra, setting)
     stem = write_results(rows, results.model_label(args.model), args.tag or ("cuda" if args.cuda else "cpu"),

@@ -22,7 +22,7 @@ from .upstream import cache_dir, prepare_tree
 # What llama.cpp users run, the shared libraries llama-cpp-python loads, and the op tests.
 DEFAULT_TARGETS = ("llama", "llama-cli", "llama-completion", "llama-perplexity", "llama-bench", "llama-server",
                    "test-backend-ops")
-CUDA_TARGETS = ("llama", "llama-completion", "llama-perplexity", "llama-bench", "test-backend-ops")
+CUDA_TARGETS = ("llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-server", "test-backend-ops")
 
 
 def build_dir(cuda: bool = False) -> Path:
@@ -40,7 +40,7 @@ def find_binary(name: str, cuda: bool = False) -> Path:
     """A built llama.cpp program; a clear error if it has not been built."""
     path = bin_dir(cuda) / name
     if not path.exists():
-        raise UserError(f"{path} does not exist: run `tq build` first")
+        raise UserError(f"{path} does not exist: run `tq build{' --cuda' if cuda else ''}` first")
     return path
 
 

@@ -119,11 +119,12 @@ def completion_error(returncode: int, log: str) -> UserError:
 
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
                    seed: int, extra: list[str], echo: BinaryIO | None = None,
-                   setting: Mapping[str, switches.Value] | None = None) -> tuple[str, KvMemory | None]:
+                   setting: Mapping[str, switches.Value] | None = None, gpu_layers: int = 0) -> tuple[str, KvMemory | None]:
     """Generate with llama-completion; returns its output (the prompt, then the generated text)
     and the KV memory it reported. echo: a binary stream that gets the output as it comes, byte
-    for byte (a multi-byte character cut by -n stays cut there)."""
-    exe = find_binary("llama-completion")
+    for byte (a multi-byte character cut by -n stays cut there). gpu_layers != 0: the CUDA build,
+    with that many layers and their caches on the GPU."""
+    exe = find_binary("llama-completion", cuda=gpu_layers != 0)
     path = model_path(model)
     with tempfile.TemporaryDirectory(prefix="tq-run-") as tmp:
         # the prompt goes through a file: a command line holds at most 128 KiB per argument, and
@@ -135,6 +136,8 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
                "--seed", str(seed), "-no-cnv", "--no-warmup", "-v"]
         if threads:
             cmd += ["-t", str(threads)]
+        if gpu_layers != 0:
+            cmd += ["-ngl", str(gpu_layers)]
         cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk) + extra
         with open(Path(tmp) / "stderr.log", "w+b") as err:
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
@@ -164,6 +167,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", "-c", type=context_size, default=4096)
     p.add_argument("--threads", "-t", type=thread_count, default=None)
     p.add_argument("--seed", type=seed_value, default=1)
+    p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
+                   help="layers (and their KV cache) on the GPU, with the CUDA build (`tq build --cuda`); -1: all")
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)
@@ -176,7 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     try:
         text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
-                                   args.threads, args.seed, extra, echo=out, setting=switches.apply_args(args))
+                                   args.threads, args.seed, extra, echo=out, setting=switches.apply_args(args),
+                                   gpu_layers=args.gpu_layers)
         if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
             sys.stdout.write(text)
         if not text.endswith("\n"):

@@ -151,11 +151,6 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
         kw["n_threads_batch"] = kw["n_threads"]
     if kw.pop("flash_attn", True) is not True:
         raise ValueError("TQ caches (and any quantized V cache) need flash_attn=True")
-    if n_gpu_layers != 0 and (ctk.lower() in TQ_TYPES or ctv.lower() in TQ_TYPES) and "offload_kqv" not in kw:
-        # TQ caches have CPU kernels only: the weights go to the GPU, the cache and attention stay
-        # on the CPU (what -nkvo does); llama.cpp refuses a TQ cache on a GPU
-        print("tq: TQ caches run on the CPU: offload_kqv=False (weights still go to the GPU)", file=sys.stderr)
-        kw["offload_kqv"] = False
     llm = _llama_class(llama_cpp)(model_path=str(path), flash_attn=True, type_k=type_k, type_v=type_v, n_ctx=n_ctx,
                                   n_gpu_layers=n_gpu_layers, **kw)
     llm.cache_types = (ctk.lower(), ctv.lower())

@@ -31,7 +31,6 @@ from .build import find_binary
 from .errors import UserError
 from .arguments import context_size, int_arg, port_number
 from .generate import check_cache_type
-from .cache_types import is_tq
 from .kv_shape import model_kv_shape
 from .mem import allocation_summary, server_slots
 from .models import model_path
@@ -151,11 +150,6 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cmd += switches.llama_args(switches.apply_args(args), model_path(args.model), args.ctk)
     if args.gpu_layers is not None:
         cmd += ["-ngl", str(args.gpu_layers)]
-        if args.gpu_layers != 0 and (is_tq(args.ctk) or is_tq(args.ctv)) and not {"-nkvo", "--no-kv-offload"} & set(extra):
-            # TQ caches have CPU kernels only: weights go to the GPU, the cache and attention stay
-            # on the CPU (llama.cpp refuses a TQ cache on the GPU rather than run it slowly)
-            print("tq: TQ caches run on the CPU: adding --no-kv-offload (weights still go to the GPU)", file=sys.stderr)
-            cmd.append("--no-kv-offload")
     return cmd + extra
 
 
