@@ -392,6 +392,22 @@ static __device__ __forceinline__ void tq_copy_tile(uint8_t * smem, int sstride,
 
 // One CTA: the query rows [chunk*NR, chunk*NR + NR) of the rows that read K/V head (ik2, ik3) (row r:
 // token r / gqa, head ik2*gqa + r % gqa), over the cells of split blockIdx.z.
+// The factor of an output row's unnormalised sum: head iq2's sink joins the softmax (a score
+// with no value), then 1/S; a row that saw no cell (S = 0) gives zeros.
+static __device__ __forceinline__ float tq_fa_output_factor(const tq_fattn_params & p, int iq2, float M, float S) {
+    float ms = 1.0f;
+    if (p.sinks) {
+        const float sk = p.sinks[iq2];
+        if (sk > M) {
+            ms = expf(M - sk);
+            S = S*ms + 1.0f;
+        } else {
+            S = S + expf(sk - M);
+        }
+    }
+    return S == 0.0f ? 0.0f : ms / S;
+}
+
 template <int D, int KT, int VT, int NR>
 __global__ void __launch_bounds__(TQ_FA_THREADS)
 tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
@@ -713,17 +729,7 @@ tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         const int rr = r0 + r;
         if (rr >= rows) continue;
         const int iq2 = ik2*p.gqa + rr % p.gqa;
-        float M = s_M[r], S = s_S[r], ms = 1.0f;
-        if (p.sinks) {
-            const float sk = p.sinks[iq2];
-            if (sk > M) {
-                ms = expf(M - sk);
-                S = S*ms + 1.0f;
-            } else {
-                S = S + expf(sk - M);
-            }
-        }
-        const float f = S == 0.0f ? 0.0f : ms / S;
+        const float f = tq_fa_output_factor(p, iq2, s_M[r], s_S[r]);
         for (int j = lane; j < D; j += 32) s_o[r*D + j] *= f;
     }
     __syncthreads();
@@ -759,17 +765,7 @@ tq_fattn_combine_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda
     }
     __syncthreads();
     for (int s = 0; s < p.n_split; ++s) S += s_w[s]*part[s*(D + 2) + 1];
-    float ms = 1.0f;
-    if (p.sinks) {
-        const float sk = p.sinks[iq2];
-        if (sk > M) {
-            ms = expf(M - sk);
-            S = S*ms + 1.0f;
-        } else {
-            S = S + expf(sk - M);
-        }
-    }
-    const float f = S == 0.0f ? 0.0f : ms / S;
+    const float f = tq_fa_output_factor(p, iq2, M, S);
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float o = 0.0f;
         for (int s = 0; s < p.n_split; ++s) {
