@@ -93,6 +93,23 @@ def cpu_isa_args(cpuinfo: str | None = None) -> list[str]:
     return ["-DGGML_NATIVE=OFF"] + [f"-D{opt}={'ON' if name in flags else 'OFF'}" for opt, name in _X86_ISA.items()]
 
 
+# The GPUs users run: RTX 30xx (86), RTX 40xx (89), H100/H200 (90), RTX 50xx (120, CUDA 12.8+)
+USER_CUDA_ARCHS = ("86", "89", "90", "120")
+
+
+def cuda_architectures(listed: str | None = None) -> str:
+    """CMAKE_CUDA_ARCHITECTURES for `tq build --cuda`: each of USER_CUDA_ARCHS that this nvcc can
+    build (`nvcc --list-gpu-arch`). TQ_CUDA_ARCH=90 builds one, which is what iterating wants."""
+    if listed is None:
+        try:
+            listed = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            listed = ""
+    have = {line.strip().removeprefix("compute_") for line in listed.splitlines()}
+    archs = [a for a in USER_CUDA_ARCHS if a in have]
+    return ";".join(archs) if archs else "90"
+
+
 def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
     _require("cmake", "install CMake 3.14 or newer (e.g. `pip install cmake` or your package manager)")
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
@@ -105,7 +122,7 @@ def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
         if not cache.exists() or "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text():
             args += ["-G", "Ninja"]
     if cuda:
-        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + os.environ.get("TQ_CUDA_ARCH", "90")]
+        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=" + (os.environ.get("TQ_CUDA_ARCH") or cuda_architectures())]
     isa = cpu_isa_args()
     if isa:
         print("tq: this processor has AMX, whose ggml kernels crash here: building the CPU backend for its other "
@@ -132,7 +149,7 @@ def build(targets: list[str], cuda: bool = False, jobs: int | None = None, upstr
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="fetch the pinned llama.cpp, apply patches/ and build it with ggml_tq/")
-    p.add_argument("--cuda", action="store_true", help="CUDA build (GPU machine; sm_90 unless TQ_CUDA_ARCH is set)")
+    p.add_argument("--cuda", action="store_true", help="CUDA build for sm_86, sm_89, sm_90 and sm_120 where nvcc has them (TQ_CUDA_ARCH=90: one, for iterating)")
     p.add_argument("--targets", default=None,
                    help="comma-separated cmake targets (default: " + ",".join(DEFAULT_TARGETS) + ")")
     p.add_argument("--jobs", "-j", type=int, default=None)

@@ -86,3 +86,33 @@ def test_check_runs_on_gpu(built: Path) -> None:
     assert m, out[-4000:]
     assert int(m.group(2)) == 0 and proc.returncode == 0, out[-4000:]
     assert int(m.group(1)) > 300, out[-4000:]
+
+
+def test_cuda_build_targets_the_gpus_users_have() -> None:
+    """`tq build --cuda` asks for each user architecture this nvcc lists, and only those."""
+    from turboquant_llama.build import cuda_architectures
+
+    listed = "compute_75\ncompute_80\ncompute_86\ncompute_89\ncompute_90\ncompute_100\ncompute_120\n"
+    assert cuda_architectures(listed) == "86;89;90;120"
+    assert cuda_architectures("compute_75\ncompute_86\ncompute_90\n") == "86;90"
+    assert cuda_architectures("") == "90"
+
+
+def test_ggml_cuda_routing_kernels_compile_for_every_user_arch(tmp_path: Path) -> None:
+    """The kernels the ggml-cuda routing uses, one instance of each, compile for sm_86, sm_89, sm_90
+    and sm_120 (tq-cuda.cu's full build is for sm_90 above; this keeps the other archs honest)."""
+    nvcc = _nvcc()
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    src = tmp_path / "inst.cu"
+    src.write_text('#include "tq-cuda.cuh"\n'
+                   "template __global__ void tq_fattn_vec_kernel<128, TQK_TQ3, TQK_TQ2, 4>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
+                   "template __global__ void tq_fattn_combine_kernel<128, true>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
+                   "template __global__ void tq_set_rows_kernel<3, float, int64_t>(const tq_rows_params, const __grid_constant__ tq_cuda_tables);\n"
+                   "template __global__ void tq_get_rows_kernel<2, __half, int32_t>(const tq_rows_params, const __grid_constant__ tq_cuda_tables);\n")
+    for arch in ("86", "89", "90", "120"):
+        if f"compute_{arch}" not in listed:
+            continue
+        out = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-use_fast_math", f"-I{ROOT / 'ggml_tq'}",
+                              f"-I{NATIVE / 'include'}", "-c", str(src), "-o", str(tmp_path / f"inst{arch}.o")],
+                             capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert out.returncode == 0, f"sm_{arch}:\n{out.stderr[-3000:]}"
