@@ -21,8 +21,9 @@ from .upstream import cache_dir, prepare_tree
 
 # What llama.cpp users run, the shared libraries llama-cpp-python loads, and the op tests.
 DEFAULT_TARGETS = ("llama", "llama-cli", "llama-completion", "llama-perplexity", "llama-bench", "llama-server",
-                   "test-backend-ops")
-CUDA_TARGETS = ("llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-server", "test-backend-ops")
+                   "ggml-rpc-server", "test-backend-ops")
+CUDA_TARGETS = ("llama", "llama-completion", "llama-perplexity", "llama-bench", "llama-server", "ggml-rpc-server",
+                "test-backend-ops")
 
 
 def build_dir(cuda: bool = False) -> Path:
@@ -116,7 +117,10 @@ def configure(tree: Path, build: Path, cuda: bool, extra: list[str]) -> None:
         raise UserError("no C/C++ compiler found: install gcc and g++ (or clang)")
     if cuda:
         _require("nvcc", "the CUDA build needs the CUDA toolkit (nvcc) on PATH")
-    args = ["cmake", "-S", str(stage_sources()), "-B", str(build), f"-DTQ_UPSTREAM_DIR={tree}", "-DCMAKE_BUILD_TYPE=Release"]
+    # GGML_RPC: rpc-server, and the RPC backend in the library (`--rpc` of tq run/chat/serve and
+    # load_llama(rpc_servers=)), so a model's layers can be split over machines with TQ caches
+    args = ["cmake", "-S", str(stage_sources()), "-B", str(build), f"-DTQ_UPSTREAM_DIR={tree}", "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_RPC=ON"]
     if shutil.which("ninja"):
         cache = build / "CMakeCache.txt"
         if not cache.exists() or "CMAKE_GENERATOR:INTERNAL=Ninja" in cache.read_text():

@@ -15,6 +15,7 @@ from .errors import UserError
 from .arguments import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
 from .kv_shape import model_kv_shape
+from .rpc import servers_arg
 
 HELP = "commands: /reset (forget the conversation), /quit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -75,7 +76,8 @@ def run_chat(args: argparse.Namespace, stdin=None, out=None, err=None) -> int:
     tolerate_any_bytes(stdin, out, err)
     try:
         llm = load_llama(args.model, args.ctk, args.ctv, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
-                         n_threads=args.threads, seed=args.seed, **switches.option_kwargs(switches.apply_args(args)))
+                         n_threads=args.threads, seed=args.seed, rpc_servers=args.rpc,
+                         **switches.option_kwargs(switches.apply_args(args)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     shape = model_kv_shape(args.model)
@@ -145,7 +147,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctv", default="tq2", help="V cache type (default tq2)")
     p.add_argument("--ctx", "-c", type=context_size, default=4096, help="context length (default 4096)")
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
-                   help="layers to offload to the GPU (CUDA build; -1: all)")
+                   help="layers to offload to the GPU (CUDA build; -1: all); with --rpc: the last N layers on the "
+                        "RPC servers")
+    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int_arg(1, what="a token count"), default=512,
                    help="longest answer in tokens (default 512)")

@@ -11,7 +11,7 @@ from .errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from . import (bench, build, calibrate, chat, codebook, distortion, evaluate, generate, header, llama_python, mem, models,
-                   niah, roundtrip, serve, upstream)
+                   niah, roundtrip, rpc, serve, upstream)
 
     parser = argparse.ArgumentParser(
         prog="tq", description="TurboQuant KV caches for llama.cpp: build, check and evaluate."
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (codebook, distortion, header, upstream, build, models, calibrate, roundtrip, generate, bench, evaluate,
-                   llama_python, chat, serve, mem, niah):
+                   llama_python, chat, serve, rpc, mem, niah):
         module.add_commands(sub)
     return parser
 

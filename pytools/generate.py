@@ -21,6 +21,7 @@ from .arguments import context_size, int_arg, seed_value, thread_count
 from .kv_memory import Slots, kv_size
 from .kv_shape import KvShape, model_kv_shape
 from .models import model_path
+from .rpc import check_offload, check_servers, servers_arg
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +\d+ layers, +(\d+)/(\d+) seqs\), "
                       r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
@@ -94,6 +95,9 @@ def parse_kv_memory(log: str, shape: KvShape | None = None) -> KvMemory | None:
 ERROR_LINES = 15
 ERROR_LINE_CHARS = 300
 _PROMPT_TOO_LONG = re.compile(r"prompt is too long \((\d+) tokens, max (\d+)\)")
+# ggml-rpc's abort when a server closes the connection or answers what it should not (RPC_STATUS_ASSERT)
+_RPC_LOST = "Remote RPC server crashed or returned malformed response"
+_RPC_NO_CONNECT = re.compile(r"Failed to connect to (\S+)")
 
 
 def decode_output(data: bytes) -> str:
@@ -114,17 +118,29 @@ def completion_error(returncode: int, log: str) -> UserError:
     if m:
         return UserError(f"the prompt is {m.group(1)} tokens and the context holds {m.group(2)} "
                          "(llama-completion keeps 4 cells free): raise --ctx or shorten the prompt")
+    m = _RPC_NO_CONNECT.search(log)
+    if m:
+        return UserError(f"llama-completion could not connect to the rpc-server at {m.group(1)} (it answered tq's "
+                         "handshake just before: has it stopped?)")
+    if _RPC_LOST in log:
+        return UserError("an rpc-server stopped answering: llama-completion lost its connection and aborted "
+                         f"(exit {returncode}); see the server's log, then start it again:\n{log_tail(log)}")
     return UserError(f"llama-completion failed (exit {returncode}):\n{log_tail(log)}")
 
 
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
                    seed: int, extra: list[str], echo: BinaryIO | None = None,
-                   setting: Mapping[str, switches.Value] | None = None, gpu_layers: int = 0) -> tuple[str, KvMemory | None]:
+                   setting: Mapping[str, switches.Value] | None = None, gpu_layers: int = 0,
+                   rpc: list[str] | None = None) -> tuple[str, KvMemory | None]:
     """Generate with llama-completion; returns its output (the prompt, then the generated text)
     and the KV memory it reported. echo: a binary stream that gets the output as it comes, byte
     for byte (a multi-byte character cut by -n stays cut there). gpu_layers != 0: the CUDA build,
-    with that many layers and their caches on the GPU."""
-    exe = find_binary("llama-completion", cuda=gpu_layers != 0)
+    with that many layers and their caches on the GPU; with rpc (`tq rpc-server` endpoints) they go
+    to those servers instead and the CPU build runs here."""
+    check_offload(rpc, gpu_layers)
+    if rpc:
+        check_servers(rpc)
+    exe = find_binary("llama-completion", cuda=gpu_layers != 0 and not rpc)
     path = model_path(model)
     with tempfile.TemporaryDirectory(prefix="tq-run-") as tmp:
         # the prompt goes through a file: a command line holds at most 128 KiB per argument, and
@@ -138,6 +154,8 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
             cmd += ["-t", str(threads)]
         if gpu_layers != 0:
             cmd += ["-ngl", str(gpu_layers)]
+        if rpc:
+            cmd += ["--rpc", ",".join(rpc)]
         cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk) + extra
         with open(Path(tmp) / "stderr.log", "w+b") as err:
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
@@ -168,7 +186,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", "-t", type=thread_count, default=None)
     p.add_argument("--seed", type=seed_value, default=1)
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
-                   help="layers (and their KV cache) on the GPU, with the CUDA build (`tq build --cuda`); -1: all")
+                   help="layers (and their KV cache) on the GPU, with the CUDA build (`tq build --cuda`); -1: all. "
+                        "With --rpc: the last N layers on the RPC servers")
+    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)
@@ -182,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
                                    args.threads, args.seed, extra, echo=out, setting=switches.apply_args(args),
-                                   gpu_layers=args.gpu_layers)
+                                   gpu_layers=args.gpu_layers, rpc=args.rpc)
         if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
             sys.stdout.write(text)
         if not text.endswith("\n"):

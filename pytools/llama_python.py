@@ -120,7 +120,7 @@ def head_sizes(model: str | Path) -> tuple[list[int], list[int]]:
 
 
 def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int = 4096, n_gpu_layers: int = 0,
-               cuda: bool | None = None, **kw):
+               cuda: bool | None = None, rpc_servers: str | list[str] | None = None, **kw):
     """A llama_cpp.Llama with TQ (or any) cache types, flash attention on.
 
     model: a manifest name (`tq models list`) or a .gguf path. Unknown type names and head sizes
@@ -128,7 +128,9 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     to llama_cpp.Llama (verbose defaults to False: llama.cpp's log is silenced), except tq's cache
     options tq_protect_layers (default 1), tq_key_center (default True: the model's mean keys from
     `tq calibrate`, calibrated on first use) and tq_exact_sink (default True); a tq_key_means path
-    is passed on as it is. The Llama's
+    is passed on as it is. rpc_servers ('host:port,...' or a list): `tq rpc-server`s that take the
+    last n_gpu_layers layers and their caches (pytools/rpc.py: llama-cpp-python 0.3.36 has no
+    such argument, so they are added to ggml's registry here, once per process). The Llama's
     load_state refuses a state it cannot take with StateLoadError, naming the cache types, and
     leaves the context as it was (SafeStateMixin).
     """
@@ -139,6 +141,8 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     hk, hv = head_sizes(path)
     check_head_size(ctk, ctv, hk, hv)
     llama_cpp = import_llama_cpp(cuda)
+    from .rpc import register_servers
+    register_servers(llama_cpp, rpc_servers, n_gpu_layers)
     kw.setdefault("verbose", False)
     means_given = "tq_key_means" in kw   # a path given as it is: no calibration
     means = kw.pop("tq_key_means", None)

@@ -11,7 +11,7 @@ address from --host (IP addresses or host names, comma-separated, or UNIX socket
 AIP_MODE=PREDICTION, from AIP_HTTP_PORT (which wins over --port). So --host and --port after `--`
 are refused unless --allow-remote (they then replace tq serve's, and the printed address is
 theirs), and AIP_MODE=PREDICTION is refused. Options tq serve sets itself (model, cache types,
-context, slots, flash attention, GPU layers) are refused after `--`: the printed line would not
+context, slots, flash attention, GPU layers, RPC servers) are refused after `--`: the printed line would not
 describe the server that runs.
 """
 
@@ -34,6 +34,7 @@ from .generate import check_cache_type
 from .kv_shape import model_kv_shape
 from .mem import allocation_summary, server_slots
 from .models import model_path
+from .rpc import check_offload, check_servers, servers_arg
 
 
 def is_loopback(host: str) -> bool:
@@ -75,6 +76,7 @@ OWN_OPTIONS = {   # spelling -> tq serve's own option
     "-ctk": "--ctk", "--cache-type-k": "--ctk", "-ctv": "--ctv", "--cache-type-v": "--ctv",
     "-fa": "(always on)", "--flash-attn": "(always on)",
     "-ngl": "--gpu-layers", "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers",
+    "--rpc": "--rpc",
 }
 
 
@@ -150,6 +152,8 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cmd += switches.llama_args(switches.apply_args(args), model_path(args.model), args.ctk)
     if args.gpu_layers is not None:
         cmd += ["-ngl", str(args.gpu_layers)]
+    if args.rpc:
+        cmd += ["--rpc", ",".join(args.rpc)]
     return cmd + extra
 
 
@@ -171,6 +175,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, what="a layer count"), default=None,
                    help="layers to offload to the GPU (CUDA build)")
     p.add_argument("--cuda", action="store_true", help="run the CUDA build's llama-server")
+    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments")
     p.set_defaults(func=_cmd_serve)
@@ -196,6 +202,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--ctx {args.ctx} is less than --parallel {args.parallel}: each slot needs at least one token")
     shape = model_kv_shape(args.model)
     shape.check_types(args.ctk, args.ctv)
+    if args.rpc:
+        check_offload(args.rpc, args.gpu_layers or 0)
+        check_servers(args.rpc)
     slots = server_slots(args.ctx, args.parallel, extra)
     cmd = server_command(args, extra)
     print(f"tq: {shlex.join(cmd)}", file=sys.stderr)
