@@ -676,17 +676,6 @@ static inline bool tq_decoded_row_finite(const float * y, int64_t n) {
     return finite;
 }
 
-// n a multiple of 8
-static inline float tq_dot_f32(const float * a, const float * b, int64_t n) {
-    float acc[8] = { 0 };
-    for (int64_t j = 0; j < n; j += 8) {
-        for (int l = 0; l < 8; ++l) {
-            acc[l] += a[j + l] * b[j + l];
-        }
-    }
-    return tq_sum8(acc);
-}
-
 bool tq_cpu_attn_rows_supported(enum ggml_type k_type, enum ggml_type v_type, int64_t dk, int64_t dv) {
     return tq_is_kv_type(k_type) && !tq_is_qjl_type(k_type) && tq_is_kv_type(v_type) && !tq_is_qjl_type(v_type) &&
            dk % QK_TQ == 0 && dv % QK_TQ == 0 && dk <= TQ_ATTN_MAX_D && dv <= TQ_ATTN_MAX_D;
@@ -815,19 +804,18 @@ static inline float tq_attn_mask_value(const ggml_fp16_t * const * mask, const f
     return mask && mask[r] ? slope[r]*GGML_FP16_TO_FP32(mask[r][ic]) : 0.0f;
 }
 
-// p[r][t] = q_r . k_t for the tile's nt cells (kr: [T][dk]; kt: room for the transposed tile)
-static void tq_attn_scores(const tq_attn_kv * kv, int nr, int nr4, const float * qr, const float * kr, float * kt,
+// p[r][t] = q_r . k_t for the tile's nt cells (kr: [T][dk]; kt: room for the transposed tile).
+// Always the product of tiles, also for the few rows of a decoded token, so that a score is the
+// same sum in the same order whether its token is batched alone or with others: an answer must
+// not depend on how a server batches it. Dot products with 8 partial sums for one-token batches
+// (faster: no transposition) rounded differently, and a last-bit difference in one layer's output
+// can move the next layer's K/V codes across a quantizer boundary: a prompt's last token
+// recomputed alone (llama-server's prompt cache) or batched next to another slot's decoded token
+// changed greedy answers (tests/test_determinism.py).
+static void tq_attn_scores(const tq_attn_kv * kv, int nr4, const float * qr, const float * kr, float * kt,
                            int nt, float * p) {
     enum { T = TQ_ATTN_TILE };
     const int64_t dk = kv->dk;
-    if (kv->score_dots) {
-        for (int r = 0; r < nr; ++r) {
-            for (int t = 0; t < nt; ++t) {
-                p[r*T + t] = tq_dot_f32(qr + r*dk, kr + t*dk, dk);
-            }
-        }
-        return;
-    }
     for (int t0 = 0; t0 < T; t0 += 8) {
         for (int64_t d0 = 0; d0 < dk; d0 += 8) {
             for (int t = t0; t < t0 + 8; ++t) {
@@ -947,7 +935,7 @@ void tq_cpu_attn_rows(const tq_attn_kv * kv, int nr, const float * const * q, co
             continue;
         }
         tq_attn_decode_tile(kv->k_type, dk, kv->k, kv->k_stride, it, nt, live, kv->k_exact_cell, kv->k_exact, kr);
-        tq_attn_scores(kv, nr, nr4, qr, kr, kt, nt, p);
+        tq_attn_scores(kv, nr4, qr, kr, kt, nt, p);
         tq_attn_softmax_tile(kv, nr, nr4, mask, slope, it, nt, live, p, M, S, out);
         tq_attn_values(kv, nr, nr4, mask, slope, it, nt, live, p, vt, kr, out);
     }
@@ -1008,7 +996,6 @@ static tq_attn_qrow tq_attn_row(const tq_attn_op * op, int64_t r) {
 static void tq_attn_head(const tq_attn_op * op, int64_t ik2, int64_t ik3, int64_t iv2, int64_t iv3, tq_attn_kv * kv) {
     const struct ggml_tensor * k = op->k, * v = op->v;
     kv->k_type = k->type; kv->v_type = v->type; kv->dk = k->ne[0]; kv->dv = v->ne[0]; kv->scale = op->scale;
-    kv->score_dots = op->q->ne[1] == 1;
     kv->k = (const char *) k->data + ik2*k->nb[2] + ik3*k->nb[3]; kv->k_stride = k->nb[1];
     kv->v = (const char *) v->data + iv2*v->nb[2] + iv3*v->nb[3]; kv->v_stride = v->nb[1];
     kv->k_exact_cell = op->x_k && op->x_cell ? op->x_cell[ik3] : -1;

@@ -372,9 +372,8 @@ static void check_unrotate(void) {
 
 // The attention tiles (tq_cpu_attn_rows) group query rows that read one K/V head; how many rows a
 // group holds follows how rows are split between threads. Each row's result must not depend on
-// its group: rows computed 64 at a time, and in groups of 1, 2, 3, 5 and 7, are bit-identical,
-// for both ways of computing scores (dot products while decoding, tile products in prompts), with a
-// causal mask over 150 cells (three tiles, the last one partial) and an exact row at cell 0.
+// its group: rows computed 64 at a time, and in groups of 1, 2, 3, 5 and 7, are bit-identical, with
+// a causal mask over 150 cells (three tiles, the last one partial) and an exact row at cell 0.
 static void check_attn_rows_grouping(void) {
     enum { D = 128, NC = 150, NQ = 64 };
     static float x[D], q[NQ][D], out_all[NQ*D], out_grp[NQ*D], exact_k[D], exact_v[D];
@@ -404,27 +403,24 @@ static void check_attn_rows_grouping(void) {
     float * work = malloc(tq_cpu_attn_rows_work_size(D, D));
     float * out = malloc(sizeof(float)*TQ_ATTN_MAX_ROWS*D);
     const int sizes[] = { 1, 2, 3, 5, 7 };
-    for (int dots = 0; dots < 2; ++dots) {
-        tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf, kb, vbuf, vb, 0.088f, dots != 0, 0, exact_k, 0, exact_v };
-        tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M, S, out, work);
-        memcpy(out_all, out, sizeof(out_all));
-        for (int r0 = 0, g = 0; r0 < NQ; ++g) {
-            const int n = sizes[g % 5] < NQ - r0 ? sizes[g % 5] : NQ - r0;
-            tq_cpu_attn_rows(&kv, n, qp + r0, mp + r0, slope + r0, 0, NC, M + r0, S + r0, out, work);
-            memcpy(out_grp + r0*D, out, sizeof(float)*n*D);
-            r0 += n;
-        }
-        check(memcmp(out_all, out_grp, sizeof(out_all)) == 0,
-              "attn_rows (%s): a row's output depends on the size of its group", dots ? "dot products" : "tile products");
+    tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf, kb, vbuf, vb, 0.088f, false, 0, exact_k, 0, exact_v };
+    tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M, S, out, work);
+    memcpy(out_all, out, sizeof(out_all));
+    for (int r0 = 0, g = 0; r0 < NQ; ++g) {
+        const int n = sizes[g % 5] < NQ - r0 ? sizes[g % 5] : NQ - r0;
+        tq_cpu_attn_rows(&kv, n, qp + r0, mp + r0, slope + r0, 0, NC, M + r0, S + r0, out, work);
+        memcpy(out_grp + r0*D, out, sizeof(float)*n*D);
+        r0 += n;
     }
+    check(memcmp(out_all, out_grp, sizeof(out_all)) == 0, "attn_rows: a row's output depends on the size of its group");
     free(work);
     free(out);
 }
 
 // A non-finite K/V row (a NaN input, or a norm beyond fp16's range) at cell 5 reaches only the query
 // rows that attend to cell 5, as in an f16 cache: the rows whose mask hides it (a window that has
-// moved past it) are bit-identical to a run where cell 5 holds an ordinary row, at every level and
-// for both ways of computing scores; the rows that attend to it come out non-finite.
+// moved past it) are bit-identical to a run where cell 5 holds an ordinary row, at every level; the
+// rows that attend to it come out non-finite.
 static void check_attn_nan_containment(void) {
     enum { D = 128, NC = 150, NQ = 12, BAD = 5, NV = 4 };
     static const char * what[NV] = { "NaN K and V", "NaN V", "NaN K", "Inf V" };
@@ -474,30 +470,27 @@ static void check_attn_nan_containment(void) {
         }
         for (int level = 0; level < n_levels; ++level) {
             set_level(level);
-            for (int dots = 0; dots < 2; ++dots) {
-                for (int run = 0; run < 2; ++run) {
-                    tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf[run], kb, vbuf[run], vb, 0.088f, dots != 0,
-                                      0, exact_k, 0, exact_v };
-                    tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M[run], S[run], out[run], work);
-                }
-                int hidden_same = 1, seen_bad = 1;
-                for (int r = 0; r < NQ; ++r) {
-                    if (r < NQ/2) {
-                        hidden_same &= memcmp(out[0] + r*D, out[1] + r*D, D*sizeof(float)) == 0 &&
-                                       memcmp(&M[0][r], &M[1][r], sizeof(float)) == 0 && memcmp(&S[0][r], &S[1][r], sizeof(float)) == 0;
-                        continue;
-                    }
-                    int finite = 1;
-                    for (int j = 0; j < D; ++j) {
-                        finite &= isfinite(out[1][r*D + j]) != 0;
-                    }
-                    seen_bad &= !finite;
-                }
-                check(hidden_same, "attn_rows %s (%s) %s: a row that masks the cell is not what it is without it",
-                      level_names[level], dots ? "dot products" : "tile products", what[v]);
-                check(seen_bad, "attn_rows %s (%s) %s: a row that attends to the cell comes out finite",
-                      level_names[level], dots ? "dot products" : "tile products", what[v]);
+            for (int run = 0; run < 2; ++run) {
+                tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf[run], kb, vbuf[run], vb, 0.088f, false,
+                                  0, exact_k, 0, exact_v };
+                tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M[run], S[run], out[run], work);
             }
+            int hidden_same = 1, seen_bad = 1;
+            for (int r = 0; r < NQ; ++r) {
+                if (r < NQ/2) {
+                    hidden_same &= memcmp(out[0] + r*D, out[1] + r*D, D*sizeof(float)) == 0 &&
+                                   memcmp(&M[0][r], &M[1][r], sizeof(float)) == 0 && memcmp(&S[0][r], &S[1][r], sizeof(float)) == 0;
+                    continue;
+                }
+                int finite = 1;
+                for (int j = 0; j < D; ++j) {
+                    finite &= isfinite(out[1][r*D + j]) != 0;
+                }
+                seen_bad &= !finite;
+            }
+            check(hidden_same, "attn_rows %s %s: a row that masks the cell is not what it is without it",
+                  level_names[level], what[v]);
+            check(seen_bad, "attn_rows %s %s: a row that attends to the cell comes out finite", level_names[level], what[v]);
         }
     }
     free(work);
@@ -506,7 +499,9 @@ static void check_attn_nan_containment(void) {
 // The FLASH_ATTN_EXT op over TQ rows (tq_cpu_flash_attn_ext_rows), as ops.cpp calls it: 6 query heads
 // over 2 K/V heads, 5 tokens, a causal mask, the rows split between 3 threads. Each thread works in
 // its share of the end of the op's work buffer and leaves the start (ops.cpp's scratch) alone, and
-// dst is the same whichever way the rows are split.
+// dst is the same whichever way the rows are split. The last token alone (an op of one token, as
+// when it is decoded, or recomputed alone from llama-server's prompt cache) gets the same output,
+// bit for bit, as among the 5.
 static void check_flash_attn_op(void) {
     enum { D = 64, NC = 90, NT = 5, NH = 6, NHKV = 2, SCRATCH = 4096 };
     const size_t kb = sizeof(block_tq3)*(D/QK_TQ), vb = sizeof(block_tq2)*(D/QK_TQ);
@@ -558,6 +553,23 @@ static void check_flash_attn_op(void) {
         free(wdata);
     }
     check(memcmp(out1, out3, sizeof(out1)) == 0, "flash_attn op: dst depends on how the rows are split between threads");
+
+    static float q1d[NH*D], out_last[NH*D];
+    for (int h = 0; h < NH; ++h) {
+        memcpy(q1d + h*D, qd + ((NT - 1) + h*NT)*D, D*sizeof(float));
+    }
+    struct ggml_tensor q1 = { GGML_TYPE_F32, { D, 1, NH, 1 }, { 4, 4*D, 4*D, 4*D*NH }, { 0 }, { 0 }, q1d };
+    struct ggml_tensor m1 = { GGML_TYPE_F16, { NC, 1, 1, 1 }, { 2, 2*NC, 2*NC, 2*NC }, { 0 }, { 0 }, mask[NT - 1] };
+    struct ggml_tensor dst1 = { GGML_TYPE_F32, { D, NH, 1, 1 }, { 4, 4*D, 4*D*NH, 4*D*NH }, { 0 }, { 0 }, out_last };
+    dst1.src[0] = &q1; dst1.src[1] = &k; dst1.src[2] = &v; dst1.src[3] = &m1;
+    memcpy(dst1.op_params, params, sizeof(params));
+    const size_t wsize1 = SCRATCH + tq_cpu_flash_attn_ext_work_size(&dst1, 1);
+    unsigned char * wdata1 = malloc(wsize1);
+    check(tq_cpu_flash_attn_ext_rows(&dst1, wdata1, wsize1, 0, 1, 0, NH, 0, NC, NULL, 0),
+          "flash_attn op (one token): the TQ rows declined an op they take");
+    free(wdata1);
+    check(memcmp(out_last, out1 + (NT - 1)*NH*D, sizeof(out_last)) == 0,
+          "flash_attn op: a token alone gets another output than among the batch's tokens");
     int finite = 1;
     for (int i = 0; i < NT*NH*D; ++i) {
         finite &= isfinite(out1[i]) != 0;
