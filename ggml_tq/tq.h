@@ -134,10 +134,6 @@ typedef struct {
     const char * k; size_t k_stride;   // the head's row of cell ic: k + ic*k_stride
     const char * v; size_t v_stride;
     float scale;                       // applied to q.k before the mask
-    bool score_dots;                   // not read: scores are tile products for any number of rows,
-                                       // so that a row's result does not depend on how many tokens
-                                       // its batch holds. Kept only because tests/native/tq_cuda_check.cu
-                                       // still sets it; to be removed together with that line.
     int64_t k_exact_cell; const float * k_exact; // ggml_flash_attn_ext_add_exact_row (-1: none)
     int64_t v_exact_cell; const float * v_exact;
 } tq_attn_kv;

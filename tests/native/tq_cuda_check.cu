@@ -548,7 +548,7 @@ static void check_fa(const fa_case & c, int n_sm) {
             kv.k_type = (enum ggml_type) c.kt; kv.v_type = (enum ggml_type) c.vt; kv.dk = D; kv.dv = D;
             kv.k = (const char *) &K[(size_t) sq*c.n_kv*knb1 + hk*kr]; kv.k_stride = knb1;
             kv.v = (const char *) &V[(size_t) sq*c.n_kv*vnb1 + hk*vr]; kv.v_stride = vnb1;
-            kv.scale = scale; kv.score_dots = c.n_q == 1;
+            kv.scale = scale;
             kv.k_exact_cell = c.exact ? xcell[sq] : -1; kv.v_exact_cell = kv.k_exact_cell;
             kv.k_exact = c.exact ? &Kx[((size_t) sq*c.n_head_kv + hk)*D] : nullptr;
             kv.v_exact = c.exact ? &Vx[((size_t) sq*c.n_head_kv + hk)*D] : nullptr;
