@@ -154,7 +154,8 @@ static __device__ __forceinline__ void tq_scaled_boundaries(const tq_cuda_tables
 }
 
 // x0, x1: this lane's values x[lane], x[lane + 32]; c: the centroids in shared memory. Writes the
-// block (bytes identical to tq_quantize_row in tq.c).
+// block (bytes identical to tq_quantize_row in tq.c). Steps 1-5 of tq-blocks.h stay together, in
+// their order, so that each double sum can be read against the reference's (~90 lines).
 template <int BITS>
 static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tables & t, const float * c,
                                                               float x0, float x1, uint8_t * blk, unsigned flags) {
@@ -390,8 +391,6 @@ static __device__ __forceinline__ void tq_copy_tile(uint8_t * smem, int sstride,
     }
 }
 
-// One CTA: the query rows [chunk*NR, chunk*NR + NR) of the rows that read K/V head (ik2, ik3) (row r:
-// token r / gqa, head ik2*gqa + r % gqa), over the cells of split blockIdx.z.
 // The factor of an output row's unnormalised sum: head iq2's sink joins the softmax (a score
 // with no value), then 1/S; a row that saw no cell (S = 0) gives zeros.
 static __device__ __forceinline__ float tq_fa_output_factor(const tq_fattn_params & p, int iq2, float M, float S) {
@@ -408,6 +407,13 @@ static __device__ __forceinline__ float tq_fa_output_factor(const tq_fattn_param
     return S == 0.0f ? 0.0f : ms / S;
 }
 
+// One CTA: the query rows [chunk*NR, chunk*NR + NR) of the rows that read K/V head (ik2, ik3) (row r:
+// token r / gqa, head ik2*gqa + r % gqa), over the cells of split blockIdx.z.
+// One function of ~330 lines on purpose: its phases (set-up, the tile loop with its cp.async double
+// buffer, scores, softmax, V accumulation, the finish) share the shared-memory layout tq_fattn_smem
+// and the per-row state in registers; split into functions they would pass a dozen references and
+// offsets each. The phases are marked below; the kernel is to be redone with tensor-core products
+// (results/cuda-gpu.md), which changes this structure anyway.
 template <int D, int KT, int VT, int NR>
 __global__ void __launch_bounds__(TQ_FA_THREADS)
 tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
