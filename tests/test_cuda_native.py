@@ -116,3 +116,22 @@ def test_ggml_cuda_routing_kernels_compile_for_every_user_arch(tmp_path: Path) -
                               f"-I{NATIVE / 'include'}", "-c", str(src), "-o", str(tmp_path / f"inst{arch}.o")],
                              capture_output=True, text=True, timeout=TIMEOUT_S)
         assert out.returncode == 0, f"sm_{arch}:\n{out.stderr[-3000:]}"
+
+
+def test_ggml_cuda_routing_compiles_against_ggml_cuda(tmp_path: Path) -> None:
+    """ggml_tq/tq-ggml-cuda.cu (the ops ggml-cuda routes to the TQ kernels) compiles against the
+    patched tree's ggml-cuda headers, as the CUDA build compiles it; cuBLAS, which CI's toolkit
+    lacks, is declared by tests/native/include-cublas-stub."""
+    from turboquant_llama.upstream import prepare_tree
+
+    from .conftest import require_build
+
+    nvcc = _nvcc()
+    require_build()
+    tree = prepare_tree()
+    out = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{SM}", "-use_fast_math", "-DGGML_CUDA_USE_GRAPHS",
+                          f"-I{NATIVE / 'include-cublas-stub'}", f"-I{ROOT / 'ggml_tq'}",
+                          f"-I{tree / 'ggml/src/ggml-cuda'}", f"-I{tree / 'ggml/src'}", f"-I{tree / 'ggml/include'}",
+                          "-c", str(ROOT / "ggml_tq" / "tq-ggml-cuda.cu"), "-o", str(tmp_path / "glue.o")],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-4000:]
