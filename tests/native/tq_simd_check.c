@@ -403,7 +403,9 @@ static void check_attn_rows_grouping(void) {
     float * work = malloc(tq_cpu_attn_rows_work_size(D, D));
     float * out = malloc(sizeof(float)*TQ_ATTN_MAX_ROWS*D);
     const int sizes[] = { 1, 2, 3, 5, 7 };
-    tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf, kb, vbuf, vb, 0.088f, false, 0, exact_k, 0, exact_v };
+    tq_attn_kv kv = { .k_type = GGML_TYPE_TQ3, .v_type = GGML_TYPE_TQ2, .dk = D, .dv = D, .k = kbuf, .k_stride = kb,
+                      .v = vbuf, .v_stride = vb, .scale = 0.088f, .k_exact_cell = 0, .k_exact = exact_k,
+                      .v_exact_cell = 0, .v_exact = exact_v };
     tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M, S, out, work);
     memcpy(out_all, out, sizeof(out_all));
     for (int r0 = 0, g = 0; r0 < NQ; ++g) {
@@ -471,8 +473,9 @@ static void check_attn_nan_containment(void) {
         for (int level = 0; level < n_levels; ++level) {
             set_level(level);
             for (int run = 0; run < 2; ++run) {
-                tq_attn_kv kv = { GGML_TYPE_TQ3, GGML_TYPE_TQ2, D, D, kbuf[run], kb, vbuf[run], vb, 0.088f, false,
-                                  0, exact_k, 0, exact_v };
+                tq_attn_kv kv = { .k_type = GGML_TYPE_TQ3, .v_type = GGML_TYPE_TQ2, .dk = D, .dv = D, .k = kbuf[run],
+                                  .k_stride = kb, .v = vbuf[run], .v_stride = vb, .scale = 0.088f, .k_exact_cell = 0,
+                                  .k_exact = exact_k, .v_exact_cell = 0, .v_exact = exact_v };
                 tq_cpu_attn_rows(&kv, NQ, qp, mp, slope, 0, NC, M[run], S[run], out[run], work);
             }
             int hidden_same = 1, seen_bad = 1;
