@@ -21,6 +21,11 @@ static bool tq_cuda_kv(ggml_type t) {
     return tq_cuda_is_type((int) t);
 }
 
+// a TQ cache type or the query type of their CPU dot products
+static bool tq_ggml_type(ggml_type t) {
+    return tq_is_kv_type(t) || t == GGML_TYPE_TQ_Q || t == GGML_TYPE_TQ_QJL_Q;
+}
+
 bool ggml_cuda_tq_op(const ggml_tensor * op) {
     switch (op->op) {
         case GGML_OP_NONE:
@@ -32,12 +37,11 @@ bool ggml_cuda_tq_op(const ggml_tensor * op) {
         default:
             break;
     }
-    if (tq_is_kv_type(op->type) || op->type == GGML_TYPE_TQ_Q || op->type == GGML_TYPE_TQ_QJL_Q) {
+    if (tq_ggml_type(op->type)) {
         return true;
     }
     for (int i = 0; i < GGML_MAX_SRC; ++i) {
-        const ggml_tensor * s = op->src[i];
-        if (s && (tq_is_kv_type(s->type) || s->type == GGML_TYPE_TQ_Q || s->type == GGML_TYPE_TQ_QJL_Q)) {
+        if (op->src[i] && tq_ggml_type(op->src[i]->type)) {
             return true;
         }
     }

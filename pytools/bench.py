@@ -124,12 +124,12 @@ def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="llama-bench speed of cache types against f16/q8_0/q4_0, written to results/")
-    p.add_argument("--model", "-m", default="smollm2")
-    p.add_argument("--types", default=DEFAULT_TYPES,
+    p.add_argument("--model", "-m", default=None, help="default smollm2 (--gpu: the random-weight model)")
+    p.add_argument("--types", default=None,
                    help=f"comma-separated cache types: X means K = V = X, X/Y means K = X, V = Y (default {DEFAULT_TYPES})")
-    p.add_argument("--depths", default="0,4096", help="comma-separated context depths")
+    p.add_argument("--depths", default=None, help="comma-separated context depths (default 0,4096)")
     p.add_argument("--n-gen", type=int_arg(0, what="a token count"), default=32)
-    p.add_argument("--n-prompt", type=int_arg(0, what="a token count"), default=0)
+    p.add_argument("--n-prompt", type=int_arg(0, what="a token count"), default=None, help="default 0 (--gpu: 512)")
     p.add_argument("--threads", "-t", type=thread_count, default=min(os.cpu_count() or 2, 16))
     p.add_argument("--reps", "-r", type=int_arg(1, what="a repetition count"), default=3)
     p.add_argument("--cuda", action="store_true", help="use the CUDA build")
@@ -137,7 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"the GPU benchmark: the CUDA build, all layers and the cache on the GPU (-ngl 99), a random-weight "
                         f"Q4_0 GGUF of {GPU_MODEL}'s shape made on first use, types {GPU_TYPES}, depths {GPU_DEPTHS}, pp512; "
                         "key centering off (random weights have no mean key; its cost is one subtraction per K row)")
-    p.add_argument("--tag", default=None, help="name part of the results files (default cpu or cuda)")
+    p.add_argument("--tag", default=None, help="name part of the results files (default cpu, cuda or gpu)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     switches.add_option_arguments(p)
@@ -160,34 +160,33 @@ def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, s
     return command + (" -- " + " ".join(map(shlex_quote, extra)) if extra else "")
 
 
-def _gpu_defaults(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """--gpu: the CUDA build with every layer and the cache on the GPU, the random 8B-shaped model
-    unless --model names one, the GPU types and depths unless given."""
-    given = set(sys.argv)
-    args.cuda = True
-    if "--model" not in given and "-m" not in given:
-        args.model = str(random_gguf.cached(GPU_MODEL))
-    if "--types" not in given:
-        args.types = GPU_TYPES
-    if "--depths" not in given:
-        args.depths = GPU_DEPTHS
-    if "--n-prompt" not in given:
-        args.n_prompt = 512
-    if "--tag" not in given:
-        args.tag = "gpu"
-    return extra + ["-ngl", "99"]
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on --gpu: the CUDA build, the random 8B-shaped model, the GPU types,
+    depths and pp512, where the command line gives none."""
+    if args.gpu:
+        args.cuda = True
+    if args.model is None:
+        args.model = str(random_gguf.cached(GPU_MODEL)) if args.gpu else "smollm2"
+    if args.types is None:
+        args.types = GPU_TYPES if args.gpu else DEFAULT_TYPES
+    if args.depths is None:
+        args.depths = GPU_DEPTHS if args.gpu else "0,4096"
+    if args.n_prompt is None:
+        args.n_prompt = 512 if args.gpu else 0
 
 
 def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    if args.gpu:
-        extra = _gpu_defaults(args, extra)
+    _fill_defaults(args)
     setting = switches.apply_args(args)
     if args.gpu and random_gguf.is_random(args.model):
         setting = dict(setting, key_center=False)
+    # --gpu: every layer and its cache on the GPU (not part of the recorded command's `--` arguments)
+    offload = ["-ngl", "99"] if args.gpu else []
     rows = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths), args.n_gen,
-                 args.n_prompt, args.threads, args.reps, args.cuda, extra, setting)
-    stem = write_results(rows, results.model_label(args.model), args.tag or ("cuda" if args.cuda else "cpu"),
+                 args.n_prompt, args.threads, args.reps, args.cuda, extra + offload, setting)
+    tag = args.tag or ("gpu" if args.gpu else "cuda" if args.cuda else "cpu")
+    stem = write_results(rows, results.model_label(args.model), tag,
                          _command(args, extra, setting), args.out_dir, setting)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -15,7 +15,7 @@ from .errors import UserError
 from .arguments import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
 from .kv_shape import model_kv_shape
-from .rpc import servers_arg
+from .rpc import add_rpc_argument
 
 HELP = "commands: /reset (forget the conversation), /quit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -149,8 +149,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
                    help="layers to offload to the GPU (CUDA build; -1: all); with --rpc: the last N layers on the "
                         "RPC servers")
-    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
+    add_rpc_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int_arg(1, what="a token count"), default=512,
                    help="longest answer in tokens (default 512)")

@@ -21,7 +21,7 @@ from .arguments import context_size, int_arg, seed_value, thread_count
 from .kv_memory import Slots, kv_size
 from .kv_shape import KvShape, model_kv_shape
 from .models import model_path
-from .rpc import check_offload, check_servers, servers_arg
+from .rpc import check_offload, check_servers, add_rpc_argument
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +\d+ layers, +(\d+)/(\d+) seqs\), "
                       r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
@@ -188,8 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, also=(-1,), what="a layer count"), default=0,
                    help="layers (and their KV cache) on the GPU, with the CUDA build (`tq build --cuda`); -1: all. "
                         "With --rpc: the last N layers on the RPC servers")
-    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
+    add_rpc_argument(p)
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)

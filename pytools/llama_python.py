@@ -25,7 +25,7 @@ from pathlib import Path
 from . import REPO_ROOT, results, switches
 from .build import bin_dir
 from .errors import UserError
-from .cache_types import CACHE_TYPES, TQ_NAMES
+from .cache_types import CACHE_TYPES
 from .arguments import int_arg
 from .ggml_lib import GGML_TYPE_IDS
 from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
@@ -40,7 +40,6 @@ TQ4_QJL = GGML_TYPE_IDS["tq4_qjl"]
 
 # Every cache type name -ctk/-ctv accept -> its ggml type id (what Llama(type_k=, type_v=) takes).
 CACHE_TYPE_IDS: dict[str, int] = {name: t.ggml_id for name, t in CACHE_TYPES.items()}
-TQ_TYPES = TQ_NAMES
 TQ_BLOCK = 64
 
 _CUDA_ENV = "TQ_CUDA"   # TQ_CUDA=1 prefers build-cuda, 0 forces build-cpu

@@ -48,15 +48,6 @@ def random_q4_0(rng: np.random.Generator, n_rows: int, n_cols: int) -> np.ndarra
     return blocks.reshape(n_rows, n_cols // Q4_0_BLOCK * Q4_0_BYTES)
 
 
-def spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary llama.cpp accepts: unk/bos/eos, the 256 byte tokens, then fillers."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
-    tokens += [f"t{i}" for i in range(len(tokens), n_vocab)]
-    types += [1] * (n_vocab - len(types))
-    return tokens, [0.0] * n_vocab, types
-
-
 def write_llama(shape: LlamaShape, out: Path, seed: int = 0) -> Path:
     import gguf  # the patched tree's gguf-py or the installed package
 
@@ -73,14 +64,9 @@ def write_llama(shape: LlamaShape, out: Path, seed: int = 0) -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(shape.n_embd // shape.n_head)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    tokens, scores, types = spm_vocab(shape.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    # no tokenizer: llama-bench feeds token ids; the vocabulary size sizes the output layer
+    w.add_vocab_size(shape.n_vocab)
+    w.add_tokenizer_model("none")
 
     q4 = gguf.GGMLQuantizationType.Q4_0
     head = shape.n_embd // shape.n_head

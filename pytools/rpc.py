@@ -85,6 +85,12 @@ def servers_arg(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_rpc_argument(p: argparse.ArgumentParser) -> None:
+    """--rpc of tq run, chat and serve."""
+    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:

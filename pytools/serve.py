@@ -34,7 +34,7 @@ from .generate import check_cache_type
 from .kv_shape import model_kv_shape
 from .mem import allocation_summary, server_slots
 from .models import model_path
-from .rpc import check_offload, check_servers, servers_arg
+from .rpc import check_offload, check_servers, add_rpc_argument
 
 
 def is_loopback(host: str) -> bool:
@@ -175,8 +175,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, what="a layer count"), default=None,
                    help="layers to offload to the GPU (CUDA build)")
     p.add_argument("--cuda", action="store_true", help="run the CUDA build's llama-server")
-    p.add_argument("--rpc", type=servers_arg, default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="`tq rpc-server`s that run the last --gpu-layers layers and hold their KV cache")
+    add_rpc_argument(p)
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments")
     p.set_defaults(func=_cmd_serve)

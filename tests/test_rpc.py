@@ -29,7 +29,7 @@ from turboquant_llama import REPO_ROOT
 from turboquant_llama.errors import UserError
 from turboquant_llama import rpc
 
-from .conftest import require_binary, require_llama_cpp, require_model
+from .conftest import free_port, require_binary, require_llama_cpp, require_model
 
 N_LAYERS = 30          # SmolLM2-135M
 REMOTE_LAYERS = 20     # -ngl 20: layers 11-29 and the output layer on the servers, 0-10 here
@@ -286,9 +286,7 @@ def test_probe_of_a_busy_server_times_out():
 
 
 def test_probe_of_nothing_listening():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(UserError, match=f"cannot reach an rpc-server at 127.0.0.1:{port}"):
         rpc.probe_server(f"127.0.0.1:{port}", timeout=2)
 
