@@ -147,16 +147,14 @@ int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool 
     return tq_launch_status();
 }
 
-int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool inverse, void * stream) {
-    if (n % QK_TQ != 0) {
+int tq_cuda_rotate_rows(tq_cuda_tensor src, float * dst, const size_t dst_nb[4], bool inverse, void * stream) {
+    if (src.ne[0] % QK_TQ != 0 || src.nb[0] != sizeof(float)) {
         return (int) cudaErrorInvalidValue;
     }
-    tq_rows_params p;
-    memset(&p, 0, sizeof(p));
-    p.ne0 = n; p.n1 = n_rows; p.n2 = 1; p.n3 = 1;
-    p.dst = (char *) x; p.dnb1 = nb1;
+    const tq_cuda_tensor no_idx = {};
+    tq_rows_params p = tq_rows_params_of(src, no_idx, dst, dst_nb, src.ne);
     p.rotated = inverse;
-    const int64_t n_blocks = n / QK_TQ * n_rows;
+    const int64_t n_blocks = src.ne[0] / QK_TQ * src.ne[1] * src.ne[2] * src.ne[3];
     if (n_blocks == 0) {
         return 0;
     }
@@ -165,13 +163,16 @@ int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool i
 }
 
 int tq_cuda_put_exact_rows(void * kv_f16, const int64_t ne[4], const size_t nb[4], const float * exact, size_t exact_nb1,
-                           const int32_t * exact_cell, void * stream) {
+                           const int32_t * exact_cell, bool rotated, void * stream) {
+    if (ne[0] % QK_TQ != 0 || ne[0] > QK_TQ*(TQ_ROWS_THREADS/32)) {
+        return (int) cudaErrorInvalidValue;
+    }
     if (ne[2] == 0 || ne[3] == 0) {
         return 0;
     }
     const dim3 grid((unsigned) ne[2], (unsigned) ne[3]);
     tq_put_exact_rows_kernel<<<grid, TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>((__half *) kv_f16, ne[0], ne[1], nb[1], nb[2], nb[3],
-                                                                                   exact, exact_nb1, exact_cell);
+                                                                                   exact, exact_nb1, exact_cell, rotated, tq_cuda_tables_host());
     return tq_launch_status();
 }
 
@@ -197,7 +198,19 @@ static int tq_fa_rows_per_cta(int rows) {
     return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
 }
 
+bool tq_cuda_fattn_mma_supported(int k_type, int v_type, int64_t d) {
+    return tq_cuda_is_type(k_type) && tq_cuda_is_type(v_type) && (d == 64 || d == 128);
+}
+
+static bool tq_fa_uses_mma(const tq_cuda_fattn_args * a) {
+    if (a->kernel == TQ_CUDA_FA_VECTOR) {
+        return false;
+    }
+    return tq_cuda_fattn_mma_supported(a->k_type, a->v_type, a->k.ne[0]);
+}
+
 struct tq_fa_plan {
+    bool mma;
     int nr, chunks, n_split, split_cells;
     size_t work;
 };
@@ -207,19 +220,24 @@ static tq_fa_plan tq_fa_make_plan(const tq_cuda_fattn_args * a, int n_sm, int n_
     const int64_t n_q = a->q.ne[1], n_head = a->q.ne[2], n_seq = a->q.ne[3];
     const int64_t n_head_kv = a->k.ne[2], n_kv = a->k.ne[1];
     const int rows = (int) (n_head / n_head_kv * n_q);
-    pl.nr = tq_fa_rows_per_cta(rows);
+    pl.mma = tq_fa_uses_mma(a);
+    pl.nr = pl.mma ? TQ_MMA_ROWS : tq_fa_rows_per_cta(rows);
     pl.chunks = (rows + pl.nr - 1) / pl.nr;
+    // a split's cells: whole tiles of the vector kernel, whole CTA steps (4 warps x 32 cells) of the mma kernel
+    const int64_t tile = pl.mma ? TQ_MMA_WARPS*TQ_MMA_CELLS : TQ_FA_TILE;
     const int64_t ctas = n_head_kv*n_seq*pl.chunks;
-    const int64_t tiles = (n_kv + TQ_FA_TILE - 1) / TQ_FA_TILE;
+    const int64_t tiles = (n_kv + tile - 1) / tile;
     if (n_split <= 0) {
-        // about four CTAs of 256 threads per multiprocessor (two waves at the usual three resident),
-        // each over at least two tiles
-        const int64_t want = (4*(int64_t) std::max(n_sm, 1) + ctas - 1) / ctas;
+        // vector kernel: about four CTAs of 256 threads per multiprocessor (two waves at the usual
+        // three resident), each over at least two tiles; mma kernel: two CTAs of 128 threads per
+        // multiprocessor (one wave; more splits repeat each CTA's set-up and lengthen the combine),
+        // each over two CTA steps at least (results/cuda-gpu.md: 32 splits at 32K cells and GQA 4)
+        const int64_t want = ((pl.mma ? 2 : 4)*(int64_t) std::max(n_sm, 1) + ctas - 1) / ctas;
         n_split = (int) std::max<int64_t>(1, std::min<int64_t>(want, tiles / 2));
     }
     n_split = std::min(n_split, 1024); // the combine kernel's weights fit its shared memory
     const int64_t tiles_per_split = std::max<int64_t>(1, (tiles + n_split - 1) / n_split);
-    pl.split_cells = (int) (tiles_per_split*TQ_FA_TILE);
+    pl.split_cells = (int) (tiles_per_split*tile);
     pl.n_split = (int) std::max<int64_t>(1, (n_kv + pl.split_cells - 1) / pl.split_cells);
     pl.work = pl.n_split > 1 ? sizeof(float)*(size_t) (n_q*n_head*n_seq)*pl.n_split*(a->k.ne[0] + 2) : 0;
     return pl;
@@ -312,13 +330,41 @@ static int tq_fa_copy_unit(const tq_cuda_fattn_args * a) {
     return unit;
 }
 
+template <int D, int KT, int VT>
+static void tq_fa_mma_launch(const tq_fattn_params & p, dim3 grid, cudaStream_t st) {
+    typedef tq_mma_smem<D, KT, VT> L;
+    if (L::size > 48*1024) {
+        cudaFuncSetAttribute(tq_fattn_mma_kernel<D, KT, VT>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::size);
+    }
+    tq_fattn_mma_kernel<D, KT, VT><<<grid, 32*TQ_MMA_WARPS, L::size, st>>>(p, tq_cuda_tables_host());
+}
+
+template <int D, int KT>
+static void tq_fa_mma_launch_v(const tq_fattn_params & p, int v_type, dim3 grid, cudaStream_t st) {
+    switch (v_type) {
+        case TQ_CUDA_TYPE_TQ2: tq_fa_mma_launch<D, KT, TQK_TQ2>(p, grid, st); break;
+        case TQ_CUDA_TYPE_TQ3: tq_fa_mma_launch<D, KT, TQK_TQ3>(p, grid, st); break;
+        default:               tq_fa_mma_launch<D, KT, TQK_TQ4>(p, grid, st); break;
+    }
+}
+
+template <int D>
+static void tq_fa_mma_launch_k(const tq_fattn_params & p, int k_type, int v_type, dim3 grid, cudaStream_t st) {
+    switch (k_type) {
+        case TQ_CUDA_TYPE_TQ2: tq_fa_mma_launch_v<D, TQK_TQ2>(p, v_type, grid, st); break;
+        case TQ_CUDA_TYPE_TQ3: tq_fa_mma_launch_v<D, TQK_TQ3>(p, v_type, grid, st); break;
+        default:               tq_fa_mma_launch_v<D, TQK_TQ4>(p, v_type, grid, st); break;
+    }
+}
+
 int tq_cuda_fattn(const tq_cuda_fattn_args * a, void * work, size_t work_size, int n_sm, int n_split, void * stream) {
     const int64_t D = a->k.ne[0];
     if (!tq_cuda_fattn_supported(a->k_type, a->v_type, a->k.ne[0], a->v.ne[0]) || a->q.ne[0] != D ||
         a->q.nb[0] != sizeof(float) || a->k.ne[2] <= 0 || a->q.ne[2] % a->k.ne[2] != 0 ||
         a->v.ne[2] != a->k.ne[2] || a->v.ne[1] != a->k.ne[1] || a->k.ne[3] != a->q.ne[3] || a->v.ne[3] != a->q.ne[3] ||
         (a->mask.data && (a->mask.ne[0] < a->k.ne[1] || a->mask.ne[1] < a->q.ne[1])) ||
-        (a->exact_cell && !a->k_exact && !a->v_exact)) {
+        (a->exact_cell && !a->k_exact && !a->v_exact) ||
+        (a->kernel == TQ_CUDA_FA_MMA && !tq_cuda_fattn_mma_supported(a->k_type, a->v_type, D))) {
         return (int) cudaErrorInvalidValue;
     }
     const tq_fa_plan pl = tq_fa_make_plan(a, n_sm, n_split);
@@ -357,10 +403,18 @@ int tq_cuda_fattn(const tq_cuda_fattn_args * a, void * work, size_t work_size, i
 
     const dim3 grid((unsigned) (a->k.ne[2]*a->k.ne[3]), (unsigned) pl.chunks, (unsigned) pl.n_split);
     cudaStream_t st = (cudaStream_t) stream;
-    switch (D) {
-        case 64:  tq_fa_launch_k<64>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
-        case 128: tq_fa_launch_k<128>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
-        default:  tq_fa_launch_k<256>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+    if (pl.mma) {
+        if (D == 64) {
+            tq_fa_mma_launch_k<64>(p, a->k_type, a->v_type, grid, st);
+        } else {
+            tq_fa_mma_launch_k<128>(p, a->k_type, a->v_type, grid, st);
+        }
+    } else {
+        switch (D) {
+            case 64:  tq_fa_launch_k<64>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+            case 128: tq_fa_launch_k<128>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+            default:  tq_fa_launch_k<256>(p, a->k_type, a->v_type, pl.nr, grid, st); break;
+        }
     }
     int err = tq_launch_status();
     if (err != 0 || pl.n_split == 1) {

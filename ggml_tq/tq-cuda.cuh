@@ -164,7 +164,7 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
 
     // step 1: s = sum_j (double) x_j^2 in order j = 0..63 (every lane computes the same sum)
     double s = 0.0;
-#pragma unroll 8
+#pragma unroll
     for (int j = 0; j < QK_TQ; ++j) {
         const float v = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? x0 : x1, j & 31);
         s = __dadd_rn(s, __dmul_rn(tq_f2d(v), tq_f2d(v)));
@@ -193,7 +193,7 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
     float sb[15];
     tq_scaled_boundaries<BITS>(t, m, sb);
     double dot = 0.0, cs = 0.0;
-#pragma unroll 4
+#pragma unroll
     for (int j = 0; j < QK_TQ; ++j) {
         const float uj = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? u0 : u1, j & 31);
         const float cv = c[tq_cell_count<BITS>(uj, sb)];
@@ -899,32 +899,36 @@ tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
     }
 }
 
-// rows of float32 rotated (or rotated back) in place, block by block
-__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+// rows of float32 rotated (or rotated back), block by block: src row (i1, i2, i3) to dst row (i1, i2, i3)
+// (in place where src and dst are the same rows)
+static __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_rotate_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
     int64_t b, i1, i2, i3;
     if (!tq_warp_block(p, b, i1, i2, i3)) {
         return;
     }
     const int lane = threadIdx.x & 31;
-    float * x = (float *) (p.dst + i1*p.dnb1) + b*QK_TQ;
+    const float * x = (const float *) (p.src + i1*p.nb1 + i2*p.nb2 + i3*p.nb3) + b*QK_TQ;
     float x0 = x[lane], x1 = x[lane + 32];
     if (p.rotated) {
         tq_unrotate_warp(tab, x0, x1);
     } else {
         tq_rotate_warp(tab, x0, x1);
     }
-    x[lane] = x0;
-    x[lane + 32] = x1;
+    float * y = (float *) (p.dst + i1*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*QK_TQ;
+    y[lane] = x0;
+    y[lane + 32] = x1;
 }
 
 // The prompt path's exact sink: rows decoded to f16 ([D, n_kv, n_head_kv, n_stream]) take, in cell
-// exact_cell[s] of stream s, the exact float32 row (D values of head h at exact + s*nbx1 + h*D)
-// rounded to f16, unless the decoded row holds a NaN (its coded row was a NaN row: NaN travels as
-// in an f16 cache, as on the CPU). One CTA per (head, stream).
-__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+// exact_cell[s] of stream s, the exact float32 row (D values of head h at exact + s*nbx1 + h*D),
+// rotated where the rows were decoded in the rotated domain, rounded to f16, unless the decoded row
+// holds a NaN (its coded row was a NaN row: NaN travels as in an f16 cache, as on the CPU). One CTA
+// per (head, stream); D <= 64 * warps.
+static __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_put_exact_rows_kernel(__half * kv, int64_t D, int64_t n_kv, size_t nb1, size_t nb2, size_t nb3,
-                         const float * exact, size_t nbx1, const int32_t * exact_cell) {
+                         const float * exact, size_t nbx1, const int32_t * exact_cell, bool rotated,
+                         const __grid_constant__ tq_cuda_tables tab) {
     const int64_t h = blockIdx.x, s = blockIdx.y;
     const int32_t c = exact_cell[s];
     if (c < 0 || c >= n_kv) {
@@ -939,7 +943,15 @@ tq_put_exact_rows_kernel(__half * kv, int64_t D, int64_t n_kv, size_t nb1, size_
         return;
     }
     const float * x = (const float *) ((const char *) exact + s*nbx1) + h*D;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-        row[j] = __float2half(x[j]);
+    const int lane = threadIdx.x & 31;
+    for (int64_t b = threadIdx.x / 32; b < D / QK_TQ; b += blockDim.x / 32) {
+        float x0 = x[b*QK_TQ + lane], x1 = x[b*QK_TQ + lane + 32];
+        if (rotated) {
+            tq_rotate_warp(tab, x0, x1);
+        }
+        row[b*QK_TQ + lane] = __float2half(x0);
+        row[b*QK_TQ + lane + 32] = __float2half(x1);
     }
 }
+
+#include "tq-cuda-fattn-mma.cuh"

@@ -59,16 +59,18 @@ int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool 
                      void * dst, int dst_type, const int64_t dst_ne[4], const size_t dst_nb[4],
                      bool rotated, void * stream);
 
-// Rotate f32 rows of 64-value blocks in place (tq_rotate_block) or back (tq_unrotate_block): the
-// prompt path's Q in and output out. n_rows rows of n values, row stride nb1 bytes.
-int tq_cuda_rotate_rows(float * x, int64_t n, int64_t n_rows, size_t nb1, bool inverse, void * stream);
+// Rotate f32 rows of 64-value blocks (tq_rotate_block) or back (tq_unrotate_block): row (i1, i2, i3)
+// of src (ne[0] a multiple of 64, nb[0] = 4) to the same row of dst (strides dst_nb; dst may be src
+// itself, in place). The prompt path's Q in and output out.
+int tq_cuda_rotate_rows(tq_cuda_tensor src, float * dst, const size_t dst_nb[4], bool inverse, void * stream);
 
 // The exact sink for a prompt path that decodes K or V to f16 ([D, n_kv, n_head_kv, n_stream], strides
 // nb) and runs an f16 attention kernel: cell exact_cell[s] of stream s takes the float32 exact row of
-// ggml_flash_attn_ext_add_exact_row (row s at exact + s*exact_nb1, head h at h*D) rounded to f16,
-// unless the decoded row holds a NaN (its coded row was a NaN row), as the CPU kernel does.
+// ggml_flash_attn_ext_add_exact_row (row s at exact + s*exact_nb1, head h at h*D), rotated where the
+// rows were decoded in the rotated domain (rotated), rounded to f16, unless the decoded row holds a
+// NaN (its coded row was a NaN row), as the CPU kernel does. D: 64, 128, 256.
 int tq_cuda_put_exact_rows(void * kv_f16, const int64_t ne[4], const size_t nb[4], const float * exact, size_t exact_nb1,
-                           const int32_t * exact_cell, void * stream);
+                           const int32_t * exact_cell, bool rotated, void * stream);
 
 // Flash attention while decoding (GGML_OP_FLASH_ATTN_EXT with few query rows; any number works,
 // but rows beyond 8 per K/V head re-read the cache). K and V: f16, q8_0, tq2, tq3, tq4 with at least
@@ -87,7 +89,16 @@ typedef struct {
     const int32_t * exact_cell;
     float * dst;           // f32 [D, n_head, n_q, n_seq], contiguous (ggml's permuted FA output)
     float scale, max_bias, softcap;
+    int kernel;            // TQ_CUDA_FA_AUTO (0); the others force one kernel (checks and timings)
 } tq_cuda_fattn_args;
+
+// Decoding attention has two kernels: TQ keys with TQ values at head sizes 64 and 128 run their
+// products on tensor cores; the other pairs (f16 or q8_0 on one side, head size 256) run on CUDA
+// cores in float32.
+#define TQ_CUDA_FA_AUTO   0
+#define TQ_CUDA_FA_VECTOR 1
+#define TQ_CUDA_FA_MMA    2
+bool   tq_cuda_fattn_mma_supported(int k_type, int v_type, int64_t d);
 
 bool   tq_cuda_fattn_supported(int k_type, int v_type, int64_t dk, int64_t dv);
 // Scratch for the split-KV partial results; n_sm: the device's multiprocessor count.

@@ -3,9 +3,11 @@
 // ggml_cuda_tq_op() of every op and routes those to ggml_cuda_tq_supports_op/_compute_forward.
 //
 // Flash attention takes two paths. Decoding (few query rows per K/V head) runs tq_cuda_fattn, which
-// reads each coded cell once. A prompt (many query rows) decodes the TQ side(s) to f16, puts the
-// exact sink rows in, and runs ggml-cuda's own f16 flash attention (the tensor-core kernels): its
-// cost is one pass over the cache per ubatch, small beside the products of hundreds of rows.
+// reads each coded cell once. A prompt (many query rows) decodes the TQ side(s) to f16 in the rotated
+// domain (d * C[idx]: no inverse rotation per cached row), puts the exact sink rows in (rotated),
+// and runs ggml-cuda's own f16 flash attention (the tensor-core kernels) on Q rotated in (TQ keys)
+// and rotates its output back (TQ values): rotations cost one pass over the ubatch's rows, the
+// cache is read once per ubatch, small beside the products of hundreds of rows.
 #include "tq-ggml-cuda.cuh"
 
 #include "convert.cuh"
@@ -73,12 +75,21 @@ static bool tq_fa_decodes(const ggml_tensor * dst) {
     return Q->ne[1] * (Q->ne[2] / K->ne[2]) <= TQ_CUDA_DECODE_MAX_ROWS;
 }
 
-// dst as the prompt path hands it to ggml-cuda: K and V replaced by f16 tensors (data set later),
-// no exact rows
+// dst as the prompt path hands it to ggml-cuda: K and V replaced by f16 tensors, Q by a contiguous
+// f32 copy where the keys are TQ (data set later), no exact rows
 struct tq_fa_f16_op {
-    ggml_tensor op, k, v;
+    ggml_tensor op, q, k, v;
 
-    explicit tq_fa_f16_op(const ggml_tensor * dst) : op(*dst), k(*dst->src[1]), v(*dst->src[2]) {
+    explicit tq_fa_f16_op(const ggml_tensor * dst) : op(*dst), q(*dst->src[0]), k(*dst->src[1]), v(*dst->src[2]) {
+        if (tq_cuda_kv(k.type)) {
+            q.nb[0] = sizeof(float);
+            for (int i = 1; i < GGML_MAX_DIMS; ++i) {
+                q.nb[i] = q.nb[i - 1]*q.ne[i - 1];
+            }
+            q.view_src = nullptr;
+            q.view_offs = 0;
+            op.src[0] = &q;
+        }
         for (ggml_tensor * t : { &k, &v }) {
             if (t->type != GGML_TYPE_F16) {
                 t->type  = GGML_TYPE_F16;
@@ -161,7 +172,8 @@ static void tq_fa_decode(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     CUDA_CHECK((cudaError_t) tq_cuda_fattn(&a, work.get(), work_size, n_sm, 0, ctx.stream()));
 }
 
-// one side of the prompt path: the cache's rows in f16 (TQ decoded, exact rows put in; q8_0 converted)
+// one side of the prompt path: the cache's rows in f16 (TQ decoded in the rotated domain, exact rows
+// rotated and put in; q8_0 converted)
 static void tq_fa_side_to_f16(ggml_backend_cuda_context & ctx, const ggml_tensor * src, ggml_tensor * f16,
                               ggml_cuda_pool_alloc<half> & buf, const ggml_tensor * exact, const ggml_tensor * cell) {
     if (src->type == GGML_TYPE_F16) {
@@ -172,10 +184,10 @@ static void tq_fa_side_to_f16(ggml_backend_cuda_context & ctx, const ggml_tensor
     if (tq_cuda_kv(src->type)) {
         const tq_cuda_tensor no_idx = {};
         CUDA_CHECK((cudaError_t) tq_cuda_get_rows((int) src->type, tq_cuda_tensor_of(src), no_idx, false, f16->data,
-                                                  TQ_CUDA_TYPE_F16, f16->ne, f16->nb, false, ctx.stream()));
+                                                  TQ_CUDA_TYPE_F16, f16->ne, f16->nb, true, ctx.stream()));
         if (exact && cell) {
             CUDA_CHECK((cudaError_t) tq_cuda_put_exact_rows(f16->data, f16->ne, f16->nb, (const float *) exact->data,
-                                                            exact->nb[1], (const int32_t *) cell->data, ctx.stream()));
+                                                            exact->nb[1], (const int32_t *) cell->data, true, ctx.stream()));
         }
     } else {
         const size_t ts = ggml_type_size(src->type);
@@ -188,9 +200,18 @@ static void tq_fa_side_to_f16(ggml_backend_cuda_context & ctx, const ggml_tensor
 static void tq_fa_prompt(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     tq_fa_f16_op f16(dst);
     ggml_cuda_pool_alloc<half> k_buf(ctx.pool()), v_buf(ctx.pool());
+    ggml_cuda_pool_alloc<float> q_buf(ctx.pool());
     tq_fa_side_to_f16(ctx, dst->src[1], &f16.k, k_buf, dst->src[5], dst->src[7]);
     tq_fa_side_to_f16(ctx, dst->src[2], &f16.v, v_buf, dst->src[6], dst->src[7]);
+    if (f16.op.src[0] == &f16.q) {   // TQ keys: Q into the keys' rotated domain
+        q_buf.alloc(ggml_nelements(&f16.q));
+        f16.q.data = q_buf.get();
+        CUDA_CHECK((cudaError_t) tq_cuda_rotate_rows(tq_cuda_tensor_of(dst->src[0]), q_buf.get(), f16.q.nb, false, ctx.stream()));
+    }
     ggml_cuda_flash_attn_ext(ctx, &f16.op);
+    if (tq_cuda_kv(dst->src[2]->type)) {   // TQ values: the output back from their rotated domain
+        CUDA_CHECK((cudaError_t) tq_cuda_rotate_rows(tq_cuda_tensor_of(dst), (float *) dst->data, dst->nb, true, ctx.stream()));
+    }
 }
 
 // --- routing ----------------------------------------------------------------------------------------

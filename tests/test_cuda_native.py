@@ -72,6 +72,7 @@ def test_kernels_compile_without_local_memory_arrays(built: Path) -> None:
     ptxas = (built / "ptxas.txt").read_text()
     entries = re.findall(r"Compiling entry function '(\w+)'", ptxas)
     assert sum("tq_fattn_vec_kernel" in e for e in entries) >= 3 * 22 * 4, "attention instances missing"
+    assert sum("tq_fattn_mma_kernel" in e for e in entries) == 2 * 9, "tensor-core attention instances missing"
     assert any("tq_set_rows_kernel" in e for e in entries) and any("tq_get_rows_kernel" in e for e in entries)
     frames = [int(x) for x in re.findall(r"(\d+) bytes stack frame", ptxas)]
     assert frames and max(frames) <= 128, f"a kernel has a {max(frames)}-byte stack frame"
@@ -106,6 +107,8 @@ def test_ggml_cuda_routing_kernels_compile_for_every_user_arch(tmp_path: Path) -
     src = tmp_path / "inst.cu"
     src.write_text('#include "tq-cuda.cuh"\n'
                    "template __global__ void tq_fattn_vec_kernel<128, TQK_TQ3, TQK_TQ2, 4>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
+                   "template __global__ void tq_fattn_mma_kernel<128, TQK_TQ3, TQK_TQ2>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
+                   "template __global__ void tq_fattn_mma_kernel<64, TQK_TQ4, TQK_TQ4>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
                    "template __global__ void tq_fattn_combine_kernel<128, true>(const tq_fattn_params, const __grid_constant__ tq_cuda_tables);\n"
                    "template __global__ void tq_set_rows_kernel<3, float, int64_t>(const tq_rows_params, const __grid_constant__ tq_cuda_tables);\n"
                    "template __global__ void tq_get_rows_kernel<2, __half, int32_t>(const tq_rows_params, const __grid_constant__ tq_cuda_tables);\n")

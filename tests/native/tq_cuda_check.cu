@@ -19,6 +19,7 @@
 #include "tq.h"
 #include "ggml-impl.h"
 #include "tq-cuda.h"
+#include "tq-cuda.cuh"   // the tensor-core kernel's fragment decoders, checked one by one below
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -306,7 +307,8 @@ static void check_rows(int64_t n_rows) {
                 if (inv) tq_unrotate_block(&want[b*64]); else tq_rotate_block(&want[b*64]);
             }
             CK(cudaMemcpy(d_y, y.data(), n*N*4, cudaMemcpyHostToDevice));
-            CKI(tq_cuda_rotate_rows(d_y, N, n, N*4, inv != 0, nullptr));
+            const size_t ynb[4] = { 4, (size_t) N*4, (size_t) N*4*n, (size_t) N*4*n };
+            CKI(tq_cuda_rotate_rows(tensor(d_y, N, n, 1, 1, 4, N*4, N*4*n, N*4*n), d_y, ynb, inv != 0, nullptr));
             CK(cudaMemcpy(got.data(), d_y, n*N*4, cudaMemcpyDeviceToHost));
             int64_t n_bad = 0;
             for (int64_t i = 0; i < n*N; ++i) n_bad += !same_float(want[i], got[i]);
@@ -349,19 +351,105 @@ static void decode_any(int t, const uint8_t * y, float * x, int64_t n) {
     }
 }
 
+// --- 2b: the tensor-core kernel's fragment decoders ---------------------------------------------------
+//
+// Each lane of a warp decodes its part of a block as mma fragments (tq-cuda-fattn-mma.cuh): the K
+// fragments (16 dims of one cell) and the V fragments (8 dims of two cells). Put back at the dims
+// tq_mma_k_dim / tq_mma_v_dim name, they must be the f16 centroids of the block's indices, for
+// blocks whose bit planes start 4-byte aligned and not.
+
+template <int BITS, bool ALIGNED>
+__global__ void frag_decode_kernel(const uint8_t * blk_a, const uint8_t * blk_b, const tq_cuda_tables tab,
+                                   uint16_t * k_out, uint16_t * va_out, uint16_t * vb_out) {
+    const int lane = threadIdx.x, g = lane >> 2, c = lane & 3;
+    const tq_h16_lut<BITS> u = tq_make_h16_lut<BITS>(tab);
+    uint32_t r[8];
+    tq_mma_k_frag<BITS, ALIGNED>(u, blk_a, c, r);
+    if (g == 0) {
+        for (int i = 0; i < 8; ++i) {
+            k_out[tq_mma_k_dim<BITS>(i, c, 0)] = (uint16_t) (r[i] & 0xffff);
+            k_out[tq_mma_k_dim<BITS>(i, c, 1)] = (uint16_t) (r[i] >> 16);
+        }
+    }
+    tq_mma_v_frag<BITS>(u, blk_a, blk_b, g, r);
+    if (c == 0) {
+        for (int t = 0; t < 8; ++t) {
+            va_out[tq_mma_v_dim(t, g)] = (uint16_t) (r[t] & 0xffff);
+            vb_out[tq_mma_v_dim(t, g)] = (uint16_t) (r[t] >> 16);
+        }
+    }
+}
+
+static void check_fragments() {
+    tq_cuda_tables tab;
+    memset(&tab, 0, sizeof(tab));
+    memcpy(tab.c[0], tq_centroids_2, sizeof(tq_centroids_2));
+    memcpy(tab.c[1], tq_centroids_3, sizeof(tq_centroids_3));
+    memcpy(tab.c[2], tq_centroids_4, sizeof(tq_centroids_4));
+    uint8_t * d_blk; uint16_t * d_out;
+    CK(cudaMalloc(&d_blk, 256)); CK(cudaMalloc(&d_out, 3*64*2));
+    int bad = 0, n = 0;
+    std::vector<float> x(64), want(64);
+    for (int t : TQ_TYPES) {
+        const size_t bb = row_bytes(t, 64);
+        for (int trial = 0; trial < 64; ++trial) {
+            uint8_t blk[2][64];
+            for (int k = 0; k < 2; ++k) {
+                for (float & v : x) v = (float) gauss();
+                quantize_any(t, x.data(), blk[k], 64);
+                blk[k][0] = 0x00; blk[k][1] = 0x3C;   // d = 1: the reference decodes to the centroids
+            }
+            for (int aligned = 0; aligned < 2; ++aligned) {
+                // block at offset 0 (bit planes at 2 mod 4) or 2 (at 0 mod 4) of a 4-byte aligned buffer
+                const int off = aligned ? 2 : 0;
+                CK(cudaMemcpy(d_blk + off, blk[0], bb, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(d_blk + 128 + off, blk[1], bb, cudaMemcpyHostToDevice));
+                const uint8_t * a = d_blk + off, * b = d_blk + 128 + off;
+                uint16_t * ko = d_out, * vao = d_out + 64, * vbo = d_out + 128;
+#define FRAG(B) (aligned ? frag_decode_kernel<B, true><<<1, 32>>>(a, b, tab, ko, vao, vbo) : frag_decode_kernel<B, false><<<1, 32>>>(a, b, tab, ko, vao, vbo))
+                if (t == TQ_CUDA_TYPE_TQ2) FRAG(2); else if (t == TQ_CUDA_TYPE_TQ3) FRAG(3); else FRAG(4);
+#undef FRAG
+                CK(cudaGetLastError());
+                uint16_t got[3][64];
+                CK(cudaMemcpy(got, d_out, sizeof(got), cudaMemcpyDeviceToHost));
+                for (int side = 0; side < 3; ++side) {
+                    tq_dequantize_row_rotated_ref((enum ggml_type) t, blk[side == 2 ? 1 : 0], want.data(), 64);
+                    for (int j = 0; j < 64; ++j) {
+                        ++n;
+                        if (got[side][j] != GGML_FP32_TO_FP16(want[j])) {
+                            if (++bad <= 5) printf("  fragment %s %s side %d dim %d: %04x, want %04x\n", tname(t), aligned ? "aligned" : "unaligned",
+                                                   side, j, got[side][j], GGML_FP32_TO_FP16(want[j]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    CK(cudaFree(d_blk)); CK(cudaFree(d_out));
+    check(bad == 0, "tensor-core fragment decoders: %d of %d values differ from the f16 centroids", bad, n);
+    printf("fragments: %d values, %d differ\n", n, bad);
+}
+
 struct fa_case {
     int kt, vt, D, n_q, n_head, n_head_kv, n_kv, n_seq;
     int mask;          // 0 none, 1 causal with holes, 2 causal + finite values (ALiBi distances), 3 per-seq masks
     float max_bias, softcap;
     bool sinks, exact, nan_row;
     int n_split;       // 0: the library's choice
+    int kernel = TQ_CUDA_FA_AUTO;   // TQ_CUDA_FA_VECTOR forces the float32 kernel on a TQ pair
 };
+
+// whether a case runs the tensor-core kernel (f16 centroids, f16 hi + lo queries and weights)
+static bool fa_case_mma(const fa_case & c) {
+    return c.kernel != TQ_CUDA_FA_VECTOR && tq_cuda_fattn_mma_supported(c.kt, c.vt, c.D);
+}
 
 static std::string case_name(const fa_case & c) {
     char b[256];
     snprintf(b, sizeof(b), "%s/%s D%d q%d h%d/%d kv%d s%d mask%d%s%s%s%s%s split%d", tname(c.kt), tname(c.vt), c.D, c.n_q,
              c.n_head, c.n_head_kv, c.n_kv, c.n_seq, c.mask, c.max_bias > 0 ? " alibi" : "", c.softcap > 0 ? " softcap" : "",
              c.sinks ? " sinks" : "", c.exact ? " exact" : "", c.nan_row ? " nanrow" : "", c.n_split);
+    if (c.kernel == TQ_CUDA_FA_VECTOR) return std::string(b) + " vector";
     return b;
 }
 
@@ -445,6 +533,7 @@ static void check_fa(const fa_case & c, int n_sm) {
         a.exact_cell = d_cell;
     }
     a.dst = d_dst; a.scale = scale; a.max_bias = c.max_bias; a.softcap = c.softcap;
+    a.kernel = c.kernel;
     size_t ws = 0;
     {
         // the work size for a forced split: plan with the same n_split (the library sizes it from n_sm otherwise)
@@ -464,6 +553,11 @@ static void check_fa(const fa_case & c, int n_sm) {
     const float m0 = powf(2.0f, -(c.max_bias) / n_head_log2), m1 = powf(2.0f, -(c.max_bias / 2.0f) / n_head_log2);
     const bool k_tq = tq_cuda_is_type(c.kt), v_tq = tq_cuda_is_type(c.vt);
     const float eps = FLT_EPSILON / 2;
+    // the tensor-core kernel rounds the centroids to f16 (unit roundoff 2^-11) on both sides; its
+    // queries and weights are f16 hi + lo pairs (2^-22)
+    const bool mma = fa_case_mma(c);
+    const double eps_c = mma ? 0x1p-11 + 0x1p-22 : 0.0;
+    std::vector<double> row_tol((size_t) c.n_seq*c.n_head*c.n_q, 0.0);
     double worst = 0.0, worst_cpu = 0.0;
     int bad_rows = 0, bad_cpu = 0, nan_mismatch = 0;
     std::vector<double> s(c.n_kv), o(D);
@@ -512,8 +606,9 @@ static void check_fa(const fa_case & c, int n_sm) {
                 // bound: each score within eps*D*sum|q k|*scale (float32 dot products; the soft-cap's
                 // tanh shrinks it), the weights move by twice that relatively; the value sums in float32
                 // over the tiles, splits and the rotation back add (log2(n_kv) + 64 + 16) eps of max|v|
-                const double es = eps*(D + 4)*sabs + 4*eps*(fabs(mx) + 1.0);
-                const double tol = vmax*(2.0*es + (log2((double) c.n_kv) + 80.0)*eps) + 1e-30;
+                const double es = (eps*(D + 4) + eps_c)*sabs + 4*eps*(fabs(mx) + 1.0);
+                const double tol = vmax*(2.0*es + eps_c + (log2((double) c.n_kv) + 80.0)*eps) + 1e-30;
+                row_tol[((size_t) sq*c.n_head + h)*c.n_q + iq] = tol;
                 bool ref_nan = false, got_nan = false;
                 double err = 0.0;
                 for (int j = 0; j < D; ++j) {
@@ -571,7 +666,9 @@ static void check_fa(const fa_case & c, int n_sm) {
                 }
                 // the CPU's row path skips a NaN score where a row sees nothing else in a tile: NaN rows are compared with the reference only
                 if (cn || gn) continue;
-                const double rel = err / vmax;
+                // the float32 kernel is within 2e-4 of max|out| of the CPU path; the tensor-core one
+                // within its bound against the float64 reference on top of that
+                const double rel = err / (vmax + (mma ? row_tol[((size_t) sq*c.n_head + h)*c.n_q + iq]/2e-4 : 0.0));
                 worst_cpu = std::max(worst_cpu, rel);
                 if (!(rel <= 2e-4)) {
                     if (++bad_cpu <= 3) printf("  %s: CPU path, seq %d head %d q %d: max err %.3g of max |out| %.3g\n", case_name(c).c_str(), sq, h, iq, err, vmax);
@@ -622,6 +719,12 @@ static void check_attention(int n_sm, bool quick) {
         cases.push_back({ pr[0], pr[1], 128, 1, 4, 1, 33000, 1, 1, 0.0f, 0.0f, true, true, false, 0 });   // long
     }
     cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, 128, 12, 8, 2, 300, 1, 1, 0.0f, 0.0f, false, true, false, 0 }); // > 8 rows a head
+    cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, 128, 33, 8, 1, 700, 1, 1, 0.0f, 0.0f, false, true, false, 0 }); // 264 rows, 33 CTAs a head
+    // the float32 kernel on TQ pairs (the tensor-core kernel takes them at head sizes 64 and 128)
+    for (int D : { 64, 128 }) {
+        cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, D, 2, 8, 2, 1000, 2, 3, 0.0f, 0.0f, true, true, true, 0, TQ_CUDA_FA_VECTOR });
+        cases.push_back({ TQ_CUDA_TYPE_TQ4, TQ_CUDA_TYPE_TQ4, D, 1, 8, 2, 700, 1, 1, 0.0f, 30.0f, false, true, false, 0, TQ_CUDA_FA_VECTOR });
+    }
     cases.push_back({ TQ_CUDA_TYPE_TQ2, TQ_CUDA_TYPE_TQ3, 64, 1, 2, 2, 5, 1, 1, 0.0f, 0.0f, false, true, false, 0 });     // fewer cells than a tile
     cases.push_back({ TQ_CUDA_TYPE_Q8_0, TQ_CUDA_TYPE_TQ4, 256, 3, 6, 2, 900, 2, 2, 4.0f, 0.0f, true, true, true, 3 });
     printf("attention: %zu cases\n", cases.size());
@@ -701,7 +804,7 @@ static void time_attention(int n_sm, double copy_bw) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
 
-    for (int n_kv : { 4096, 32768, 65536 }) {
+    for (int n_kv : { 256, 1024, 4096, 32768, 65536 }) {
         for (int n_q : { 1, 4 }) {
             if (n_q > 1 && n_kv != 32768) continue;
             float f16_us = 0.0f;
@@ -747,8 +850,12 @@ static void time_attention(int n_sm, double copy_bw) {
                     a.k_exact = d_xk; a.k_exact_nb1 = 4*D*n_head_kv; a.v_exact = d_xv; a.v_exact_nb1 = 4*D*n_head_kv; a.exact_cell = d_cell;
                 }
                 a.dst = d_dst; a.scale = 0.088f;
-                const std::vector<int> splits = n_kv == 65536 && n_q == 1 ? std::vector<int>{ 0, 32, 64, 128, 256 } : std::vector<int>{ 0 };
+                const std::vector<int> splits = n_kv >= 32768 && n_q == 1 ? std::vector<int>{ 0, 16, 32, 64, 128 } : std::vector<int>{ 0 };
+                const bool has_mma = tq_cuda_fattn_mma_supported(kt, vt, D);
+                for (int kern = 0; kern < (has_mma ? 2 : 1); ++kern)
                 for (int ns : splits) {
+                    a.kernel = kern ? TQ_CUDA_FA_VECTOR : TQ_CUDA_FA_AUTO;
+                    if (kern && ns) continue;
                     a.k = tensor(ks[0], D, n_kv, n_head_kv, 1, 0, kr*n_head_kv, kr, kr*n_head_kv*n_kv);
                     a.v = tensor(vs[0], D, n_kv, n_head_kv, 1, 0, vr*n_head_kv, vr, vr*n_head_kv*n_kv);
                     size_t ws = sizeof(float)*n_q*n_head*(size_t) 1024*(D + 2);
@@ -778,7 +885,8 @@ static void time_attention(int n_sm, double copy_bw) {
                     const float us = median(ts);
                     if (kt == TQ_CUDA_TYPE_F16 && ns == 0) f16_us = us;
                     const double gbs = (kbytes + vbytes) / (us*1e-6) * 1e-9;
-                    printf("| %s/%s | %d | %d | %d%s | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", tname(kt), tname(vt), n_q, n_kv, used_split,
+                    printf("| %s/%s%s | %d | %d | %d%s | %.1f | %.1f | %.0f | %.0f%% | %.2fx |\n", tname(kt), tname(vt),
+                           has_mma ? (kern ? " vector" : " mma") : "", n_q, n_kv, used_split,
                            ns ? " (forced)" : "", us, (kbytes + vbytes)*1e-6, gbs, 100.0*gbs*1e9/copy_bw, f16_us > 0 ? f16_us/us : 0.0);
                     CK(cudaFree(d_work));
                 }
@@ -841,6 +949,7 @@ int main(int argc, char ** argv) {
     printf("device: %s, %d SMs, L2 %d MB\n", prop.name, n_sm, prop.l2CacheSize >> 20);
 
     check_rows(quick ? std::min<int64_t>(rows, 16384) : rows);
+    check_fragments();
     check_attention(n_sm, quick);
     if (timing) {
         const double bw = copy_bandwidth();

@@ -1,0 +1,554 @@
+// Decoding attention over a TQ/TQ cache on tensor cores (included by tq-cuda.cuh).
+//
+// Why: decoding reads 3-5x fewer bytes from a TQ cache than from f16, so its attention can only be
+// faster than f16's if the products cost less than the bytes take to arrive. On CUDA cores (the
+// vector kernel in tq-cuda.cuh) every value costs a centroid lookup and one FMA per query row, and
+// the kernel is bound by instructions at a few percent of the memory bandwidth. Here the products
+// run on tensor cores (mma.sync m16n8k16, f16 inputs, f32 sums) and a value costs only its decode:
+// the f16 centroids of its index, picked from registers by byte permutes (prmt), no memory lookup.
+//
+// Layout (flash-attention 2 style, one warp = one stream of 32-cell steps with its own softmax):
+//   scores  S[row][cell] = Q[row] . K[cell]:  A = Q (16 rows: rows 0-7 the f16 high parts of up to
+//           8 query rows, rows 8-15 their low parts, so q ~ hi + lo to 2^-22), B = K^T (the f16
+//           centroids of a cell's indices), one n-tile = 8 cells. The block norm d_k multiplies
+//           the block's sum afterwards (f32).
+//   output  O[row][dim] += P[row][cell] V[cell][dim]: A = P*d_v (hi rows 0-7, lo rows 8-15, from
+//           the score fragments of the same lanes: no shuffle), B = V (f16 centroids), one n-tile =
+//           8 dims. hi + lo of each row are added at the end.
+// The dims inside a 64-block are taken in the order that the bit planes give them to a lane
+// (tq_mma_k_dim / tq_mma_v_dim); the queries are laid out in the same order, the output put back.
+//
+// Arithmetic against the float32 kernels: the centroids are rounded to f16 (relative 2^-12, far
+// below the 3-bit code's own error), queries and P*d_v to hi + lo f16 parts (2^-22); sums in f32.
+// NaN rows and masks behave as in the vector kernel: a masked cell adds exactly 0 (never 0 * NaN).
+#pragma once
+
+#define TQ_MMA_WARPS 4
+#define TQ_MMA_CELLS 32    // cells per warp step
+#define TQ_MMA_ROWS  8     // query rows per CTA
+
+static __device__ __forceinline__ uint32_t tq_prmt(uint32_t a, uint32_t b, uint32_t s) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+    return r;
+}
+
+static __device__ __forceinline__ void tq_mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    // not volatile: the compiler may interleave independent products with the decoding around them
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// f16 hi + lo parts of x, x ~ hi + lo
+static __device__ __forceinline__ void tq_split_f16(float x, __half & hi, __half & lo) {
+    hi = __float2half_rn(x);
+    lo = __float2half_rn(x - __half2float(hi));
+}
+
+static __device__ __forceinline__ uint32_t tq_h2u(__half a, __half b) {
+    return (uint32_t) __half_as_ushort(a) | ((uint32_t) __half_as_ushort(b) << 16);
+}
+
+// The low and high bytes of the type's f16 centroids, four to a register: prmt picks four of
+// eight bytes by the four index nibbles of a selector.
+template <int BITS>
+struct tq_h16_lut {
+    uint32_t l[BITS == 4 ? 4 : 2], h[BITS == 4 ? 4 : 2];
+};
+
+template <int BITS>
+static __device__ __forceinline__ tq_h16_lut<BITS> tq_make_h16_lut(const tq_cuda_tables & t) {
+    tq_h16_lut<BITS> u;
+    constexpr int N = 1 << BITS, W = BITS == 4 ? 4 : 2;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        u.l[w] = 0;
+        u.h[w] = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int i = 4*w + k;
+            const uint16_t c = i < N ? __half_as_ushort(__float2half_rn(t.c[BITS - 2][i])) : 0;
+            u.l[w] |= (uint32_t) (c & 0xff) << (8*k);
+            u.h[w] |= (uint32_t) (c >> 8) << (8*k);
+        }
+    }
+    return u;
+}
+
+// lo/hi bytes of the centroids of the four indices in the low 16 bits of sel (nibble k: index k)
+template <int BITS>
+static __device__ __forceinline__ void tq_lut_bytes(const tq_h16_lut<BITS> & u, uint32_t sel, uint32_t & lo, uint32_t & hi) {
+    if constexpr (BITS < 4) {
+        lo = tq_prmt(u.l[0], u.l[1], sel);
+        hi = tq_prmt(u.h[0], u.h[1], sel);
+    } else {
+        // a nibble with bit 3 set would mean sign replication to prmt: look up 0-7 and 8-15, then pick
+        const uint32_t s7 = sel & 0x7777u;
+        const uint32_t m = tq_prmt(0u, 0xffffffffu, (sel & 0x8888u) >> 1);
+        lo = (tq_prmt(u.l[2], u.l[3], s7) & m) | (tq_prmt(u.l[0], u.l[1], s7) & ~m);
+        hi = (tq_prmt(u.h[2], u.h[3], s7) & m) | (tq_prmt(u.h[0], u.h[1], s7) & ~m);
+    }
+}
+
+// four centroids as two half2: K pairs indices (0, 1) and (2, 3), V pairs (0, 2) and (1, 3)
+template <int BITS, bool KPAIR>
+static __device__ __forceinline__ void tq_lut4(const tq_h16_lut<BITS> & u, uint32_t sel, uint32_t & r0, uint32_t & r1) {
+    uint32_t lo, hi;
+    tq_lut_bytes<BITS>(u, sel, lo, hi);
+    r0 = tq_prmt(lo, hi, KPAIR ? 0x5140u : 0x6240u);
+    r1 = tq_prmt(lo, hi, KPAIR ? 0x7362u : 0x7351u);
+}
+
+// eight index nibbles of a word of 2-bit fields (+ high bits of 3-bit indices) -> 8 half2
+template <int BITS, bool KPAIR>
+static __device__ __forceinline__ void tq_decode_planes(const tq_h16_lut<BITS> & u, uint32_t w, uint32_t hw, uint32_t r[8]) {
+    uint32_t even = w & 0x33333333u, odd = (w >> 2) & 0x33333333u;
+    if (BITS == 3) {
+        even |= (hw << 2) & 0x44444444u;
+        odd  |= hw & 0x44444444u;
+    }
+    tq_lut4<BITS, KPAIR>(u, even, r[0], r[1]);
+    tq_lut4<BITS, KPAIR>(u, even >> 16, r[2], r[3]);
+    tq_lut4<BITS, KPAIR>(u, odd, r[4], r[5]);
+    tq_lut4<BITS, KPAIR>(u, odd >> 16, r[6], r[7]);
+}
+
+// 4 bytes at a 2-byte aligned shared-memory address (ALIGNED: 4-byte aligned)
+template <bool ALIGNED>
+static __device__ __forceinline__ uint32_t tq_lds32(const uint8_t * p) {
+    if (ALIGNED) {
+        return *(const uint32_t *) p;
+    }
+    return (uint32_t) *(const uint16_t *) p | ((uint32_t) *(const uint16_t *) (p + 2) << 16);
+}
+
+// Which dim of a 64-block register r (0-7), half e of a K lane with c = lane % 4 holds; which dim
+// n-tile r of a block covers at slot n (V).
+template <int BITS>
+static __host__ __device__ constexpr int tq_mma_k_dim(int r, int c, int e) {
+    return BITS == 4 ? 8*c + r + 32*e : 4*c + (r & 3) + 16*(r >> 2) + 32*e;
+}
+static __host__ __device__ constexpr int tq_mma_v_dim(int r, int n) {
+    return n + 8*(r >> 1) + 32*(r & 1);
+}
+
+// B fragments of the score product for block `blk` (its bytes in shared memory) of one cell:
+// k-step s of the block takes r[2s] (k = 2c, 2c+1) and r[2s + 1] (k = 2c+8, 2c+9)
+template <int BITS, bool ALIGNED>
+static __device__ __forceinline__ void tq_mma_k_frag(const tq_h16_lut<BITS> & u, const uint8_t * blk, int c, uint32_t r[8]) {
+    if constexpr (BITS == 4) {
+        const uint32_t w0 = tq_lds32<ALIGNED>(blk + 2 + 8*c), w1 = tq_lds32<ALIGNED>(blk + 6 + 8*c);
+        tq_lut4<4, true>(u, w0, r[0], r[1]);
+        tq_lut4<4, true>(u, w0 >> 16, r[2], r[3]);
+        tq_lut4<4, true>(u, w1, r[4], r[5]);
+        tq_lut4<4, true>(u, w1 >> 16, r[6], r[7]);
+    } else {
+        const uint32_t w = tq_lds32<ALIGNED>(blk + 2 + 4*c);
+        const uint32_t hw = BITS == 3 ? tq_lds32<ALIGNED>(blk + 18 + 4*(c & 1)) >> (c >> 1) : 0u;
+        tq_decode_planes<BITS, true>(u, w, hw, r);
+    }
+}
+
+// B fragments of the value product for block offset `bo` of the cells x0, x1 (k = 2c, 2c+1: r0)
+// and x2, x3 (k = 2c+8, 2c+9: r1); n-tile t of the block takes r0[t], r1[t]
+template <int BITS>
+static __device__ __forceinline__ void tq_mma_v_words(const uint8_t * a, const uint8_t * b, int g, uint32_t & w, uint32_t & w2, uint32_t & hw) {
+    if (BITS == 4) {
+        w  = (uint32_t) a[2 + g]      | (uint32_t) b[2 + g] << 8      | (uint32_t) a[2 + g + 8] << 16  | (uint32_t) b[2 + g + 8] << 24;
+        w2 = (uint32_t) a[2 + g + 16] | (uint32_t) b[2 + g + 16] << 8 | (uint32_t) a[2 + g + 24] << 16 | (uint32_t) b[2 + g + 24] << 24;
+        hw = 0;
+    } else {
+        w  = (uint32_t) a[2 + g] | (uint32_t) b[2 + g] << 8 | (uint32_t) a[2 + g + 8] << 16 | (uint32_t) b[2 + g + 8] << 24;
+        w2 = 0;
+        if (BITS == 3) {
+            const uint32_t x = (uint32_t) a[18 + g] | (uint32_t) b[18 + g] << 8;
+            hw = x | (x << 15);
+        } else {
+            hw = 0;
+        }
+    }
+}
+
+template <int BITS>
+static __device__ __forceinline__ void tq_mma_v_frag(const tq_h16_lut<BITS> & u, const uint8_t * a, const uint8_t * b, int g, uint32_t r[8]) {
+    uint32_t w, w2, hw;
+    tq_mma_v_words<BITS>(a, b, g, w, w2, hw);
+    if constexpr (BITS == 4) {
+        tq_lut4<4, false>(u, w, r[0], r[1]);
+        tq_lut4<4, false>(u, w >> 16, r[2], r[3]);
+        tq_lut4<4, false>(u, w2, r[4], r[5]);
+        tq_lut4<4, false>(u, w2 >> 16, r[6], r[7]);
+    } else {
+        tq_decode_planes<BITS, false>(u, w, hw, r);
+    }
+}
+
+template <int D, int KT, int VT>
+struct tq_mma_smem {
+    static constexpr int SK = 4*(((tq_row_bytes<KT, D>() + 3) / 4) | 1);   // odd word strides
+    static constexpr int SV = 4*(((tq_row_bytes<VT, D>() + 3) / 4) | 1);
+    static constexpr int warp_tiles = 2*TQ_MMA_CELLS*(SK + SV);            // double buffer
+    static constexpr int off_qf    = 0;                                      // uint4 [D/16][32] Q fragments
+    static constexpr int off_q     = a16(off_qf + 16*(D/16)*32);            // float [8][D] queries, then combine
+    static constexpr int off_x     = a16(off_q + 4*TQ_MMA_ROWS*D);          // float [2][D] exact rows (rotated)
+    static constexpr int off_row   = a16(off_x + 4*2*D);                    // float xs, slope, qscale [8]
+    static constexpr int off_tiles = a16(off_row + 4*3*TQ_MMA_ROWS);
+    static constexpr int combine   = 4*TQ_MMA_WARPS*TQ_MMA_ROWS*(D + 3);    // O, M, S, pe per warp
+    static constexpr int size      = a16(off_tiles + (TQ_MMA_WARPS*warp_tiles > combine ? TQ_MMA_WARPS*warp_tiles : combine));
+};
+
+// n rows (< TQ_MMA_CELLS) of row_bytes from g (stride gstride) to smem (stride sstride) by one warp
+template <int UNIT>
+static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sstride, const char * g, size_t gstride,
+                                                         int row_bytes, int n) {
+    const int lane = threadIdx.x & 31, units = row_bytes / UNIT;
+    for (int w = lane; w < units*n; w += 32) {
+        const int r = w / units, c = w - r*units;
+        if (UNIT == 2) {
+            *(uint16_t *) (smem + r*sstride + c*UNIT) = *(const uint16_t *) (g + r*gstride + c*UNIT);
+        } else {
+            __pipeline_memcpy_async(smem + r*sstride + c*UNIT, g + r*gstride + c*UNIT, UNIT);
+        }
+    }
+}
+
+// One CTA: query rows [blockIdx.y*8, +8) of the rows that read K/V head (ik2, ik3), over the
+// cells of split blockIdx.z; warp w takes the steps of 32 cells w, w + 4, ... and keeps its own
+// softmax; the warps are combined at the end. Phases as in tq_fattn_vec_kernel.
+template <int D, int KT, int VT>
+__global__ void __launch_bounds__(32*TQ_MMA_WARPS)
+tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
+    typedef tq_mma_smem<D, KT, VT> L;
+    constexpr int KBITS = tq_kv_type<KT>::bits, VBITS = tq_kv_type<VT>::bits;
+    constexpr int KBB = tq_kv_type<KT>::bytes, VBB = tq_kv_type<VT>::bytes;
+    constexpr int KB = tq_row_bytes<KT, D>(), VB = tq_row_bytes<VT, D>();
+    constexpr int NB = D / QK_TQ, CW = TQ_MMA_CELLS, NT = 32*TQ_MMA_WARPS;
+    constexpr int NK = CW / 8;        // score n-tiles per step
+    constexpr int NV = D / 8;         // output n-tiles
+
+    extern __shared__ __align__(16) uint8_t smem[];
+    uint4 * s_qf = (uint4 *) (smem + L::off_qf);
+    float * s_q  = (float *) (smem + L::off_q);
+    float * s_xk = (float *) (smem + L::off_x), * s_xv = s_xk + D;
+    float * s_xs = (float *) (smem + L::off_row), * s_slope = s_xs + TQ_MMA_ROWS, * s_qs = s_slope + TQ_MMA_ROWS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+    const int g = lane >> 2, c = lane & 3;
+    const int ik2 = blockIdx.x % p.n_head_kv, ik3 = blockIdx.x / p.n_head_kv;
+    const int rows = p.gqa*p.n_q, r0 = blockIdx.y*TQ_MMA_ROWS;
+    const int c0 = blockIdx.z*p.split_cells, c1 = min(p.n_kv, c0 + p.split_cells);
+    const char * kbase = p.k + ik2*p.nbk2 + ik3*p.nbk3;
+    const char * vbase = p.v + ik2*p.nbv2 + ik3*p.nbv3;
+
+    // --- set-up: queries rotated, scaled by a power of two per row, as f16 hi/lo fragments ---------
+    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
+        const int r = e / D, j = e % D, rr = r0 + r;
+        float x = 0.0f;
+        if (rr < rows) {
+            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+            x = ((const float *) (p.q + iq1*p.nbq1 + iq2*p.nbq2 + ik3*p.nbq3))[j];
+        }
+        s_q[e] = x;
+    }
+    int xk_cell = -1, xv_cell = -1;
+    if (p.exact_cell) {
+        const int ce = p.exact_cell[ik3];
+        if (ce >= c0 && ce < c1) {
+            if (p.k_exact && !tq_row_is_nan_dev<KT, D>((const uint8_t *) (kbase + (size_t) ce*p.nbk1))) xk_cell = ce;
+            if (p.v_exact && !tq_row_is_nan_dev<VT, D>((const uint8_t *) (vbase + (size_t) ce*p.nbv1))) xv_cell = ce;
+        }
+    }
+    for (int j = tid; j < D; j += NT) {
+        s_xk[j] = xk_cell >= 0 ? p.k_exact[ik3*(p.nbxk1/4) + ik2*D + j] : 0.0f;
+        s_xv[j] = xv_cell >= 0 ? p.v_exact[ik3*(p.nbxv1/4) + ik2*D + j] : 0.0f;
+    }
+    if (tid < TQ_MMA_ROWS) {
+        const int rr = r0 + tid;
+        const int h = rr < rows ? ik2*p.gqa + rr % p.gqa : 0;
+        s_slope[tid] = p.max_bias > 0.0f ? (h < (int) p.n_head_log2 ? powf(p.m0, h + 1) : powf(p.m1, 2*(h - (int) p.n_head_log2) + 1)) : 1.0f;
+    }
+    __syncthreads();
+    tq_rotate_smem(tab, s_q, TQ_MMA_ROWS*D, false);
+    if (xk_cell >= 0) tq_rotate_smem(tab, s_xk, D, false);
+    if (xv_cell >= 0) tq_rotate_smem(tab, s_xv, D, false);
+    __syncthreads();
+    // per row: the exact key's score (f32) and 2^-e with max|q| 2^-e in [2^13, 2^14) (f16 range)
+    for (int r = warp; r < TQ_MMA_ROWS; r += TQ_MMA_WARPS) {
+        float mx = 0.0f, xs = 0.0f;
+        for (int j = lane; j < D; j += 32) {
+            mx = fmaxf(mx, fabsf(s_q[r*D + j]));
+            xs = fmaf(s_q[r*D + j], s_xk[j], xs);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(TQ_CUDA_FULL_MASK, mx, o));
+            xs += __shfl_xor_sync(TQ_CUDA_FULL_MASK, xs, o);
+        }
+        if (lane == 0) {
+            int ex = 0;
+            if (mx > 0.0f && isfinite(mx)) frexpf(mx, &ex);   // mx in [2^(ex-1), 2^ex)
+            s_xs[r] = xs;
+            s_qs[r] = ldexpf(1.0f, ex - 14);                 // q = (q 2^(14-ex)) 2^(ex-14)
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < (D/16)*32; e += NT) {
+        const int s = e / 32, l = e % 32, gg = l >> 2, cc = l & 3, b = s / 4, si = s % 4;
+        const float f = 1.0f / s_qs[gg];
+        const float * q = s_q + gg*D + b*QK_TQ;
+        float x[4];
+        x[0] = q[tq_mma_k_dim<KBITS>(2*si, cc, 0)]*f;
+        x[1] = q[tq_mma_k_dim<KBITS>(2*si, cc, 1)]*f;
+        x[2] = q[tq_mma_k_dim<KBITS>(2*si + 1, cc, 0)]*f;
+        x[3] = q[tq_mma_k_dim<KBITS>(2*si + 1, cc, 1)]*f;
+        __half hi[4], lo[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) tq_split_f16(x[k], hi[k], lo[k]);
+        s_qf[e] = make_uint4(tq_h2u(hi[0], hi[1]), tq_h2u(lo[0], lo[1]), tq_h2u(hi[2], hi[3]), tq_h2u(lo[2], lo[3]));
+    }
+
+    const tq_h16_lut<KBITS> lutk = tq_make_h16_lut<KBITS>(tab);
+    const tq_h16_lut<VBITS> lutv = tq_make_h16_lut<VBITS>(tab);
+    const int rr_g = r0 + g;
+    const bool row_ok = rr_g < rows;
+    const __half * mrow = nullptr;
+    if (p.mask && row_ok) {
+        const int iq1 = rr_g / p.gqa, iq2 = ik2*p.gqa + rr_g % p.gqa;
+        mrow = (const __half *) (p.mask + iq1*p.nbm1 + (iq2 % p.ne_m2)*p.nbm2 + (ik3 % p.ne_m3)*p.nbm3);
+    }
+    __syncthreads();
+    const float slope = s_slope[g], qscale = s_qs[g]*p.scale, xscore = s_xs[g]*p.scale;
+
+    // per-warp state: row g of the lane's group of four; O: n-tile t of the output, [hi c0 c1, lo c2 c3]
+    float M = -INFINITY, S = 0.0f, pe = 0.0f;
+    float O[NV][4];
+#pragma unroll
+    for (int t = 0; t < NV; ++t) O[t][0] = O[t][1] = O[t][2] = O[t][3] = 0.0f;
+
+    uint8_t * s_kt = smem + L::off_tiles + warp*L::warp_tiles;
+    uint8_t * s_vt = s_kt + 2*CW*L::SK;
+    auto load_step = [&](int cs, int buf) {
+        const int n = max(0, min(CW, c1 - cs));
+        uint8_t * kd = s_kt + buf*CW*L::SK, * vd = s_vt + buf*CW*L::SV;
+        const char * kg = kbase + (size_t) cs*p.nbk1, * vg = vbase + (size_t) cs*p.nbv1;
+        if (p.copy_unit >= 4) {
+            tq_warp_copy_rows<4>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_warp_copy_rows<4>(vd, L::SV, vg, p.nbv1, VB, n);
+        } else {
+            tq_warp_copy_rows<2>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_warp_copy_rows<2>(vd, L::SV, vg, p.nbv1, VB, n);
+        }
+        __pipeline_commit();
+    };
+
+    const int step0 = c0 + warp*CW, stride = TQ_MMA_WARPS*CW;
+    if (step0 < c1) load_step(step0, 0);
+    for (int cs = step0, buf = 0; cs < c1; cs += stride, buf ^= 1) {
+        if (cs + stride < c1) {
+            load_step(cs + stride, buf ^ 1);
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
+        __syncwarp();
+        const uint8_t * kt = s_kt + buf*CW*L::SK, * vt = s_vt + buf*CW*L::SV;
+
+        // the mask of this step's cells for row g, loaded first: its latency hides behind the products
+        float mk[NK][2];
+#pragma unroll
+        for (int j = 0; j < NK; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int cell = cs + 8*j + 2*c + e;
+                mk[j][e] = mrow && cell < c1 ? __half2float(mrow[cell]) : 0.0f;
+            }
+        }
+
+        // scores of cells 8j + 2c + e (j < NK, e < 2) for row g
+        float sc[NK][2];
+#pragma unroll
+        for (int j = 0; j < NK; ++j) sc[j][0] = sc[j][1] = 0.0f;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            uint32_t qa[4][4];
+#pragma unroll
+            for (int si = 0; si < 4; ++si) {
+                const uint4 f = s_qf[(4*b + si)*32 + lane];
+                qa[si][0] = f.x; qa[si][1] = f.y; qa[si][2] = f.z; qa[si][3] = f.w;
+            }
+            // all n-tiles decoded first, then the products as NK independent chains
+            uint32_t kb[NK][8];
+            float acc[NK][4];
+#pragma unroll
+            for (int j = 0; j < NK; ++j) {
+                const uint8_t * blk = kt + (8*j + g)*L::SK + b*KBB;
+                if (((b*KBB + 2) & 3) == 0) tq_mma_k_frag<KBITS, true>(lutk, blk, c, kb[j]);
+                else                        tq_mma_k_frag<KBITS, false>(lutk, blk, c, kb[j]);
+                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+            }
+#pragma unroll
+            for (int si = 0; si < 4; ++si) {
+#pragma unroll
+                for (int j = 0; j < NK; ++j) tq_mma16816(acc[j], qa[si], kb[j][2*si], kb[j][2*si + 1]);
+            }
+#pragma unroll
+            for (int j = 0; j < NK; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float dk = tq_h2f(*(const uint16_t *) (kt + (8*j + 2*c + e)*L::SK + b*KBB));
+                    sc[j][e] = fmaf(dk, acc[j][e] + acc[j][e + 2], sc[j][e]);
+                }
+            }
+        }
+
+        // scale, soft-cap, mask, exact key; dead cells (masked, past the split, other rows) -inf
+        float mx = -INFINITY;
+        bool dead[NK][2];
+#pragma unroll
+        for (int j = 0; j < NK; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int cell = cs + 8*j + 2*c + e;
+                float x = cell == xk_cell ? xscore : sc[j][e]*qscale;
+                if (p.softcap != 0.0f) x = p.softcap*tanhf(x);
+                const float mv = slope*mk[j][e];
+                dead[j][e] = !row_ok || cell >= c1 || mv == -INFINITY;
+                x = dead[j][e] ? -INFINITY : x + mv;
+                sc[j][e] = x;
+                mx = fmaxf(mx, x);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(TQ_CUDA_FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(TQ_CUDA_FULL_MASK, mx, 2));
+        const float M_new = fmaxf(M, mx);
+        // a row that has seen nothing live keeps M = -inf and its (zero) sums
+        const float ms = M == -INFINITY ? (M_new == -INFINITY ? 1.0f : 0.0f) : expf(M - M_new);
+        float pr[NK][2];
+        float psum = 0.0f;
+        pe *= ms;
+#pragma unroll
+        for (int j = 0; j < NK; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                pr[j][e] = dead[j][e] ? 0.0f : expf(sc[j][e] - M_new);
+                psum += pr[j][e];
+                if (cs + 8*j + 2*c + e == xv_cell) {   // the exact value row: its weight kept apart
+                    pe += pr[j][e];
+                    pr[j][e] = 0.0f;
+                }
+            }
+        }
+        M = M_new;
+        S = S*ms + psum;
+        if (__any_sync(TQ_CUDA_FULL_MASK, ms != 1.0f)) {
+#pragma unroll
+            for (int t = 0; t < NV; ++t) {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) O[t][k] *= ms;
+            }
+        }
+
+        // O += P V, 16 cells per k-step: A = p*d_v of cells 16h + 2c + {0,1} (a0, a1) and + 8 (a2, a3)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+#pragma unroll
+            for (int hh = 0; hh < CW/16; ++hh) {
+                uint32_t pa[4];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int j = 2*hh + half;
+                    __half hi[2], lo[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float dv = tq_h2f(*(const uint16_t *) (vt + (8*j + 2*c + e)*L::SV + b*VBB));
+                        const float x = pr[j][e] == 0.0f ? 0.0f : pr[j][e]*dv;
+                        tq_split_f16(x, hi[e], lo[e]);
+                    }
+                    pa[2*half]     = tq_h2u(hi[0], hi[1]);
+                    pa[2*half + 1] = tq_h2u(lo[0], lo[1]);
+                }
+                uint32_t vb0[8], vb1[8];
+                const uint8_t * rowa = vt + (16*hh + 2*c)*L::SV + b*VBB;
+                tq_mma_v_frag<VBITS>(lutv, rowa, rowa + L::SV, g, vb0);
+                tq_mma_v_frag<VBITS>(lutv, rowa + 8*L::SV, rowa + 9*L::SV, g, vb1);
+#pragma unroll
+                for (int t = 0; t < 8; ++t) tq_mma16816(O[8*b + t], pa, vb0[t], vb1[t]);
+            }
+        }
+        __syncwarp();   // the buffer is read before the next step's copy into it starts
+    }
+
+    // --- combine the warps: row state to shared memory (the tiles' space) ------------------------
+    __syncthreads();
+    float * s_wo = (float *) (smem + L::off_tiles);                      // [warp][row][D]
+    float * s_wm = s_wo + TQ_MMA_WARPS*TQ_MMA_ROWS*D;                    // [warp][row] M, S, pe
+    float * s_ws = s_wm + TQ_MMA_WARPS*TQ_MMA_ROWS;
+    float * s_wp = s_ws + TQ_MMA_WARPS*TQ_MMA_ROWS;
+    S += __shfl_xor_sync(TQ_CUDA_FULL_MASK, S, 1);
+    S += __shfl_xor_sync(TQ_CUDA_FULL_MASK, S, 2);
+    pe += __shfl_xor_sync(TQ_CUDA_FULL_MASK, pe, 1);
+    pe += __shfl_xor_sync(TQ_CUDA_FULL_MASK, pe, 2);
+    if (c == 0) {
+        s_wm[warp*TQ_MMA_ROWS + g] = M;
+        s_ws[warp*TQ_MMA_ROWS + g] = S;
+        s_wp[warp*TQ_MMA_ROWS + g] = pe;
+    }
+#pragma unroll
+    for (int t = 0; t < NV; ++t) {
+        const int b = t / 8, r = t % 8;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            s_wo[(warp*TQ_MMA_ROWS + g)*D + b*QK_TQ + tq_mma_v_dim(r, 2*c + e)] = O[t][e] + O[t][e + 2];
+        }
+    }
+    __syncthreads();
+    // row r: M = max over warps; warp weights exp(M_w - M) (a warp with M_w = -inf saw nothing, S_w = 0,
+    // or only NaN scores, S_w NaN, which must carry on); s_q takes the combined output
+    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
+        const int r = e / D, j = e % D;
+        float Mx = -INFINITY;
+        for (int w = 0; w < TQ_MMA_WARPS; ++w) Mx = fmaxf(Mx, s_wm[w*TQ_MMA_ROWS + r]);
+        float o = 0.0f, Ssum = 0.0f;
+        for (int w = 0; w < TQ_MMA_WARPS; ++w) {
+            const float Mw = s_wm[w*TQ_MMA_ROWS + r], Sw = s_ws[w*TQ_MMA_ROWS + r];
+            const float f = Mw == -INFINITY ? (Sw == 0.0f ? 0.0f : NAN) : expf(Mw - Mx);
+            if (f != 0.0f) {
+                o = fmaf(f, s_wo[(w*TQ_MMA_ROWS + r)*D + j] + s_wp[w*TQ_MMA_ROWS + r]*s_xv[j], o);
+                Ssum = fmaf(f, Sw, Ssum);
+            }
+        }
+        s_q[e] = o;
+        if (j == 0) {
+            s_xs[r] = Mx;        // M and S of the CTA (s_xs and s_slope are free now)
+            s_slope[r] = Ssum;
+        }
+    }
+    __syncthreads();
+
+    if (p.n_split > 1) {
+        for (int e = tid; e < TQ_MMA_ROWS*(D + 2); e += NT) {
+            const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
+            if (rr >= rows) continue;
+            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+            const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
+            p.part[(drow*p.n_split + blockIdx.z)*(D + 2) + j] = j == 0 ? s_xs[r] : j == 1 ? s_slope[r] : s_q[r*D + j - 2];
+        }
+        return;
+    }
+    for (int r = warp; r < TQ_MMA_ROWS; r += TQ_MMA_WARPS) {
+        const int rr = r0 + r;
+        if (rr >= rows) continue;
+        const float f = tq_fa_output_factor(p, ik2*p.gqa + rr % p.gqa, s_xs[r], s_slope[r]);
+        for (int j = lane; j < D; j += 32) s_q[r*D + j] *= f;
+    }
+    __syncthreads();
+    tq_rotate_smem(tab, s_q, TQ_MMA_ROWS*D, true);
+    __syncthreads();
+    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
+        const int r = e / D, j = e % D, rr = r0 + r;
+        if (rr >= rows) continue;
+        const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+        p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_q[e];
+    }
+}
