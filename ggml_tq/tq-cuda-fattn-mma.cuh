@@ -526,29 +526,5 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     }
     __syncthreads();
 
-    if (p.n_split > 1) {
-        for (int e = tid; e < TQ_MMA_ROWS*(D + 2); e += NT) {
-            const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
-            if (rr >= rows) continue;
-            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
-            const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
-            p.part[(drow*p.n_split + blockIdx.z)*(D + 2) + j] = j == 0 ? s_xs[r] : j == 1 ? s_slope[r] : s_q[r*D + j - 2];
-        }
-        return;
-    }
-    for (int r = warp; r < TQ_MMA_ROWS; r += TQ_MMA_WARPS) {
-        const int rr = r0 + r;
-        if (rr >= rows) continue;
-        const float f = tq_fa_output_factor(p, ik2*p.gqa + rr % p.gqa, s_xs[r], s_slope[r]);
-        for (int j = lane; j < D; j += 32) s_q[r*D + j] *= f;
-    }
-    __syncthreads();
-    tq_rotate_smem(tab, s_q, TQ_MMA_ROWS*D, true);
-    __syncthreads();
-    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
-        const int r = e / D, j = e % D, rr = r0 + r;
-        if (rr >= rows) continue;
-        const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
-        p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_q[e];
-    }
+    tq_fa_store_rows<D>(p, tab, true, TQ_MMA_ROWS, r0, ik2, ik3, blockIdx.z, s_q, s_xs, s_slope);
 }

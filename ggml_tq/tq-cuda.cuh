@@ -407,6 +407,45 @@ static __device__ __forceinline__ float tq_fa_output_factor(const tq_fattn_param
     return S == 0.0f ? 0.0f : ms / S;
 }
 
+// The end of both decoding kernels: rows [r0, r0 + nr) of a CTA's result, s_o [nr][D] unnormalised (in
+// the values' rotated domain where they are TQ), M and S per row. With splits the partials go to p.part
+// for the combine kernel; alone, the sinks and 1/S, the rotation back and the output rows. Every
+// thread of the CTA calls it (barriers).
+template <int D>
+static __device__ __forceinline__ void tq_fa_store_rows(const tq_fattn_params & p, const tq_cuda_tables & tab, bool v_tq,
+                                                        int nr, int r0, int ik2, int ik3, int split,
+                                                        float * s_o, const float * s_M, const float * s_S) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, nw = blockDim.x / 32;
+    const int rows = p.gqa*p.n_q;
+    if (p.n_split > 1) {
+        for (int e = tid; e < nr*(D + 2); e += blockDim.x) {
+            const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
+            if (rr >= rows) continue;
+            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+            const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
+            p.part[(drow*p.n_split + split)*(D + 2) + j] = j == 0 ? s_M[r] : j == 1 ? s_S[r] : s_o[r*D + j - 2];
+        }
+        return;
+    }
+    for (int r = warp; r < nr; r += nw) {
+        const int rr = r0 + r;
+        if (rr >= rows) continue;
+        const float f = tq_fa_output_factor(p, ik2*p.gqa + rr % p.gqa, s_M[r], s_S[r]);
+        for (int j = lane; j < D; j += 32) s_o[r*D + j] *= f;
+    }
+    __syncthreads();
+    if (v_tq) {
+        tq_rotate_smem(tab, s_o, nr*D, true);
+        __syncthreads();
+    }
+    for (int e = tid; e < nr*D; e += blockDim.x) {
+        const int r = e / D, j = e % D, rr = r0 + r;
+        if (rr >= rows) continue;
+        const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
+        p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_o[e];
+    }
+}
+
 // One CTA: the query rows [chunk*NR, chunk*NR + NR) of the rows that read K/V head (ik2, ik3) (row r:
 // token r / gqa, head ik2*gqa + r % gqa), over the cells of split blockIdx.z.
 // One function of ~330 lines on purpose: its phases (set-up, the tile loop with its cp.async double
@@ -719,36 +758,7 @@ tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     }
     __syncthreads();
 
-    if (p.n_split > 1) {
-        for (int e = tid; e < NR*(D + 2); e += TQ_FA_THREADS) {
-            const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
-            if (rr >= rows) continue;
-            const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
-            const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
-            p.part[(drow*p.n_split + split)*(D + 2) + j] = j == 0 ? s_M[r] : j == 1 ? s_S[r] : s_o[r*D + j - 2];
-        }
-        return;
-    }
-
-    // --- one split: finish here (sinks, 1/S, rotate back once) ------------------------------------
-    for (int r = warp; r < NR; r += TQ_FA_THREADS / 32) {
-        const int rr = r0 + r;
-        if (rr >= rows) continue;
-        const int iq2 = ik2*p.gqa + rr % p.gqa;
-        const float f = tq_fa_output_factor(p, iq2, s_M[r], s_S[r]);
-        for (int j = lane; j < D; j += 32) s_o[r*D + j] *= f;
-    }
-    __syncthreads();
-    if (V_TQ) {
-        tq_rotate_smem(tab, s_o, NR*D, true);
-        __syncthreads();
-    }
-    for (int e = tid; e < NR*D; e += TQ_FA_THREADS) {
-        const int r = e / D, j = e % D, rr = r0 + r;
-        if (rr >= rows) continue;
-        const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
-        p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_o[e];
-    }
+    tq_fa_store_rows<D>(p, tab, V_TQ, NR, r0, ik2, ik3, split, s_o, s_M, s_S);
 }
 
 // The splits of one output row: weights exp(M_s - M), the sinks, 1/S, and the rotation back.
