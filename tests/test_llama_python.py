@@ -2,11 +2,15 @@
 determinism, agreement with the f16 cache, state save/restore, validation of type names and head
 sizes before llama.cpp sees them, and streaming chat completions.
 
-Floors for agreement come from results/llama-python-agreement.json (`tq python-agreement`, 24
-prompts, first 8 greedy tokens, 1 thread, keys centred on the model's calibrated mean keys, exact
-sink): tq4/tq4 14/24 prompts identical, 22/24 first tokens, mean common prefix 5.83 tokens; tq3/tq3
-5/24, 22/24, 4.42; tq3/tq2 3/24, 17/24, 2.92; tq2/tq2 2/24, 17/24, 2.67 (q8_0 17/24, 23/24, 6.79 and
-rotated q4_0 8/24, 20/24, 4.54 for reference). The floors sit slightly below these numbers.
+Floors for agreement come from two machines' `tq python-agreement` (24 prompts, first 8 greedy
+tokens, 1 thread, keys centred on the model's calibrated mean keys, exact sink):
+results/llama-python-agreement.json (tq4/tq4 14/24 prompts identical, 22/24 first tokens, mean common
+prefix 5.83 tokens; tq3/tq3 5/24, 22/24, 4.42; tq3/tq2 3/24, 17/24, 2.92; tq2/tq2 2/24, 17/24, 2.67) and
+results/llama-python-agreement-epyc-avx2.json, an AMD EPYC with AVX2 only (tq4/tq4 10/24, 20/24, 5.12;
+tq3/tq3 4/24, 18/24, 3.58; tq3/tq2 2/24, 17/24, 3.17; tq2/tq2 0/24, 14/24, 1.75). ggml's CPU kernels
+are built for the host's instruction set, so the f16 reference and the TQ runs round differently from
+one CPU to another, and a greedy choice near a tie flips: on the same code the two machines differ by
+up to four prompts. The floors sit two prompts and 0.75 tokens below the lower of the two.
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ from .conftest import require_llama_cpp, require_model
 PAIRS = [("tq3", "tq2"), ("tq4", "tq4"), ("tq3", "tq3"), ("tq2", "tq2")]
 N_TOKENS = 8
 N_CTX = 256
-# (identical first-8 fraction, first-token fraction, mean common prefix) over the 24 prompts:
-# results/llama-python-agreement.json less two prompts (2/24) and 0.75 tokens, room for the float
-# differences between SIMD levels (AVX2 on CI, AVX-512 elsewhere) that can flip a near tie
+# (identical first-8 fraction, first-token fraction, mean common prefix) over the 24 prompts: the
+# lower of the two machines' results (docstring) less two prompts (2/24) and 0.75 tokens, room for
+# the float differences between CPUs and SIMD levels that can flip a near tie
 FLOORS = {
-    "tq4/tq4": (0.50, 0.83, 5.08),
-    "tq3/tq3": (0.12, 0.83, 3.67),
-    "tq3/tq2": (0.04, 0.62, 2.17),
-    "tq2/tq2": (0.0, 0.62, 1.92),
+    "tq4/tq4": (0.33, 0.75, 4.37),
+    "tq3/tq3": (0.08, 0.66, 2.83),
+    "tq3/tq2": (0.0, 0.62, 2.17),
+    "tq2/tq2": (0.0, 0.50, 1.00),
     "q8_0/q8_0": (0.66, 0.83, 5.85),   # sanity check of the harness itself
 }
 
