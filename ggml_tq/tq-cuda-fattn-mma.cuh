@@ -12,9 +12,11 @@
 //           8 query rows, rows 8-15 their low parts, so q ~ hi + lo to 2^-22), B = K^T (the f16
 //           centroids of a cell's indices), one n-tile = 8 cells. The block norm d_k multiplies
 //           the block's sum afterwards (f32).
-//   output  O[row][dim] += P[row][cell] V[cell][dim]: A = P*d_v (hi rows 0-7, lo rows 8-15, from
-//           the score fragments of the same lanes: no shuffle), B = V (f16 centroids), one n-tile =
-//           8 dims. hi + lo of each row are added at the end.
+//   output  O^T[dim][row] += V^T[dim][cell] P^T[cell][row]: A = V^T (f16 centroids, one m-tile =
+//           16 dims), B = P*d_v as f16 hi and lo parts (two products into the same sums; taken from
+//           the score fragments of the same lanes: no shuffle), n = the 8 query rows. The output
+//           as the product's M side keeps 16 dims x 8 rows in 4 registers a lane, half of what
+//           rows as M with their hi/lo halves took, so more warps fit a multiprocessor.
 // The dims inside a 64-block are taken in the order that the bit planes give them to a lane
 // (tq_mma_k_dim / tq_mma_v_dim); the queries are laid out in the same order, the output put back.
 //
@@ -217,7 +219,7 @@ static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sst
 // cells of split blockIdx.z; warp w takes the steps of 32 cells w, w + 4, ... and keeps its own
 // softmax; the warps are combined at the end. Phases as in tq_fattn_vec_kernel.
 template <int D, int KT, int VT>
-__global__ void __launch_bounds__(32*TQ_MMA_WARPS)
+__global__ void __launch_bounds__(32*TQ_MMA_WARPS, 3)   // three CTAs a multiprocessor: <= 168 registers
 tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
     typedef tq_mma_smem<D, KT, VT> L;
     constexpr int KBITS = tq_kv_type<KT>::bits, VBITS = tq_kv_type<VT>::bits;
@@ -240,6 +242,25 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     const int c0 = blockIdx.z*p.split_cells, c1 = min(p.n_kv, c0 + p.split_cells);
     const char * kbase = p.k + ik2*p.nbk2 + ik3*p.nbk3;
     const char * vbase = p.v + ik2*p.nbv2 + ik3*p.nbv3;
+
+    uint8_t * s_kt = smem + L::off_tiles + warp*L::warp_tiles;
+    uint8_t * s_vt = s_kt + 2*CW*L::SK;
+    auto load_step = [&](int cs, int buf) {
+        const int n = max(0, min(CW, c1 - cs));
+        uint8_t * kd = s_kt + buf*CW*L::SK, * vd = s_vt + buf*CW*L::SV;
+        const char * kg = kbase + (size_t) cs*p.nbk1, * vg = vbase + (size_t) cs*p.nbv1;
+        if (p.copy_unit >= 4) {
+            tq_warp_copy_rows<4>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_warp_copy_rows<4>(vd, L::SV, vg, p.nbv1, VB, n);
+        } else {
+            tq_warp_copy_rows<2>(kd, L::SK, kg, p.nbk1, KB, n);
+            tq_warp_copy_rows<2>(vd, L::SV, vg, p.nbv1, VB, n);
+        }
+        __pipeline_commit();
+    };
+
+    const int step0 = c0 + warp*CW, stride = TQ_MMA_WARPS*CW;
+    if (step0 < c1) load_step(step0, 0);   // its latency hides behind the set-up
 
     // --- set-up: queries rotated, scaled by a power of two per row, as f16 hi/lo fragments ---------
     for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
@@ -269,9 +290,10 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         s_slope[tid] = p.max_bias > 0.0f ? (h < (int) p.n_head_log2 ? powf(p.m0, h + 1) : powf(p.m1, 2*(h - (int) p.n_head_log2) + 1)) : 1.0f;
     }
     __syncthreads();
-    tq_rotate_smem(tab, s_q, TQ_MMA_ROWS*D, false);
-    if (xk_cell >= 0) tq_rotate_smem(tab, s_xk, D, false);
-    if (xv_cell >= 0) tq_rotate_smem(tab, s_xv, D, false);
+    // only the live rows (the others stay zero); the exact rows (zero where absent) beside them
+    const int live = max(0, min(TQ_MMA_ROWS, rows - r0));
+    tq_rotate_smem(tab, s_q, live*D, false);
+    if (xk_cell >= 0 || xv_cell >= 0) tq_rotate_smem(tab, s_xk, 2*D, false, (live*D/QK_TQ + 1)/2);
     __syncthreads();
     // per row: the exact key's score (f32) and 2^-e with max|q| 2^-e in [2^13, 2^14) (f16 range)
     for (int r = warp; r < TQ_MMA_ROWS; r += TQ_MMA_WARPS) {
@@ -320,30 +342,14 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     __syncthreads();
     const float slope = s_slope[g], qscale = s_qs[g]*p.scale, xscore = s_xs[g]*p.scale;
 
-    // per-warp state: row g of the lane's group of four; O: n-tile t of the output, [hi c0 c1, lo c2 c3]
+    // per-warp state: M, S, pe of row g of the lane's group of four; O: m-tile i = 4b + t (t < 4) of
+    // the transposed output, dims tq_mma_v_dim(t, g) (c0, c1) and tq_mma_v_dim(t + 4, g) (c2, c3) of
+    // block b, rows 2c (c0, c2) and 2c + 1 (c1, c3)
     float M = -INFINITY, S = 0.0f, pe = 0.0f;
-    float O[NV][4];
+    float O[NV/2][4];
 #pragma unroll
-    for (int t = 0; t < NV; ++t) O[t][0] = O[t][1] = O[t][2] = O[t][3] = 0.0f;
+    for (int t = 0; t < NV/2; ++t) O[t][0] = O[t][1] = O[t][2] = O[t][3] = 0.0f;
 
-    uint8_t * s_kt = smem + L::off_tiles + warp*L::warp_tiles;
-    uint8_t * s_vt = s_kt + 2*CW*L::SK;
-    auto load_step = [&](int cs, int buf) {
-        const int n = max(0, min(CW, c1 - cs));
-        uint8_t * kd = s_kt + buf*CW*L::SK, * vd = s_vt + buf*CW*L::SV;
-        const char * kg = kbase + (size_t) cs*p.nbk1, * vg = vbase + (size_t) cs*p.nbv1;
-        if (p.copy_unit >= 4) {
-            tq_warp_copy_rows<4>(kd, L::SK, kg, p.nbk1, KB, n);
-            tq_warp_copy_rows<4>(vd, L::SV, vg, p.nbv1, VB, n);
-        } else {
-            tq_warp_copy_rows<2>(kd, L::SK, kg, p.nbk1, KB, n);
-            tq_warp_copy_rows<2>(vd, L::SV, vg, p.nbv1, VB, n);
-        }
-        __pipeline_commit();
-    };
-
-    const int step0 = c0 + warp*CW, stride = TQ_MMA_WARPS*CW;
-    if (step0 < c1) load_step(step0, 0);
     for (int cs = step0, buf = 0; cs < c1; cs += stride, buf ^= 1) {
         if (cs + stride < c1) {
             load_step(cs + stride, buf ^ 1);
@@ -442,14 +448,15 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         M = M_new;
         S = S*ms + psum;
         if (__any_sync(TQ_CUDA_FULL_MASK, ms != 1.0f)) {
+            // the factors of rows 2c and 2c + 1 (lanes 8c and 8c + 4 hold them)
+            const float ms0 = __shfl_sync(TQ_CUDA_FULL_MASK, ms, 8*c), ms1 = __shfl_sync(TQ_CUDA_FULL_MASK, ms, 8*c + 4);
 #pragma unroll
-            for (int t = 0; t < NV; ++t) {
-#pragma unroll
-                for (int k = 0; k < 4; ++k) O[t][k] *= ms;
+            for (int t = 0; t < NV/2; ++t) {
+                O[t][0] *= ms0; O[t][1] *= ms1; O[t][2] *= ms0; O[t][3] *= ms1;
             }
         }
 
-        // O += P V, 16 cells per k-step: A = p*d_v of cells 16h + 2c + {0,1} (a0, a1) and + 8 (a2, a3)
+        // O^T += V^T P^T, 16 cells per k-step: B = p*d_v of row g, cells 16h + 2c + {0,1} (b0) and + 8 (b1)
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
 #pragma unroll
@@ -472,8 +479,14 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
                 const uint8_t * rowa = vt + (16*hh + 2*c)*L::SV + b*VBB;
                 tq_mma_v_frag<VBITS>(lutv, rowa, rowa + L::SV, g, vb0);
                 tq_mma_v_frag<VBITS>(lutv, rowa + 8*L::SV, rowa + 9*L::SV, g, vb1);
+                // vb0[t], vb1[t]: dim tq_mma_v_dim(t, g) of cells 2c, 2c + 1 and 2c + 8, 2c + 9, the
+                // A fragment's row g; m-tile t pairs n-tile t (rows g) with t + 4 (rows g + 8)
 #pragma unroll
-                for (int t = 0; t < 8; ++t) tq_mma16816(O[8*b + t], pa, vb0[t], vb1[t]);
+                for (int t = 0; t < 4; ++t) {
+                    const uint32_t va[4] = { vb0[t], vb0[t + 4], vb1[t], vb1[t + 4] };
+                    tq_mma16816(O[4*b + t], va, pa[0], pa[2]);
+                    tq_mma16816(O[4*b + t], va, pa[1], pa[3]);
+                }
             }
         }
         __syncwarp();   // the buffer is read before the next step's copy into it starts
@@ -495,11 +508,12 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         s_wp[warp*TQ_MMA_ROWS + g] = pe;
     }
 #pragma unroll
-    for (int t = 0; t < NV; ++t) {
-        const int b = t / 8, r = t % 8;
+    for (int i = 0; i < NV/2; ++i) {
+        const int b = i / 4, t = i % 4;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            s_wo[(warp*TQ_MMA_ROWS + g)*D + b*QK_TQ + tq_mma_v_dim(r, 2*c + e)] = O[t][e] + O[t][e + 2];
+            s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t, g)]     = O[i][e];
+            s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t + 4, g)] = O[i][e + 2];
         }
     }
     __syncthreads();

@@ -69,66 +69,117 @@ static __device__ __forceinline__ double tq_f2d(float x) { double r; asm("cvt.f6
 static __device__ __forceinline__ uint16_t tq_f2h(float x) { uint16_t r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x)); return r; }
 
 // --- the rotation on one warp: lane holds x[lane] (x0) and x[lane + 32] (x1) of a 64-block --------
+// N blocks at once: their shuffles are independent, so a warp rotating several blocks waits on one
+// chain of shuffles instead of N.
 
 // Unnormalised FWHT, butterflies h = 1, 2, ..., 32 as tq_fwht64 (each pair's (a + b, a - b) is the
 // same IEEE operation whichever lane computes it, so the result is bit-identical).
-static __device__ __forceinline__ void tq_fwht64_warp(float & x0, float & x1) {
+template <int N>
+static __device__ __forceinline__ void tq_fwht64_warp(float (&x0)[N], float (&x1)[N]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int h = 1; h < 32; h <<= 1) {
-        const float o0 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x0, h);
-        const float o1 = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x1, h);
-        if (lane & h) {
-            x0 = tq_fsub(o0, x0);
-            x1 = tq_fsub(o1, x1);
-        } else {
-            x0 = tq_fadd(x0, o0);
-            x1 = tq_fadd(x1, o1);
+        float o0[N], o1[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            o0[i] = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x0[i], h);
+            o1[i] = __shfl_xor_sync(TQ_CUDA_FULL_MASK, x1[i], h);
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (lane & h) {
+                x0[i] = tq_fsub(o0[i], x0[i]);
+                x1[i] = tq_fsub(o1[i], x1[i]);
+            } else {
+                x0[i] = tq_fadd(x0[i], o0[i]);
+                x1[i] = tq_fadd(x1[i], o1[i]);
+            }
         }
     }
-    const float a = x0, b = x1;
-    x0 = tq_fadd(a, b);
-    x1 = tq_fsub(a, b);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float a = x0[i], b = x1[i];
+        x0[i] = tq_fadd(a, b);
+        x1[i] = tq_fsub(a, b);
+    }
 }
 
-static __device__ __forceinline__ void tq_signs_warp(const tq_cuda_tables & t, int r, float & x0, float & x1) {
+template <int N>
+static __device__ __forceinline__ void tq_signs_scale_warp(const tq_cuda_tables & t, int r, bool signs_first, float (&x0)[N], float (&x1)[N]) {
     const int lane = threadIdx.x & 31;
-    if ((t.signs[r][0] >> lane) & 1) x0 = tq_fneg(x0);
-    if ((t.signs[r][1] >> lane) & 1) x1 = tq_fneg(x1);
+    const bool n0 = (t.signs[r][0] >> lane) & 1, n1 = (t.signs[r][1] >> lane) & 1;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        if (signs_first) {
+            if (n0) x0[i] = tq_fneg(x0[i]);
+            if (n1) x1[i] = tq_fneg(x1[i]);
+        } else {
+            x0[i] = tq_fmul(x0[i], 0.125f);
+            x1[i] = tq_fmul(x1[i], 0.125f);
+            if (n0) x0[i] = tq_fneg(x0[i]);
+            if (n1) x1[i] = tq_fneg(x1[i]);
+        }
+    }
+}
+
+template <int N>
+static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, float (&x0)[N], float (&x1)[N]) {
+#pragma unroll
+    for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
+        tq_signs_scale_warp<N>(t, r, true, x0, x1);
+        tq_fwht64_warp<N>(x0, x1);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            x0[i] = tq_fmul(x0[i], 0.125f);
+            x1[i] = tq_fmul(x1[i], 0.125f);
+        }
+    }
+}
+
+template <int N>
+static __device__ __forceinline__ void tq_unrotate_warp(const tq_cuda_tables & t, float (&x0)[N], float (&x1)[N]) {
+#pragma unroll
+    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
+        tq_fwht64_warp<N>(x0, x1);
+        tq_signs_scale_warp<N>(t, r, false, x0, x1);
+    }
 }
 
 static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, float & x0, float & x1) {
-#pragma unroll
-    for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
-        tq_signs_warp(t, r, x0, x1);
-        tq_fwht64_warp(x0, x1);
-        x0 = tq_fmul(x0, 0.125f);
-        x1 = tq_fmul(x1, 0.125f);
-    }
+    float a[1] = { x0 }, b[1] = { x1 };
+    tq_rotate_warp<1>(t, a, b);
+    x0 = a[0];
+    x1 = b[0];
 }
 
 static __device__ __forceinline__ void tq_unrotate_warp(const tq_cuda_tables & t, float & x0, float & x1) {
-#pragma unroll
-    for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
-        tq_fwht64_warp(x0, x1);
-        x0 = tq_fmul(x0, 0.125f);
-        x1 = tq_fmul(x1, 0.125f);
-        tq_signs_warp(t, r, x0, x1);
-    }
+    float a[1] = { x0 }, b[1] = { x1 };
+    tq_unrotate_warp<1>(t, a, b);
+    x0 = a[0];
+    x1 = b[0];
 }
 
-// Rotate (or unrotate) n floats of shared memory, blocks of 64, by the warps of the CTA.
-static __device__ __forceinline__ void tq_rotate_smem(const tq_cuda_tables & t, float * x, int n, bool inverse) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    for (int b = warp; b < n / QK_TQ; b += nwarps) {
-        float x0 = x[b*QK_TQ + lane], x1 = x[b*QK_TQ + lane + 32];
+// Rotate (or unrotate) n floats of shared memory, blocks of 64, by the warps of the CTA, two blocks
+// at a time; warp0: the warp that takes the first pair (callers with several calls spread them).
+static __device__ __forceinline__ void tq_rotate_smem(const tq_cuda_tables & t, float * x, int n, bool inverse, int warp0 = 0) {
+    const int lane = threadIdx.x & 31, nwarps = blockDim.x / 32;
+    const int warp = (threadIdx.x / 32 + nwarps - warp0 % nwarps) % nwarps;
+    const int nb = n / QK_TQ;
+    for (int b = 2*warp; b < nb; b += 2*nwarps) {
+        const bool two = b + 1 < nb;
+        float x0[2] = { x[b*QK_TQ + lane], two ? x[(b + 1)*QK_TQ + lane] : 0.0f };
+        float x1[2] = { x[b*QK_TQ + lane + 32], two ? x[(b + 1)*QK_TQ + lane + 32] : 0.0f };
         if (inverse) {
-            tq_unrotate_warp(t, x0, x1);
+            tq_unrotate_warp<2>(t, x0, x1);
         } else {
-            tq_rotate_warp(t, x0, x1);
+            tq_rotate_warp<2>(t, x0, x1);
         }
-        x[b*QK_TQ + lane] = x0;
-        x[b*QK_TQ + lane + 32] = x1;
+        x[b*QK_TQ + lane] = x0[0];
+        x[b*QK_TQ + lane + 32] = x1[0];
+        if (two) {
+            x[(b + 1)*QK_TQ + lane] = x0[1];
+            x[(b + 1)*QK_TQ + lane + 32] = x1[1];
+        }
     }
 }
 
@@ -153,22 +204,37 @@ static __device__ __forceinline__ void tq_scaled_boundaries(const tq_cuda_tables
     }
 }
 
+// A warp's shared scratch for one block: the unit vector, and the cells of every scale (rows of 68
+// bytes: the ten scales' lanes read one byte each from ten different banks)
+struct tq_quant_scratch {
+    double sq[QK_TQ];
+    float  u[QK_TQ];
+    uint8_t idx[TQ_SCALE_GRID_N][68];
+};
+
 // x0, x1: this lane's values x[lane], x[lane + 32]; c: the centroids in shared memory. Writes the
-// block (bytes identical to tq_quantize_row in tq.c). Steps 1-5 of tq-blocks.h stay together, in
-// their order, so that each double sum can be read against the reference's (~90 lines).
+// block (bytes identical to tq_quantize_row in tq.c). Steps 1-4 of tq-blocks.h stay together, in
+// their order, so that each double sum can be read against the reference's.
+// A decoding step quantizes one token (a few blocks, one warp each), so a block's latency is what
+// counts: the double sums must stay sequential (the reference's order), so everything they add is
+// computed first by all lanes at once and the sums are then bare chains of additions.
 template <int BITS>
-static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tables & t, const float * c,
+static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tables & t, const float * c, tq_quant_scratch & w,
                                                               float x0, float x1, uint8_t * blk, unsigned flags) {
     constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
     const int lane = threadIdx.x & 31;
 
-    // step 1: s = sum_j (double) x_j^2 in order j = 0..63 (every lane computes the same sum)
+    // step 1: s = sum_j (double) x_j^2 in order j = 0..63 (every lane computes the same sum); the
+    // rotation of step 2 does not need it and runs beside the chain
+    w.sq[lane] = __dmul_rn(tq_f2d(x0), tq_f2d(x0));
+    w.sq[lane + 32] = __dmul_rn(tq_f2d(x1), tq_f2d(x1));
+    __syncwarp();
     double s = 0.0;
 #pragma unroll
     for (int j = 0; j < QK_TQ; ++j) {
-        const float v = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? x0 : x1, j & 31);
-        s = __dadd_rn(s, __dmul_rn(tq_f2d(v), tq_f2d(v)));
+        s = __dadd_rn(s, w.sq[j]);
     }
+    tq_rotate_warp(t, x0, x1);
     const bool finite = isfinite(s);
     const float n = finite ? tq_d2f(__dsqrt_rn(s)) : 0.0f;
     if (!finite || (__float_as_uint(n) & 0x7fffffffu) == 0) {   // n == 0, denormal n is not zero
@@ -182,25 +248,37 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
         return;
     }
 
-    // step 2: rotate, divide by the norm
-    tq_rotate_warp(t, x0, x1);
+    // step 2: divide by the norm
     const float u0 = tq_fdiv(x0, n), u1 = tq_fdiv(x1, n);
 
-    // step 3: lane m < n_scales scores scale m of the grid (sums in the reference's order)
+    // step 3: every lane finds the cells of its two values at every scale; then lane m < n_scales
+    // sums scale m's dot and lane 16 + m its cs, each in the reference's order
     const bool search = !(flags & (TQ_CUDA_NO_NORM_CORRECTION | TQ_CUDA_NO_SCALE_SEARCH));
     const int n_scales = search ? TQ_SCALE_GRID_N : 1;
-    const int m = lane < n_scales ? lane : 0;
+    w.u[lane] = u0;
+    w.u[lane + 32] = u1;
     float sb[15];
-    tq_scaled_boundaries<BITS>(t, m, sb);
-    double dot = 0.0, cs = 0.0;
 #pragma unroll
-    for (int j = 0; j < QK_TQ; ++j) {
-        const float uj = __shfl_sync(TQ_CUDA_FULL_MASK, j < 32 ? u0 : u1, j & 31);
-        const float cv = c[tq_cell_count<BITS>(uj, sb)];
-        dot = __dadd_rn(dot, __dmul_rn(tq_f2d(uj), tq_f2d(cv)));
-        cs  = __dadd_rn(cs,  __dmul_rn(tq_f2d(cv), tq_f2d(cv)));
+    for (int m = 0; m < TQ_SCALE_GRID_N; ++m) {
+        if (m < n_scales) {
+            tq_scaled_boundaries<BITS>(t, m, sb);
+            w.idx[m][lane] = (uint8_t) tq_cell_count<BITS>(u0, sb);
+            w.idx[m][lane + 32] = (uint8_t) tq_cell_count<BITS>(u1, sb);
+        }
     }
-    const double score = __ddiv_rn(dot, __dsqrt_rn(cs));
+    __syncwarp();
+    const int m = lane & 15;
+    const bool dot_lane = lane < 16;
+    double acc = 0.0;
+    if (m < n_scales) {
+#pragma unroll
+        for (int j = 0; j < QK_TQ; ++j) {
+            const double cv = tq_f2d(c[w.idx[m][j]]);
+            acc = __dadd_rn(acc, __dmul_rn(dot_lane ? tq_f2d(w.u[j]) : cv, cv));
+        }
+    }
+    const double cs = __shfl_down_sync(TQ_CUDA_FULL_MASK, acc, 16);   // lane m: its scale's cs
+    const double score = __ddiv_rn(acc, __dsqrt_rn(cs));
     int best_m = 0;
     double best = -INFINITY;
     for (int i = 0; i < n_scales; ++i) {
@@ -211,8 +289,8 @@ static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tabl
         }
     }
     const double cs_best = __shfl_sync(TQ_CUDA_FULL_MASK, cs, best_m);
-    tq_scaled_boundaries<BITS>(t, best_m, sb);
-    const int i0 = tq_cell_count<BITS>(u0, sb), i1 = tq_cell_count<BITS>(u1, sb);
+    const int i0 = w.idx[best_m][lane], i1 = w.idx[best_m][lane + 32];
+    __syncwarp();   // the scratch is read before the warp's next block writes it
 
     // step 4: the norm (corrected), fp16 round to nearest even
     const float d = (flags & TQ_CUDA_NO_NORM_CORRECTION) ? n
@@ -435,7 +513,7 @@ static __device__ __forceinline__ void tq_fa_store_rows(const tq_fattn_params & 
     }
     __syncthreads();
     if (v_tq) {
-        tq_rotate_smem(tab, s_o, nr*D, true);
+        tq_rotate_smem(tab, s_o, max(0, min(nr, rows - r0))*D, true);
         __syncthreads();
     }
     for (int e = tid; e < nr*D; e += blockDim.x) {
@@ -850,6 +928,7 @@ __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
     constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
     __shared__ float s_c[16];
+    __shared__ tq_quant_scratch s_w[TQ_ROWS_THREADS/32];
     int64_t b, i1, i2, i3;
     if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3)) {
         return;
@@ -866,7 +945,7 @@ tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
     }
     const int64_t row = tq_row_index<idx_t>(p, i1, i2, i3);
     uint8_t * blk = (uint8_t *) (p.dst + row*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*BB;
-    tq_quantize_block_warp<BITS>(tab, s_c, x0, x1, blk, p.flags);
+    tq_quantize_block_warp<BITS>(tab, s_c, s_w[threadIdx.x / 32], x0, x1, blk, p.flags);
 }
 
 // GET_ROWS / dequantize: dst row (i1, i2, i3) <- src row (idx or i1, i2, i3), normal or rotated domain
