@@ -169,6 +169,60 @@ def query_error(q: np.ndarray, k: np.ndarray, k_hat: np.ndarray) -> float:
     return float(np.mean(e * e) / np.mean(s * s))
 
 
+# --- the paper's outlier split (TurboQuant section 4.3), for comparison -------------------------
+
+@dataclass(frozen=True)
+class OutlierSplit:
+    """Two independent TurboQuant_mse codes over a head's channels: the n_out channels of most
+    calibrated key x query energy at bits_hi, the rest at bits_lo, each group with its own norm."""
+    outliers: np.ndarray    # int [n_out] channel indices
+    bits_hi: int
+    bits_lo: int
+
+    def total_bits(self, d: int) -> int:
+        """Bits per row: both groups' indices and two fp16 norms."""
+        n_out = len(self.outliers)
+        return n_out * self.bits_hi + (d - n_out) * self.bits_lo + 2 * GAIN_BITS
+
+
+def calibrate_outlier_split(k: np.ndarray, q: np.ndarray, n_out: int, bits_hi: int, bits_lo: int) -> OutlierSplit:
+    """The outlier channels of one layer and KV head: largest E[k_j^2] E[q_j^2] over the calibration
+    keys k [n, d] (centred by the caller) and queries q [n, g, d] (the channels that carry the most
+    of q.k, so the ones whose error attention sees most)."""
+    d = k.shape[1]
+    energy = np.mean(np.asarray(k, dtype=np.float64) ** 2, axis=0) * np.mean(np.asarray(q, dtype=np.float64).reshape(-1, d) ** 2, axis=0)
+    return OutlierSplit(outliers=np.sort(np.argsort(energy)[::-1][:n_out]), bits_hi=bits_hi, bits_lo=bits_lo)
+
+
+def turboquant_mse_round_trip(x: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
+    """TurboQuant_mse of rows x [n, m] for any m: the norm, a Haar rotation (groups need not be a
+    power of two, so no Hadamard), Lloyd-Max of the sphere coordinate law of dimension m per
+    coordinate, the norm corrected as tq corrects it (d = |x| / |C[idx]|); no scale search."""
+    from .codebook import lloyd_max_codebook
+    from .rotation import haar_rotation
+
+    x = np.asarray(x, dtype=np.float64)
+    m = x.shape[1]
+    rot = haar_rotation(m, seed)
+    book = lloyd_max_codebook(bits, m)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(norm > 0, x / norm, 0.0) @ rot
+    c = book.centroids[np.searchsorted(book.boundaries, u, side="left")]
+    cn = np.linalg.norm(c, axis=1, keepdims=True)
+    scale = np.where(cn > 0, norm.astype(np.float16).astype(np.float64) / cn, 0.0)
+    return (c @ rot.T) * scale
+
+
+def outlier_split_round_trip(split: OutlierSplit, k: np.ndarray) -> np.ndarray:
+    k = np.asarray(k, dtype=np.float64)
+    out = np.zeros_like(k)
+    rest = np.setdiff1d(np.arange(k.shape[1]), split.outliers)
+    out[:, split.outliers] = turboquant_mse_round_trip(k[:, split.outliers], split.bits_hi, seed=1)
+    out[:, rest] = turboquant_mse_round_trip(k[:, rest], split.bits_lo, seed=2)
+    return out
+
+
 # --- measurement on real rows -------------------------------------------------------------------
 
 
@@ -185,11 +239,13 @@ def wikitext_text(n_chars: int) -> str:
 
 
 def measure(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 1024,
-            codes: dict[str, float] | None = None) -> dict:
+            codes: dict[str, float] | None = None,
+            splits: dict[str, tuple[int, int, int]] | None = None) -> dict:
     """Per layer and KV head: calibrate each calibrated code on cal_text's keys and queries (keys
     centred by cal_text's mean key), code eval_text's keys (centred by the same mean) with it and
     with tq2/tq3/tq4, and measure query_error with eval_text's own queries. Position 0 (the
     attention sink, kept exactly by the cache) is left out of means, covariances and evaluation.
+    splits: name -> (n_out, bits_hi, bits_lo), the paper's outlier split calibrated on the same rows.
     Returns {"rows": [per layer-head dict], "geomean": {code: value}, "n_cal", "n_eval"}."""
     from .kv_dump import dump_kv
     from .layout import storage_cost
@@ -216,7 +272,11 @@ def measure(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 10
                 row[name] = query_error(q_ev, k_ev, decode_keys(code, *encode_keys(code, k_ev)))
                 row[name + "_bits"] = code.total_bits()
                 row[name + "_cap_hits"] = int(np.sum(code.bits == MAX_BITS))
+            for name, (n_out, hi, lo) in (splits or {}).items():
+                split = calibrate_outlier_split(k_cal, q_cal, n_out, hi, lo)
+                row[name] = query_error(q_ev, k_ev, outlier_split_round_trip(split, k_ev))
+                row[name + "_bits"] = split.total_bits(k_ev.shape[1])
             rows.append(row)
-    names = ["tq2", "tq3", "tq4", *codes]
+    names = ["tq2", "tq3", "tq4", *codes, *(splits or {})]
     geomean = {n: float(np.exp(np.mean([np.log(r[n]) for r in rows]))) for n in names}
     return {"rows": rows, "geomean": geomean, "n_cal": cal["n_tokens"] - 1, "n_eval": ev["n_tokens"] - 1}
