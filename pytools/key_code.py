@@ -16,6 +16,7 @@ This is a simulation of the code's error on real rows, not a block layout nor a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import lzma
 import math
@@ -169,6 +170,27 @@ def query_error(q: np.ndarray, k: np.ndarray, k_hat: np.ndarray) -> float:
     return float(np.mean(e * e) / np.mean(s * s))
 
 
+def shared_profile(codes: list[KeyCode]) -> np.ndarray:
+    """One bit profile for many calibrated codes, what a ggml type (which carries no per-layer
+    parameters) could fix: each allocation sorted from the most bits down, averaged over the codes,
+    rounded down, and the budget restored at the ranks the rounding shortened most. Returns the
+    profile from the largest coefficient to the smallest."""
+    sorted_bits = np.array([np.sort(c.bits)[::-1] for c in codes], dtype=np.float64)
+    mean = sorted_bits.mean(axis=0)
+    profile = np.floor(mean).astype(np.int64)
+    budget = int(codes[0].bits.sum())
+    order = np.argsort(-(mean - profile), kind="stable")
+    profile[order[:budget - int(profile.sum())]] += 1
+    return np.sort(profile)[::-1]
+
+
+def with_profile(code: KeyCode, profile: np.ndarray) -> KeyCode:
+    """The code with its bits replaced by profile, the most to the coefficient of largest sigma."""
+    bits = np.empty_like(code.bits)
+    bits[np.argsort(-code.sigma, kind="stable")] = profile
+    return dataclasses.replace(code, bits=bits)
+
+
 # --- the paper's outlier split (TurboQuant section 4.3), for comparison -------------------------
 
 @dataclass(frozen=True)
@@ -280,3 +302,38 @@ def measure(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 10
     names = ["tq2", "tq3", "tq4", *codes, *(splits or {})]
     geomean = {n: float(np.exp(np.mean([np.log(r[n]) for r in rows]))) for n in names}
     return {"rows": rows, "geomean": geomean, "n_cal": cal["n_tokens"] - 1, "n_eval": ev["n_tokens"] - 1}
+
+
+def measure_profiles(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 1024,
+                     bits_per_value: float = 3.25, profiles: dict[str, np.ndarray] | None = None) -> dict:
+    """tq3c with its per layer-head allocation against the same code with one bit profile for the
+    whole model (shared_profile of its calibrations) and with given profiles (another model's):
+    what a type with a fixed profile would lose. Keys and queries as in measure().
+    Returns {"rows", "geomean", "profile"} (profile: this model's, as a list)."""
+    from .kv_dump import dump_kv
+    from .models import model_path
+
+    path = model_path(str(model))
+    cal = dump_kv(path, cal_text, n_tokens=n_tokens, n_threads=2)
+    ev = dump_kv(path, eval_text, n_tokens=n_tokens, n_threads=2)
+    heads = []
+    for il in range(len(cal["Kcur"])):
+        kc_all, qc_all = cal["Kcur"][il][1:].astype(np.float64), cal["Qcur"][il][1:].astype(np.float64)
+        ke_all, qe_all = ev["Kcur"][il][1:].astype(np.float64), ev["Qcur"][il][1:].astype(np.float64)
+        hkv, g = kc_all.shape[1], qc_all.shape[1] // kc_all.shape[1]
+        for h in range(hkv):
+            mean = kc_all[:, h].mean(axis=0)
+            code = calibrate_key_code(kc_all[:, h] - mean, qc_all[:, h * g:(h + 1) * g], bits_per_value)
+            heads.append((il, h, code, ke_all[:, h] - mean, qe_all[:, h * g:(h + 1) * g]))
+    own = shared_profile([c for _, _, c, _, _ in heads])
+    variants = {"per layer-head": None, "model profile": own, **(profiles or {})}
+    rows = []
+    for il, h, code, k_ev, q_ev in heads:
+        row: dict = {"layer": il, "head": h, "tq3": query_error(q_ev, k_ev, _tq_round_trip(k_ev, "tq3"))}
+        for name, prof in variants.items():
+            c = code if prof is None else with_profile(code, prof)
+            row[name] = query_error(q_ev, k_ev, decode_keys(c, *encode_keys(c, k_ev)))
+        rows.append(row)
+    names = ["tq3", *variants]
+    geomean = {n: float(np.exp(np.mean([np.log(r[n]) for r in rows]))) for n in names}
+    return {"rows": rows, "geomean": geomean, "profile": own.tolist()}

@@ -158,3 +158,20 @@ def test_outlier_split_takes_the_channels_of_most_key_query_energy():
     err_keys = kc.query_error(q_ev, k_ev, kc.outlier_split_round_trip(by_keys, k_ev))
     err_both = kc.query_error(q_ev, k_ev, kc.outlier_split_round_trip(split, k_ev))
     assert err_both < 0.8 * err_keys
+
+
+def test_shared_profile_keeps_the_budget_and_the_order():
+    """Allocations of one budget in different orders and shapes: the profile spends exactly that
+    budget, runs from the most bits down, and is the allocation itself where all agree."""
+    rng = np.random.default_rng(4)
+    law = _law(rng)
+    k, q = _sample(rng, law, 3000)
+    code = kc.calibrate_key_code(k, q, 3.25)
+    assert list(kc.shared_profile([code, code])) == sorted(code.bits.tolist(), reverse=True)
+    codes = [kc.calibrate_key_code(*_sample(rng, _law(np.random.default_rng(s)), 3000), 3.25) for s in SEEDS]
+    prof = kc.shared_profile(codes)
+    assert prof.sum() == code.bits.sum() == kc.coefficient_budget(D, 3.25)
+    assert np.all(np.diff(prof) <= 0)
+    moved = kc.with_profile(code, prof)
+    assert moved.bits.sum() == prof.sum()
+    assert moved.bits[np.argmax(code.sigma)] == prof[0] and moved.bits[np.argmin(code.sigma)] == prof[-1]
