@@ -98,6 +98,24 @@ typedef struct {
     uint8_t   gamma;
 } block_tq4_qjl;        // 34 bytes: 4.25 bits per value
 
+// tq3c, a calibrated key code (issue 18; not a cache type yet: the graph's transform and the
+// calibration file come first). A block holds 64 coefficients z of keys transformed per layer and KV
+// head so that each has unit variance over the calibration text (pytools/tq3c.py says how), coded
+// with the fixed profile tq3c_profile (tq-codebooks.h: position j takes tq3c_profile[j] bits, 192
+// in all) and the b-bit Lloyd-Max codebooks of N(0, 1) tq_gauss_centroids_b / tq_gauss_boundaries_b:
+//   1. s = sum_j (double) z_j * z_j, j = 0..63 in order; if s is not finite: g = 0x7E00 (fp16 NaN),
+//      all index bits 0. Else g = fp16((float) sqrt(s / 64)) (round to nearest even); if g is zero,
+//      every byte 0.
+//   2. u_j = z_j / g (float32, g converted from fp16).
+//   3. idx_j = number of boundaries B of tq3c_profile[j] bits with u_j > B (no index for 0 bits).
+//   4. qs: a bit stream, LSB first within each byte: idx_j's bits (low to high) at bit offset
+//      sum_{i<j} tq3c_profile[i].
+// Decoding: z~_j = g * C_b[idx_j] (float32; g * 0.0f for a position of 0 bits).
+typedef struct {
+    TQ_HALF_T d;        // gain: the block's rms, fp16
+    uint8_t   qs[24];   // 192 index bits
+} block_tq3c;           // 26 bytes: 3.25 bits per value
+
 // The query side of a TQ key dot product: the query rotated once per row (block_tq_q), plus its
 // QJL projections for the _qjl types (block_tq_qjl_q, fp16 so that it fits the 4 bytes per value
 // that the CPU flash-attention scratch gives the converted query).
@@ -115,6 +133,7 @@ typedef struct {
 static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
 static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
 static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
+static_assert(sizeof(block_tq3c) == 26, "block_tq3c size");
 static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
 static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
 static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");
@@ -124,6 +143,7 @@ static_assert(sizeof(block_tq_qjl_q) == 256, "block_tq_qjl_q size");
 _Static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
 _Static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
 _Static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
+_Static_assert(sizeof(block_tq3c) == 26, "block_tq3c size");
 _Static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
 _Static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
 _Static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");

@@ -503,3 +503,70 @@ float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void 
     }
     return sum;
 }
+
+// --- tq3c (tq-blocks.h) -----------------------------------------------------------------------
+
+static const float * const tq_gauss_centroids[TQ3C_MAX_BITS + 1] = {
+    NULL, tq_gauss_centroids_1, tq_gauss_centroids_2, tq_gauss_centroids_3, tq_gauss_centroids_4,
+    tq_gauss_centroids_5, tq_gauss_centroids_6, tq_gauss_centroids_7,
+};
+static const float * const tq_gauss_boundaries[TQ3C_MAX_BITS + 1] = {
+    NULL, tq_gauss_boundaries_1, tq_gauss_boundaries_2, tq_gauss_boundaries_3, tq_gauss_boundaries_4,
+    tq_gauss_boundaries_5, tq_gauss_boundaries_6, tq_gauss_boundaries_7,
+};
+
+void quantize_row_tq3c_ref(const float * x, block_tq3c * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    for (int64_t b = 0; b < k / QK_TQ; ++b) {
+        const float * z = x + b*QK_TQ;
+        block_tq3c * blk = y + b;
+        memset(blk, 0, sizeof(*blk));
+        double s = 0.0;
+        for (int j = 0; j < QK_TQ; ++j) {
+            s += (double) z[j] * (double) z[j];
+        }
+        if (!isfinite(s)) {
+            blk->d = TQ_FP16_NAN;
+            continue;
+        }
+        blk->d = GGML_FP32_TO_FP16((float) sqrt(s / QK_TQ));
+        const float g = GGML_FP16_TO_FP32(blk->d);
+        if (g == 0.0f) {
+            blk->d = 0;   // -0 too: every byte 0
+            continue;
+        }
+        int off = 0;
+        for (int j = 0; j < QK_TQ; ++j) {
+            const int bits = tq3c_profile[j];
+            if (bits == 0) {
+                continue;
+            }
+            const float u = z[j] / g;
+            const float * bd = tq_gauss_boundaries[bits];
+            uint32_t idx = 0;
+            for (int i = 0; i < (1 << bits) - 1; ++i) {
+                idx += u > bd[i];
+            }
+            for (int i = 0; i < bits; ++i, ++off) {
+                blk->qs[off / 8] |= (uint8_t) (((idx >> i) & 1u) << (off % 8));
+            }
+        }
+    }
+}
+
+void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    for (int64_t b = 0; b < k / QK_TQ; ++b) {
+        const block_tq3c * blk = x + b;
+        const float g = GGML_FP16_TO_FP32(blk->d);
+        int off = 0;
+        for (int j = 0; j < QK_TQ; ++j) {
+            const int bits = tq3c_profile[j];
+            uint32_t idx = 0;
+            for (int i = 0; i < bits; ++i, ++off) {
+                idx |= (uint32_t) ((blk->qs[off / 8] >> (off % 8)) & 1u) << i;
+            }
+            y[b*QK_TQ + j] = g * (bits == 0 ? 0.0f : tq_gauss_centroids[bits][idx]);
+        }
+    }
+}

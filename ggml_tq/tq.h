@@ -40,6 +40,10 @@ GGML_API void dequantize_row_tq4_qjl(const block_tq4_qjl * x, float * y, int64_t
 GGML_API void dequantize_row_tq_q(const block_tq_q * x, float * y, int64_t k);
 GGML_API void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64_t k);
 
+// tq3c blocks (tq-blocks.h): calibrated key coefficients, k a multiple of 64
+GGML_API void quantize_row_tq3c_ref(const float * x, block_tq3c * y, int64_t k);
+GGML_API void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k);
+
 // The quantizer with step 3's scale search or step 4's norm correction off (tq-blocks.h): variants
 // kept for measurements (results/ rows marked "search off"), reached through the measurement knobs
 // (tq_knobs below, in the CPU quantizer) and pytools/ggml_lib.py. {true, true} is quantize_row_*_ref. The

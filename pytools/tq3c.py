@@ -1,0 +1,93 @@
+"""NumPy reference of the tq3c block (tq-blocks.h): 64 calibrated key coefficients at 3.25 bits.
+
+The cache stores coefficients z of the key, not the key: z = ((k - m) T) / sigma per layer and KV head
+(issue 18: m the calibration mean, T the query-whitened KLT, sigma each coefficient's calibration
+standard deviation), so every coefficient has unit variance over the calibration text. A block codes
+64 of them with one fixed profile of bits (the most to the first position), the Gaussian Lloyd-Max
+codebook of each bit count, and one fp16 gain, the block's rms. The profile is SmolLM2's shared
+profile (results/key-code-sim.md: a type carries no per-layer parameters; the flatter of the two
+measured profiles, which costs Qwen2.5-Coder-0.5B 2% against its own allocations).
+
+This module writes the bytes that the C reference (tq.c) writes: the same float32 and double
+operations in the same order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .key_code import gaussian_lloyd_max
+
+QK_TQ3C = 64
+BLOCK_BYTES = 26
+# bits of positions 0..63: 192 in all, 24 bytes of indices + the 2-byte gain = tq3's 26 bytes
+TQ3C_PROFILE = (7, 6, 6, *[5] * 8, *[4] * 10, *[3] * 17, *[2] * 17, *[1] * 8, 0)
+assert len(TQ3C_PROFILE) == QK_TQ3C and sum(TQ3C_PROFILE) == 8 * (BLOCK_BYTES - 2)
+
+
+@functools.lru_cache(maxsize=None)
+def gauss_codebook_f32(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, boundaries) of the b-bit Lloyd-Max quantizer of N(0, 1) as float32, each rounded
+    once from double: the tables of tq-codebooks.h."""
+    c, b, _ = gaussian_lloyd_max(bits)
+    return np.asarray(c, dtype=np.float32), np.asarray(b, dtype=np.float32)
+
+
+def _bit_offsets() -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(TQ3C_PROFILE)[:-1])).astype(np.int64)
+
+
+def quantize_blocks(z: np.ndarray) -> np.ndarray:
+    """float32 coefficients [n, 64] -> uint8 blocks [n, 26] (tq-blocks.h, tq3c steps 1-4)."""
+    z = np.ascontiguousarray(z, dtype=np.float32).reshape(-1, QK_TQ3C)
+    n = z.shape[0]
+    out = np.zeros((n, BLOCK_BYTES), dtype=np.uint8)
+    zd = z.astype(np.float64)
+    s = np.zeros(n, dtype=np.float64)
+    for j in range(QK_TQ3C):                       # the reference's order: j ascending
+        s = s + zd[:, j] * zd[:, j]
+    finite = np.isfinite(s)
+    with np.errstate(invalid="ignore", over="ignore"):   # an rms beyond fp16's range is an Inf gain, as in C
+        g16 = np.where(finite, np.sqrt(np.where(finite, s, 0.0) / QK_TQ3C).astype(np.float32).astype(np.float16),
+                       np.float16(np.nan))
+    g = g16.astype(np.float32)
+    live = finite & (g > 0)
+    gain_bits = np.where(finite, g16.view(np.uint16), np.uint16(0x7E00)).astype(np.uint16)
+    gain_bits = np.where(finite & ~live, np.uint16(0), gain_bits)
+    out[:, 0] = (gain_bits & 0xFF).astype(np.uint8)
+    out[:, 1] = (gain_bits >> 8).astype(np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(live[:, None], z / np.where(live, g, np.float32(1.0))[:, None], np.float32(0.0)).astype(np.float32)
+    stream = np.zeros((n, 8 * (BLOCK_BYTES - 2)), dtype=np.uint8)   # one bit per byte, LSB-first
+    for j, (bits, off) in enumerate(zip(TQ3C_PROFILE, _bit_offsets())):
+        if bits == 0:
+            continue
+        _, bounds = gauss_codebook_f32(bits)
+        idx = np.sum(u[:, j:j + 1] > bounds[None, :], axis=1).astype(np.int64)
+        idx = np.where(live, idx, 0)
+        for i in range(bits):
+            stream[:, off + i] = (idx >> i) & 1
+    out[:, 2:] = np.packbits(stream.reshape(n, -1, 8), axis=2, bitorder="little").reshape(n, -1)
+    return out
+
+
+def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
+    """uint8 blocks [n, 26] -> float32 coefficients [n, 64]: gain * centroid (0 where a position has
+    no bits); a NaN gain gives NaN everywhere, as a NaN row would travel through f16."""
+    blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
+    n = blocks.shape[0]
+    g = blocks[:, :2].copy().view(np.float16).reshape(n).astype(np.float32)
+    stream = np.unpackbits(blocks[:, 2:], axis=1, bitorder="little").astype(np.int64)
+    z = np.zeros((n, QK_TQ3C), dtype=np.float32)
+    for j, (bits, off) in enumerate(zip(TQ3C_PROFILE, _bit_offsets())):
+        if bits == 0:
+            with np.errstate(invalid="ignore"):   # Inf gain * 0 is NaN, as in C
+                z[:, j] = g * np.float32(0.0)
+            continue
+        idx = np.zeros(n, dtype=np.int64)
+        for i in range(bits):
+            idx |= stream[:, off + i] << i
+        z[:, j] = g * gauss_codebook_f32(bits)[0][idx]
+    return z
