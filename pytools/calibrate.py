@@ -26,6 +26,7 @@ CALIBRATION_TEXT = REPO_ROOT / "pytools" / "data" / "calibration-gpl-3.0.txt"
 # bump when the measurement changes, so that cached files of the old rule are not reused
 CALIBRATION_VERSION = 1
 DEFAULT_TOKENS = 512
+TQ3C_TOKENS = 1024       # the measurements of results/key-code-sim.md
 
 
 def calibration_text() -> str:
@@ -69,6 +70,57 @@ def measure_key_means(model: Path, n_tokens: int = DEFAULT_TOKENS) -> dict[int, 
 
 
 def write_key_means(path: Path, model: Path, means: dict[int, np.ndarray], n_tokens: int) -> None:
+    def tensors(writer) -> None:
+        for il, m in sorted(means.items()):
+            writer.add_tensor(f"tq_key_mean.{il}", m)
+
+    _write_calibration(path, model, n_tokens, tensors)
+
+
+def tq3c_file(model: Path, n_tokens: int = TQ3C_TOKENS) -> Path:
+    """Where the tq3c transforms of this GGUF are cached (the file may not exist yet)."""
+    return cache_dir() / "calibration" / f"{_model_sha256(model)}-tq3c-v{CALIBRATION_VERSION}-{n_tokens}.gguf"
+
+
+def measure_tq3c(model: Path, n_tokens: int = TQ3C_TOKENS) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per layer: the key mean [n_head_kv * d] and, per KV head, the tq3c transforms of the centred
+    keys and of the queries (tq3c.key_transforms) [n_head_kv, d, d], all float32, from positions
+    1..n-1 of the calibration text (position 0, the sink, is kept exactly by the cache)."""
+    from .kv_dump import dump_kv
+    from .tq3c import key_transforms
+
+    dump = dump_kv(model, calibration_text(), n_tokens=n_tokens, n_threads=2)
+    if dump["n_tokens"] < 256:
+        raise UserError(f"the calibration text gave only {dump['n_tokens']} tokens (tq3c needs 256)")
+    out = {}
+    for il, (k_all, q_all) in enumerate(zip(dump["Kcur"], dump["Qcur"])):
+        k_all, q_all = np.asarray(k_all, dtype=np.float64)[1:], np.asarray(q_all, dtype=np.float64)[1:]
+        hkv, d = k_all.shape[1], k_all.shape[2]
+        if d % 64 != 0:
+            raise UserError(f"layer {il}: head size {d} is not a multiple of 64, which tq3c blocks need")
+        g = q_all.shape[1] // hkv
+        mean = k_all.mean(axis=0)
+        wk, wq = zip(*(key_transforms(k_all[:, h] - mean[h], q_all[:, h * g:(h + 1) * g]) for h in range(hkv)))
+        out[il] = (mean.reshape(-1).astype(np.float32), np.stack(wk).astype(np.float32), np.stack(wq).astype(np.float32))
+        if not all(np.all(np.isfinite(a)) for a in out[il]):
+            raise UserError(f"the tq3c transforms of layer {il} are not finite over the calibration text")
+    return out
+
+
+def write_tq3c(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: int) -> None:
+    from .tq3c import TQ3C_PROFILE
+
+    def tensors(writer) -> None:
+        writer.add_array("tq.tq3c.profile", list(TQ3C_PROFILE))
+        for il, (mean, wk, wq) in sorted(layers.items()):
+            writer.add_tensor(f"tq3c_k_mean.{il}", mean)
+            writer.add_tensor(f"tq3c_k_transform.{il}", wk)
+            writer.add_tensor(f"tq3c_q_transform.{il}", wq)
+
+    _write_calibration(path, model, n_tokens, tensors)
+
+
+def _write_calibration(path: Path, model: Path, n_tokens: int, add) -> None:
     from gguf import GGUFReader, GGUFWriter
 
     arch_field = GGUFReader(model).get_field("general.architecture")
@@ -80,8 +132,7 @@ def write_key_means(path: Path, model: Path, means: dict[int, np.ndarray], n_tok
     writer.add_uint32("tq.calibration.n_tokens", n_tokens)
     writer.add_uint32("tq.calibration.version", CALIBRATION_VERSION)
     writer.add_string("tq.model.sha256", _model_sha256(model))
-    for il, m in sorted(means.items()):
-        writer.add_tensor(f"tq_key_mean.{il}", m)
+    add(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -91,24 +142,35 @@ def write_key_means(path: Path, model: Path, means: dict[int, np.ndarray], n_tok
 
 def key_means(model: str | Path, n_tokens: int = DEFAULT_TOKENS, force: bool = False, quiet: bool = False) -> Path:
     """The key-means GGUF of a model (a short name or a path), calibrated on first use."""
+    return _calibrated(model, "key-means", n_tokens, force, quiet)
+
+
+def tq3c_transforms(model: str | Path, n_tokens: int = TQ3C_TOKENS, force: bool = False, quiet: bool = False) -> Path:
+    """The tq3c-transforms GGUF of a model (a short name or a path), calibrated on first use."""
+    return _calibrated(model, "tq3c", n_tokens, force, quiet)
+
+
+def _calibrated(model: str | Path, kind: str, n_tokens: int, force: bool, quiet: bool) -> Path:
     from .models import model_path
 
     gguf = model_path(str(model))
-    path = key_means_file(gguf, n_tokens)
+    path = (key_means_file if kind == "key-means" else tq3c_file)(gguf, n_tokens)
     if path.exists() and not force:
         return path
+    what = "mean keys" if kind == "key-means" else "tq3c key transforms"
     if not quiet:
-        print(f"tq: calibrating the mean keys of {gguf.name} over {n_tokens} tokens of {CALIBRATION_TEXT.name} "
+        print(f"tq: calibrating the {what} of {gguf.name} over {n_tokens} tokens of {CALIBRATION_TEXT.name} "
               f"(once; cached in {path.parent}) ...", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     # in a child process: llama.cpp aborts the process on a model it cannot run, and a calibration
     # must fail with a message, not take the caller (a server, a test run) down with it
-    proc = subprocess.run([sys.executable, "-m", "turboquant_llama.calibrate", str(gguf), str(n_tokens), str(path)],
+    proc = subprocess.run([sys.executable, "-m", "turboquant_llama.calibrate", str(gguf), str(n_tokens), str(path), kind],
                           capture_output=True, text=True, errors="replace")
     if proc.returncode != 0 or not path.exists():
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:])
-        raise UserError(f"calibrating the key means of {gguf.name} failed (exit {proc.returncode}); turn key centering "
-                        f"off (--tq-key-center off, tq_key_center=False) to run without them:\n{tail}")
+        hint = ("turn key centering off (--tq-key-center off, tq_key_center=False) to run without them"
+                if kind == "key-means" else "use tq3 keys instead")
+        raise UserError(f"calibrating the {what} of {gguf.name} failed (exit {proc.returncode}); {hint}:\n{tail}")
     return path
 
 
@@ -117,16 +179,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model name from `tq models list` or a GGUF path")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"calibration tokens (default {DEFAULT_TOKENS})")
     p.add_argument("--force", action="store_true", help="measure again even if a cached file exists")
+    p.add_argument("--tq3c", action="store_true",
+                   help=f"the tq3c key transforms instead of the mean keys (default {TQ3C_TOKENS} tokens)")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.tq3c:
+        tokens = TQ3C_TOKENS if args.tokens == DEFAULT_TOKENS else args.tokens
+        if tokens < 256:
+            raise UserError("--tokens must be at least 256 for --tq3c")
+        print(tq3c_transforms(args.model, tokens, force=args.force))
+        return 0
     if args.tokens < 64:
         raise UserError("--tokens must be at least 64")
     print(key_means(args.model, args.tokens, force=args.force))
     return 0
 
 
-if __name__ == "__main__":   # the child of key_means: GGUF, token count, output file
-    model_arg, tokens_arg, out_arg = sys.argv[1:4]
-    write_key_means(Path(out_arg), Path(model_arg), measure_key_means(Path(model_arg), int(tokens_arg)), int(tokens_arg))
+if __name__ == "__main__":   # the child of _calibrated: GGUF, token count, output file, kind
+    model_arg, tokens_arg, out_arg, kind_arg = sys.argv[1:5]
+    model_file, n = Path(model_arg), int(tokens_arg)
+    if kind_arg == "tq3c":
+        write_tq3c(Path(out_arg), model_file, measure_tq3c(model_file, n), n)
+    else:
+        write_key_means(Path(out_arg), model_file, measure_key_means(model_file, n), n)

@@ -91,3 +91,29 @@ def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
             idx |= stream[:, off + i] << i
         z[:, j] = g * gauss_codebook_f32(bits)[0][idx]
     return z
+
+
+# --- the per layer and KV head transform (what the calibration file holds) ------------------------
+
+def coefficient_order(d: int) -> np.ndarray:
+    """rank[p]: which coefficient (by descending variance) goes to position p of a row of d. Block b
+    of the row takes ranks b, b + nb, b + 2 nb, ... so that every block sees the whole spectrum and
+    one fixed profile fits each (its position 0 gets the block's largest coefficient)."""
+    nb = d // QK_TQ3C
+    pos = np.arange(d)
+    return (pos % QK_TQ3C) * nb + pos // QK_TQ3C
+
+
+def key_transforms(k: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W_k, W_q) of one layer and KV head from its calibration keys k [n, d] (centred by the caller)
+    and queries q [n, g, d]: z = k W_k are the coefficients a tq3c block codes (unit variance over
+    the calibration rows, in coefficient_order), and (q W_q) . z = q . k, so attention runs on the
+    coefficients with the query transformed once. Both float64 [d, d]."""
+    from .key_code import calibrate_key_code
+
+    d = k.shape[1]
+    code = calibrate_key_code(k, q, 3.25)     # the bits are the type's profile; only the transform counts
+    by_rank = np.argsort(-code.sigma, kind="stable")[coefficient_order(d)]
+    w_k = (code.transform / code.sigma)[:, by_rank]
+    w_q = ((code.inverse * code.sigma[:, None])[by_rank, :]).T
+    return w_k, w_q

@@ -62,3 +62,52 @@ def test_a_model_that_cannot_be_calibrated_is_a_clear_error(tmp_path):
     broken.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(UserError, match="tq-key-center off"):
         key_means(broken)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tq3c():
+    require_model("smollm2")
+    require_llama_cpp()
+    from turboquant_llama.calibrate import tq3c_transforms
+
+    return tq3c_transforms("smollm2")
+
+
+def test_tq3c_file_holds_each_layers_transforms(smollm2_tq3c):
+    """Per layer the key mean and, per KV head, the two transforms: queries and keys through them
+    keep their dot products (attention can run on the coefficients), and the calibration text's
+    keys through W_k have unit variance in every coefficient."""
+    from gguf import GGUFReader
+
+    from turboquant_llama.calibrate import calibration_text, tq3c_transforms
+    from turboquant_llama.kv_dump import dump_kv
+    from turboquant_llama.models import model_path
+    from turboquant_llama.tq3c import TQ3C_PROFILE
+
+    reader = GGUFReader(smollm2_tq3c)
+    t = {x.name: np.asarray(x.data) for x in reader.tensors}
+    assert sorted(t) == sorted(f"tq3c_{kind}.{il}" for il in range(30) for kind in ("k_mean", "k_transform", "q_transform"))
+    prof = reader.get_field("tq.tq3c.profile")
+    assert [int(prof.parts[i][0]) for i in prof.data] == list(TQ3C_PROFILE)
+    wk, wq, mean = t["tq3c_k_transform.7"], t["tq3c_q_transform.7"], t["tq3c_k_mean.7"].reshape(3, 64)
+    assert wk.shape == wq.shape == (3, 64, 64)
+    rng = np.random.default_rng(0)
+    k, q = rng.standard_normal((16, 64)), rng.standard_normal((16, 64))
+    for h in range(3):
+        assert np.allclose((q @ wq[h]) @ (k @ wk[h]).T, q @ k.T, rtol=1e-3, atol=1e-3 * np.abs(q @ k.T).max())
+    dump = dump_kv(model_path("smollm2"), calibration_text(), n_tokens=1024, n_threads=2)
+    z = (np.asarray(dump["Kcur"][7], dtype=np.float64)[1:, 1] - mean[1]) @ wk[1]
+    var = z.var(axis=0)
+    assert np.allclose(var, 1.0, atol=0.02)
+    assert tq3c_transforms("smollm2") == smollm2_tq3c
+
+
+def test_tq3c_calibration_of_a_broken_model_is_a_clear_error(tmp_path):
+    require_llama_cpp()
+    from turboquant_llama.calibrate import tq3c_transforms
+    from turboquant_llama.errors import UserError
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(UserError, match="tq3c key transforms.*tq3 keys instead"):
+        tq3c_transforms(broken)
