@@ -117,3 +117,32 @@ def key_transforms(k: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray
     w_k = (code.transform / code.sigma)[:, by_rank]
     w_q = ((code.inverse * code.sigma[:, None])[by_rank, :]).T
     return w_k, w_q
+
+
+def measure_blocks(model: str, eval_text: str, n_tokens: int = 1024) -> dict:
+    """The query error of tq3c as the cache would run it: the calibration file's transforms
+    (`tq calibrate --tq3c`), the blocks of this module, scores (q W_q) . z~ against q . k; beside
+    tq3 on the same centred keys. Geometric means over layer-heads: {"tq3", "tq3c"}."""
+    from gguf import GGUFReader
+
+    from .calibrate import tq3c_transforms
+    from .key_code import _tq_round_trip, query_error
+    from .kv_dump import dump_kv
+    from .models import model_path
+
+    t = {x.name: np.asarray(x.data, dtype=np.float64) for x in GGUFReader(tq3c_transforms(model)).tensors}
+    ev = dump_kv(model_path(model), eval_text, n_tokens=n_tokens, n_threads=2)
+    err: dict[str, list[float]] = {"tq3": [], "tq3c": []}
+    for il in range(len(ev["Kcur"])):
+        k_all, q_all = ev["Kcur"][il][1:].astype(np.float64), ev["Qcur"][il][1:].astype(np.float64)
+        hkv, d = k_all.shape[1], k_all.shape[2]
+        g = q_all.shape[1] // hkv
+        mean = t[f"tq3c_k_mean.{il}"].reshape(hkv, d)
+        for h in range(hkv):
+            k, q = k_all[:, h] - mean[h], q_all[:, h * g:(h + 1) * g].reshape(-1, d)
+            z = (k @ t[f"tq3c_k_transform.{il}"][h]).astype(np.float32)
+            z_hat = dequantize_blocks(quantize_blocks(z)).reshape(z.shape).astype(np.float64)
+            s, s_hat = q @ k.T, (q @ t[f"tq3c_q_transform.{il}"][h]) @ z_hat.T
+            err["tq3c"].append(float(np.mean((s - s_hat) ** 2) / np.mean(s * s)))
+            err["tq3"].append(query_error(q, k, _tq_round_trip(k, "tq3")))
+    return {name: float(np.exp(np.mean(np.log(v)))) for name, v in err.items()}
