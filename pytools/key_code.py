@@ -260,6 +260,27 @@ def wikitext_text(n_chars: int) -> str:
         return f.read(n_chars)
 
 
+def layer_heads(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 1024):
+    """Per layer and KV head of a model, (layer, head, k_cal, q_cal, k_ev, q_ev): the keys [n, d] of
+    the calibration and evaluation texts centred by the calibration mean, and the queries [n, g, d]
+    of the head's query heads, float64, position 0 (the attention sink, kept exactly by the cache)
+    left out."""
+    from .kv_dump import dump_kv
+    from .models import model_path
+
+    path = model_path(str(model))
+    cal = dump_kv(path, cal_text, n_tokens=n_tokens, n_threads=2)
+    ev = dump_kv(path, eval_text, n_tokens=n_tokens, n_threads=2)
+    for il in range(len(cal["Kcur"])):
+        kc_all, qc_all = cal["Kcur"][il][1:].astype(np.float64), cal["Qcur"][il][1:].astype(np.float64)
+        ke_all, qe_all = ev["Kcur"][il][1:].astype(np.float64), ev["Qcur"][il][1:].astype(np.float64)
+        hkv, g = kc_all.shape[1], qc_all.shape[1] // kc_all.shape[1]
+        for h in range(hkv):
+            mean = kc_all[:, h].mean(axis=0)
+            yield (il, h, kc_all[:, h] - mean, qc_all[:, h * g:(h + 1) * g],
+                   ke_all[:, h] - mean, qe_all[:, h * g:(h + 1) * g])
+
+
 def measure(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 1024,
             codes: dict[str, float] | None = None,
             splits: dict[str, tuple[int, int, int]] | None = None) -> dict:
@@ -269,39 +290,27 @@ def measure(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 10
     attention sink, kept exactly by the cache) is left out of means, covariances and evaluation.
     splits: name -> (n_out, bits_hi, bits_lo), the paper's outlier split calibrated on the same rows.
     Returns {"rows": [per layer-head dict], "geomean": {code: value}, "n_cal", "n_eval"}."""
-    from .kv_dump import dump_kv
     from .layout import storage_cost
-    from .models import model_path
 
     codes = codes or {"tq3c": storage_cost("tq3")[0]}
-    path = model_path(str(model))
-    cal = dump_kv(path, cal_text, n_tokens=n_tokens, n_threads=2)
-    ev = dump_kv(path, eval_text, n_tokens=n_tokens, n_threads=2)
     rows = []
-    for il in range(len(cal["Kcur"])):
-        kc_all, qc_all = cal["Kcur"][il][1:].astype(np.float64), cal["Qcur"][il][1:].astype(np.float64)
-        ke_all, qe_all = ev["Kcur"][il][1:].astype(np.float64), ev["Qcur"][il][1:].astype(np.float64)
-        hkv, g = kc_all.shape[1], qc_all.shape[1] // kc_all.shape[1]
-        for h in range(hkv):
-            mean = kc_all[:, h].mean(axis=0)
-            k_cal, k_ev = kc_all[:, h] - mean, ke_all[:, h] - mean
-            q_cal, q_ev = qc_all[:, h * g:(h + 1) * g], qe_all[:, h * g:(h + 1) * g]
-            row: dict = {"layer": il, "head": h}
-            for t in ("tq2", "tq3", "tq4"):
-                row[t] = query_error(q_ev, k_ev, _tq_round_trip(k_ev, t))
-            for name, bpv in codes.items():
-                code = calibrate_key_code(k_cal, q_cal, bpv)
-                row[name] = query_error(q_ev, k_ev, decode_keys(code, *encode_keys(code, k_ev)))
-                row[name + "_bits"] = code.total_bits()
-                row[name + "_cap_hits"] = int(np.sum(code.bits == MAX_BITS))
-            for name, (n_out, hi, lo) in (splits or {}).items():
-                split = calibrate_outlier_split(k_cal, q_cal, n_out, hi, lo)
-                row[name] = query_error(q_ev, k_ev, outlier_split_round_trip(split, k_ev))
-                row[name + "_bits"] = split.total_bits(k_ev.shape[1])
-            rows.append(row)
+    for il, h, k_cal, q_cal, k_ev, q_ev in layer_heads(model, cal_text, eval_text, n_tokens):
+        row: dict = {"layer": il, "head": h}
+        for t in ("tq2", "tq3", "tq4"):
+            row[t] = query_error(q_ev, k_ev, _tq_round_trip(k_ev, t))
+        for name, bpv in codes.items():
+            code = calibrate_key_code(k_cal, q_cal, bpv)
+            row[name] = query_error(q_ev, k_ev, decode_keys(code, *encode_keys(code, k_ev)))
+            row[name + "_bits"] = code.total_bits()
+            row[name + "_cap_hits"] = int(np.sum(code.bits == MAX_BITS))
+        for name, (n_out, hi, lo) in (splits or {}).items():
+            split = calibrate_outlier_split(k_cal, q_cal, n_out, hi, lo)
+            row[name] = query_error(q_ev, k_ev, outlier_split_round_trip(split, k_ev))
+            row[name + "_bits"] = split.total_bits(k_ev.shape[1])
+        rows.append(row)
     names = ["tq2", "tq3", "tq4", *codes, *(splits or {})]
     geomean = {n: float(np.exp(np.mean([np.log(r[n]) for r in rows]))) for n in names}
-    return {"rows": rows, "geomean": geomean, "n_cal": cal["n_tokens"] - 1, "n_eval": ev["n_tokens"] - 1}
+    return {"rows": rows, "geomean": geomean, "n_cal": len(k_cal), "n_eval": len(k_ev)}
 
 
 def measure_profiles(model: str | Path, cal_text: str, eval_text: str, n_tokens: int = 1024,
@@ -310,21 +319,8 @@ def measure_profiles(model: str | Path, cal_text: str, eval_text: str, n_tokens:
     whole model (shared_profile of its calibrations) and with given profiles (another model's):
     what a type with a fixed profile would lose. Keys and queries as in measure().
     Returns {"rows", "geomean", "profile"} (profile: this model's, as a list)."""
-    from .kv_dump import dump_kv
-    from .models import model_path
-
-    path = model_path(str(model))
-    cal = dump_kv(path, cal_text, n_tokens=n_tokens, n_threads=2)
-    ev = dump_kv(path, eval_text, n_tokens=n_tokens, n_threads=2)
-    heads = []
-    for il in range(len(cal["Kcur"])):
-        kc_all, qc_all = cal["Kcur"][il][1:].astype(np.float64), cal["Qcur"][il][1:].astype(np.float64)
-        ke_all, qe_all = ev["Kcur"][il][1:].astype(np.float64), ev["Qcur"][il][1:].astype(np.float64)
-        hkv, g = kc_all.shape[1], qc_all.shape[1] // kc_all.shape[1]
-        for h in range(hkv):
-            mean = kc_all[:, h].mean(axis=0)
-            code = calibrate_key_code(kc_all[:, h] - mean, qc_all[:, h * g:(h + 1) * g], bits_per_value)
-            heads.append((il, h, code, ke_all[:, h] - mean, qe_all[:, h * g:(h + 1) * g]))
+    heads = [(il, h, calibrate_key_code(k_cal, q_cal, bits_per_value), k_ev, q_ev)
+             for il, h, k_cal, q_cal, k_ev, q_ev in layer_heads(model, cal_text, eval_text, n_tokens)]
     own = shared_profile([c for _, _, c, _, _ in heads])
     variants = {"per layer-head": None, "model profile": own, **(profiles or {})}
     rows = []
