@@ -105,20 +105,22 @@ static __device__ __forceinline__ void tq_fwht64_warp(float (&x0)[N], float (&x1
 }
 
 template <int N>
-static __device__ __forceinline__ void tq_signs_scale_warp(const tq_cuda_tables & t, int r, bool signs_first, float (&x0)[N], float (&x1)[N]) {
+static __device__ __forceinline__ void tq_signs_warp(const tq_cuda_tables & t, int r, float (&x0)[N], float (&x1)[N]) {
     const int lane = threadIdx.x & 31;
     const bool n0 = (t.signs[r][0] >> lane) & 1, n1 = (t.signs[r][1] >> lane) & 1;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-        if (signs_first) {
-            if (n0) x0[i] = tq_fneg(x0[i]);
-            if (n1) x1[i] = tq_fneg(x1[i]);
-        } else {
-            x0[i] = tq_fmul(x0[i], 0.125f);
-            x1[i] = tq_fmul(x1[i], 0.125f);
-            if (n0) x0[i] = tq_fneg(x0[i]);
-            if (n1) x1[i] = tq_fneg(x1[i]);
-        }
+        if (n0) x0[i] = tq_fneg(x0[i]);
+        if (n1) x1[i] = tq_fneg(x1[i]);
+    }
+}
+
+template <int N>
+static __device__ __forceinline__ void tq_eighth_warp(float (&x0)[N], float (&x1)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        x0[i] = tq_fmul(x0[i], 0.125f);
+        x1[i] = tq_fmul(x1[i], 0.125f);
     }
 }
 
@@ -126,13 +128,9 @@ template <int N>
 static __device__ __forceinline__ void tq_rotate_warp(const tq_cuda_tables & t, float (&x0)[N], float (&x1)[N]) {
 #pragma unroll
     for (int r = 0; r < TQ_ROTATION_ROUNDS; ++r) {
-        tq_signs_scale_warp<N>(t, r, true, x0, x1);
+        tq_signs_warp<N>(t, r, x0, x1);
         tq_fwht64_warp<N>(x0, x1);
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-            x0[i] = tq_fmul(x0[i], 0.125f);
-            x1[i] = tq_fmul(x1[i], 0.125f);
-        }
+        tq_eighth_warp<N>(x0, x1);
     }
 }
 
@@ -141,7 +139,8 @@ static __device__ __forceinline__ void tq_unrotate_warp(const tq_cuda_tables & t
 #pragma unroll
     for (int r = TQ_ROTATION_ROUNDS - 1; r >= 0; --r) {
         tq_fwht64_warp<N>(x0, x1);
-        tq_signs_scale_warp<N>(t, r, false, x0, x1);
+        tq_eighth_warp<N>(x0, x1);
+        tq_signs_warp<N>(t, r, x0, x1);
     }
 }
 
@@ -204,8 +203,8 @@ static __device__ __forceinline__ void tq_scaled_boundaries(const tq_cuda_tables
     }
 }
 
-// A warp's shared scratch for one block: the unit vector, and the cells of every scale (rows of 68
-// bytes: the ten scales' lanes read one byte each from ten different banks)
+// A warp's shared scratch for one block: the squares of step 1, the unit vector, and the cells of
+// every scale (rows of 68 bytes: the ten scales' lanes read one byte each from ten different banks)
 struct tq_quant_scratch {
     double sq[QK_TQ];
     float  u[QK_TQ];

@@ -54,8 +54,7 @@ def quantize_blocks(z: np.ndarray) -> np.ndarray:
                        np.float16(np.nan))
     g = g16.astype(np.float32)
     live = finite & (g > 0)
-    gain_bits = np.where(finite, g16.view(np.uint16), np.uint16(0x7E00)).astype(np.uint16)
-    gain_bits = np.where(finite & ~live, np.uint16(0), gain_bits)
+    gain_bits = np.where(live, g16.view(np.uint16), np.where(finite, 0, 0x7E00)).astype(np.uint16)
     out[:, 0] = (gain_bits & 0xFF).astype(np.uint8)
     out[:, 1] = (gain_bits >> 8).astype(np.uint8)
     with np.errstate(divide="ignore", invalid="ignore"):
