@@ -98,10 +98,10 @@ typedef struct {
     uint8_t   gamma;
 } block_tq4_qjl;        // 34 bytes: 4.25 bits per value
 
-// tq3c, a calibrated key code (issue 18; not a cache type yet: the graph's transform and the
-// calibration file come first). A block holds 64 coefficients z of keys transformed per layer and KV
-// head so that each has unit variance over the calibration text (pytools/tq3c.py says how), coded
-// with the fixed profile tq3c_profile (tq-codebooks.h: position j takes tq3c_profile[j] bits, 192
+// tq3c, a calibrated key type (K only). A block holds 64 coefficients z of keys transformed per
+// layer and KV head by the graph (llama's cache, from the model's `tq calibrate --tq3c` file) so
+// that each has unit variance over the calibration text (pytools/tq3c.py says how), coded with the
+// fixed profile tq3c_profile (tq-codebooks.h: position j takes tq3c_profile[j] bits, 192
 // in all) and the b-bit Lloyd-Max codebooks of N(0, 1) tq_gauss_centroids_b / tq_gauss_boundaries_b:
 //   1. s = sum_j (double) z_j * z_j, j = 0..63 in order; if s is not finite: g = 0x7E00 (fp16 NaN),
 //      all index bits 0. Else g = fp16((float) sqrt(s / 64)) (round to nearest even); if g is zero,

@@ -63,7 +63,11 @@ const tq_measurement_knobs * tq_knobs(void) {
 }
 
 bool tq_is_kv_type(enum ggml_type type) {
-    return type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL;
+    return (type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL) || type == GGML_TYPE_TQ3C;
+}
+
+bool tq_is_calibrated_type(enum ggml_type type) {
+    return type == GGML_TYPE_TQ3C;
 }
 
 bool tq_is_qjl_type(enum ggml_type type) {
@@ -287,6 +291,10 @@ static tq_block_layout tq_layout(enum ggml_type type) {
 
 void tq_quantize_row_with(enum ggml_type type, const float * x, void * y, int64_t k, const tq_quantize_options * opt) {
     assert(k % QK_TQ == 0);
+    if (type == GGML_TYPE_TQ3C) {
+        quantize_row_tq3c_ref(x, (block_tq3c *) y, k);   // no scale search or norm correction to turn off
+        return;
+    }
     const tq_block_layout l = tq_layout(type);
     float u[QK_TQ]; uint8_t idx[QK_TQ]; float n;
     for (int64_t b = 0; b < k / QK_TQ; ++b, x += QK_TQ) {

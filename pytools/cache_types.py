@@ -28,9 +28,12 @@ CACHE_TYPES: dict[str, CacheType] = {
         CacheType("q4_1", 3, 32, 20), CacheType("q4_0", 2, 32, 18), CacheType("iq4_nl", 20, 32, 18),
         CacheType("tq4", 45, 64, 34), CacheType("tq3", 44, 64, 26), CacheType("tq2", 43, 64, 18),
         CacheType("tq4_qjl", 48, 64, 34), CacheType("tq3_qjl", 47, 64, 26), CacheType("tq2_qjl", 46, 64, 18),
+        CacheType("tq3c", 51, 64, 26),
     )
 }
-TQ_NAMES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl")
+TQ_NAMES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl", "tq3c")
+# calibrated key types: K only, with the model's `tq calibrate --tq3c` file
+KEY_ONLY_NAMES = ("tq3c",)
 
 
 def cache_type(name: str) -> CacheType:
@@ -64,6 +67,8 @@ def parse_type_specs(text: str, example: str = "f16,q4_0,tq3/tq2") -> list[tuple
                 valid = ", ".join(n for n in CACHE_TYPES if n != "f32")
                 raise UserError(f"unknown cache type '{p}' in '{item}'; valid types: {valid}")
         pair = (parts[0], parts[-1])
+        if pair[1] in KEY_ONLY_NAMES:
+            raise UserError(f"'{item}': {pair[1]} is a key type (K only); give V another type, e.g. {pair[1]}/tq3")
         if pair not in pairs:
             pairs.append(pair)
     return pairs

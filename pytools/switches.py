@@ -101,7 +101,7 @@ SWITCHES: tuple[Switch, ...] = (
            "the reference quantizer rescales a block's norm to its reconstruction's"),
     Switch("scale_search", "TQ_SCALE_SEARCH", True, "on", False, lambda k, v, s: _has_mse_tq(k, v),
            "the reference quantizer searches the block scale"),
-    Switch("key_center", None, True, "on", True, lambda k, v, s: is_tq(k),
+    Switch("key_center", None, True, "on", True, lambda k, v, s: is_tq(k) and k != "tq3c",
            "TQ K layers store k - m, m the model's mean key (`tq calibrate`)"),
     Switch("exact_sink", None, True, "on", True, lambda k, v, s: _has_tq(k, v),
            "TQ layers keep each stream's first K and V rows in float32"),
@@ -199,11 +199,14 @@ def child_env(setting: Mapping[str, Value], environ: Mapping[str, str] | None = 
 
 
 def _key_means(setting: Mapping[str, Value], model: str | Path | None, k: str | None) -> Path | None:
-    """The key-means file a TQ K cache of this model uses under this setting (None: not centred)."""
+    """The calibration file a TQ K cache of this model uses under this setting (None: not centred):
+    the key means, or for tq3c keys (which need theirs, centering or not) the tq3c transforms."""
+    from .calibrate import key_means, tq3c_transforms
+
+    if model is not None and k == "tq3c":
+        return tq3c_transforms(model)
     if not setting.get("key_center", True) or model is None or (k is not None and not is_tq(k)):
         return None
-    from .calibrate import key_means
-
     return key_means(model)
 
 

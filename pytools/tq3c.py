@@ -145,3 +145,64 @@ def measure_blocks(model: str, eval_text: str, n_tokens: int = 1024) -> dict:
             err["tq3c"].append(float(np.mean((s - s_hat) ** 2) / np.mean(s * s)))
             err["tq3"].append(query_error(q, k, _tq_round_trip(k, "tq3")))
     return {name: float(np.exp(np.mean(np.log(v)))) for name, v in err.items()}
+
+
+# --- what attention sees: the output error, not the score error ---------------------------------
+
+TQ3C_SELECT_WEIGHTS = 4.0 ** np.asarray(TQ3C_PROFILE, dtype=np.float64)   # water-filling: bits ~ log4 of a weight
+
+
+def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    n = k.shape[0]
+    s = q @ k.T / np.sqrt(q.shape[1]) + np.triu(np.full((n, n), -np.inf), 1)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ v
+
+
+def measure_attention(model: str, eval_text: str, n_tokens: int = 768) -> dict:
+    """The relative error of each query head's causal attention output (exact values, position 0's
+    key exact as the cache's sink, positions 1.. averaged) with tq3 keys and with tq3c keys through
+    the calibration file's transforms, per layer-head of the TQ layers (not the first and last), and
+    with a hybrid that codes each tq3c block as whichever of tq3c and tq3-on-the-coefficients has
+    the lower error weighted by 4^bits (TQ3C_SELECT_WEIGHTS: what the profile's bits say a
+    coefficient is worth). {name: [(layer, head, error)]} plus {"hybrid_tq3_blocks": fraction}."""
+    from gguf import GGUFReader
+
+    from .calibrate import tq3c_transforms
+    from .key_code import _tq_round_trip
+    from .kv_dump import dump_kv
+    from .models import model_path
+
+    t = {x.name: np.asarray(x.data, dtype=np.float64) for x in GGUFReader(tq3c_transforms(model)).tensors}
+    ev = dump_kv(model_path(model), eval_text, n_tokens=n_tokens, n_threads=2)
+    out: dict = {"tq3": [], "tq3c": [], "hybrid": []}
+    chosen = []
+    for il in range(1, len(ev["Kcur"]) - 1):
+        k_all, q_all, v_all = (np.asarray(ev[x][il], dtype=np.float64) for x in ("Kcur", "Qcur", "Vcur"))
+        hkv, d = k_all.shape[1], k_all.shape[2]
+        g = q_all.shape[1] // hkv
+        mean = t[f"tq3c_k_mean.{il}"].reshape(hkv, d)
+        for h in range(hkv):
+            k, v = k_all[:, h] - mean[h], v_all[:, h]
+            z = (k @ t[f"tq3c_k_transform.{il}"][h]).astype(np.float32)
+            zc = dequantize_blocks(quantize_blocks(z)).reshape(z.shape).astype(np.float64)
+            z3 = _tq_round_trip(z.astype(np.float64), "tq3")
+            zh = zc.copy()
+            for b in range(d // QK_TQ3C):
+                sl = slice(QK_TQ3C * b, QK_TQ3C * (b + 1))
+                use3 = (np.sum(TQ3C_SELECT_WEIGHTS * (z3[:, sl] - z[:, sl]) ** 2, axis=1)
+                        < np.sum(TQ3C_SELECT_WEIGHTS * (zc[:, sl] - z[:, sl]) ** 2, axis=1))
+                zh[use3, sl] = z3[use3, sl]
+                chosen.append(float(use3[1:].mean()))
+            k3 = _tq_round_trip(k, "tq3")
+            k3[0], zc[0], zh[0] = k[0], z[0], z[0]
+            for j in range(g):
+                q = q_all[:, h * g + j]
+                o = _causal_attention(q, k, v)
+                qz = q @ t[f"tq3c_q_transform.{il}"][h]
+                for name, oo in (("tq3", _causal_attention(q, k3, v)), ("tq3c", _causal_attention(qz, zc, v)),
+                                 ("hybrid", _causal_attention(qz, zh, v))):
+                    err = np.sum((oo - o) ** 2, axis=1) / np.sum(o ** 2, axis=1)
+                    out[name].append((il, h * g + j, float(np.mean(err[1:]))))
+    out["hybrid_tq3_blocks"] = float(np.mean(chosen))
+    return out

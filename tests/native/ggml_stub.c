@@ -28,6 +28,7 @@ const char * ggml_type_name(enum ggml_type type) {
         case GGML_TYPE_TQ4_QJL:  return "tq4_qjl";
         case GGML_TYPE_TQ_Q:     return "tq_q";
         case GGML_TYPE_TQ_QJL_Q: return "tq_qjl_q";
+        case GGML_TYPE_TQ3C:     return "tq3c";
         default:                 return "NONE";
     }
 }
@@ -44,6 +45,7 @@ size_t ggml_type_size(enum ggml_type type) {
         case GGML_TYPE_TQ4_QJL:  return sizeof(block_tq4_qjl);
         case GGML_TYPE_TQ_Q:     return sizeof(block_tq_q);
         case GGML_TYPE_TQ_QJL_Q: return sizeof(block_tq_qjl_q);
+        case GGML_TYPE_TQ3C:     return sizeof(block_tq3c);
         default: GGML_ABORT("ggml_type_size: unknown type %d", (int) type);
     }
 }

@@ -22,7 +22,8 @@ enum ggml_type {
     GGML_TYPE_TQ4_QJL    = 48,
     GGML_TYPE_TQ_Q       = 49,
     GGML_TYPE_TQ_QJL_Q   = 50,
-    GGML_TYPE_COUNT      = 51,
+    GGML_TYPE_TQ3C       = 51,
+    GGML_TYPE_COUNT      = 52,
 };
 
 #define GGML_MAX_DIMS      4
