@@ -110,7 +110,16 @@ typedef struct {
 //   3. idx_j = number of boundaries B of tq3c_profile[j] bits with u_j > B (no index for 0 bits).
 //   4. qs: a bit stream, LSB first within each byte: idx_j's bits (low to high) at bit offset
 //      sum_{i<j} tq3c_profile[i].
-// Decoding: z~_j = g * C_b[idx_j] (float32; g * 0.0f for a position of 0 bits).
+//   5. Where g is finite and not zero: zc = this block decoded, t = the tq3 block of the same 64
+//      values (quantize_row_tq3_ref), z3 = t decoded (dequantize_row_tq3); e_c = sum_j w_j * (double)
+//      (zc_j - z_j)^2 and e_3 likewise with z3 (float32 differences, squared and weighted in double,
+//      j = 0..63 in order), w_j = 4^tq3c_profile[j] (what the profile says a position is worth: bits
+//      go by log4 of it). If e_3 < e_c the block is t with the sign bit of its norm set (d | 0x8000).
+//      Why: attention concentrates on a few keys, and those (secondary sinks) are the ones the
+//      calibration did not see; 0-2 bits on most coefficients clip them, tq3 does not
+//      (results/tq3c-cache.md).
+// Decoding: a block whose gain has the sign bit set is that tq3 block (sign cleared) decoded;
+// otherwise z~_j = g * C_b[idx_j] (float32; g * 0.0f for a position of 0 bits).
 typedef struct {
     TQ_HALF_T d;        // gain: the block's rms, fp16
     uint8_t   qs[24];   // 192 index bits

@@ -607,6 +607,10 @@ static const tq3c_positions * tq3c_position_table(void) {
 }
 
 static inline void tq3c_decode_block(const tq3c_positions * t, const block_tq3c * blk, float * y) {
+    if (blk->d & 0x8000) {   // a tq3 block (a few in a thousand): the reference
+        dequantize_row_tq3c(blk, y, QK_TQ);
+        return;
+    }
     uint8_t qs[sizeof(blk->qs) + 1] = { 0 };
     memcpy(qs, blk->qs, sizeof(blk->qs));
     const float g = GGML_FP16_TO_FP32(blk->d);

@@ -523,6 +523,28 @@ static const float * const tq_gauss_boundaries[TQ3C_MAX_BITS + 1] = {
     tq_gauss_boundaries_5, tq_gauss_boundaries_6, tq_gauss_boundaries_7,
 };
 
+// step 5 of tq-blocks.h: the block as tq3 where that is closer to z by the profile's weights
+static void tq3c_or_tq3(const float * z, block_tq3c * blk) {
+    static_assert(sizeof(block_tq3) == sizeof(block_tq3c), "a tq3c block holds a tq3 block");
+    float zc[QK_TQ], z3[QK_TQ];
+    block_tq3 t;
+    dequantize_row_tq3c(blk, zc, QK_TQ);
+    quantize_row_tq3_ref(z, &t, QK_TQ);
+    dequantize_row_tq3(&t, z3, QK_TQ);
+    double ec = 0.0, e3 = 0.0;
+    for (int j = 0; j < QK_TQ; ++j) {
+        const double w = (double) (1u << (2*tq3c_profile[j]));
+        const double dc = (double) (zc[j] - z[j]);
+        const double d3 = (double) (z3[j] - z[j]);
+        ec += w * (dc * dc);
+        e3 += w * (d3 * d3);
+    }
+    if (e3 < ec) {
+        memcpy(blk, &t, sizeof(t));
+        blk->d = (ggml_fp16_t) (t.d | 0x8000);
+    }
+}
+
 void quantize_row_tq3c_ref(const float * x, block_tq3c * y, int64_t k) {
     assert(k % QK_TQ == 0);
     for (int64_t b = 0; b < k / QK_TQ; ++b) {
@@ -559,6 +581,9 @@ void quantize_row_tq3c_ref(const float * x, block_tq3c * y, int64_t k) {
                 blk->qs[off / 8] |= (uint8_t) (((idx >> i) & 1u) << (off % 8));
             }
         }
+        if (isfinite(g)) {
+            tq3c_or_tq3(z, blk);
+        }
     }
 }
 
@@ -566,6 +591,13 @@ void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k) {
     assert(k % QK_TQ == 0);
     for (int64_t b = 0; b < k / QK_TQ; ++b) {
         const block_tq3c * blk = x + b;
+        if (blk->d & 0x8000) {   // a tq3 block (tq-blocks.h, tq3c step 5)
+            block_tq3 t;
+            memcpy(&t, blk, sizeof(t));
+            t.d = (ggml_fp16_t) (t.d & 0x7FFF);
+            dequantize_row_tq3(&t, y + b*QK_TQ, QK_TQ);
+            continue;
+        }
         const float g = GGML_FP16_TO_FP32(blk->d);
         int off = 0;
         for (int j = 0; j < QK_TQ; ++j) {

@@ -39,8 +39,9 @@ def _bit_offsets() -> np.ndarray:
     return np.concatenate(([0], np.cumsum(TQ3C_PROFILE)[:-1])).astype(np.int64)
 
 
-def quantize_blocks(z: np.ndarray) -> np.ndarray:
-    """float32 coefficients [n, 64] -> uint8 blocks [n, 26] (tq-blocks.h, tq3c steps 1-4)."""
+def quantize_blocks(z: np.ndarray, tq3_blocks: bool = True) -> np.ndarray:
+    """float32 coefficients [n, 64] -> uint8 blocks [n, 26] (tq-blocks.h, tq3c steps 1-5; without
+    step 5 with tq3_blocks=False, the calibrated code alone, for measurements)."""
     z = np.ascontiguousarray(z, dtype=np.float32).reshape(-1, QK_TQ3C)
     n = z.shape[0]
     out = np.zeros((n, BLOCK_BYTES), dtype=np.uint8)
@@ -69,14 +70,50 @@ def quantize_blocks(z: np.ndarray) -> np.ndarray:
         for i in range(bits):
             stream[:, off + i] = (idx >> i) & 1
     out[:, 2:] = np.packbits(stream.reshape(n, -1, 8), axis=2, bitorder="little").reshape(n, -1)
+    if tq3_blocks:
+        _tq3c_or_tq3(z, out, live & np.isfinite(g))
     return out
+
+
+def _tq3c_or_tq3(z: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+    """tq-blocks.h tq3c step 5: each of the rows' blocks becomes the tq3 block of its values (norm's
+    sign bit set) where that is closer to z by the profile's weights 4^bits."""
+    from .layout import dequantize_rows, quantize_rows
+
+    idx = np.where(rows)[0]
+    if idx.size == 0:
+        return
+    zr = z[idx]
+    zc = dequantize_blocks(out[idx])
+    t = quantize_rows(zr, "tq3")
+    z3 = dequantize_rows(t, "tq3")
+    ec = np.zeros(idx.size)
+    e3 = np.zeros(idx.size)
+    for j, bits in enumerate(TQ3C_PROFILE):    # the reference's order: j ascending
+        w = float(4 ** bits)
+        dc = (zc[:, j] - zr[:, j]).astype(np.float64)
+        d3 = (z3[:, j] - zr[:, j]).astype(np.float64)
+        ec = ec + w * (dc * dc)
+        e3 = e3 + w * (d3 * d3)
+    use = idx[e3 < ec]
+    out[use] = t[e3 < ec]
+    out[use, 1] |= 0x80
 
 
 def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
     """uint8 blocks [n, 26] -> float32 coefficients [n, 64]: gain * centroid (0 where a position has
     no bits); a NaN gain gives NaN everywhere, as a NaN row would travel through f16."""
+    from .layout import dequantize_rows
+
     blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
     n = blocks.shape[0]
+    as_tq3 = (blocks[:, 1] & 0x80) != 0            # tq-blocks.h tq3c step 5
+    if as_tq3.any():
+        z = dequantize_blocks(np.where(as_tq3[:, None], 0, blocks).astype(np.uint8))
+        t = blocks[as_tq3].copy()
+        t[:, 1] &= 0x7F
+        z[as_tq3] = dequantize_rows(t, "tq3")
+        return z
     g = blocks[:, :2].copy().view(np.float16).reshape(n).astype(np.float32)
     stream = np.unpackbits(blocks[:, 2:], axis=1, bitorder="little").astype(np.int64)
     z = np.zeros((n, QK_TQ3C), dtype=np.float32)
@@ -149,7 +186,9 @@ def measure_blocks(model: str, eval_text: str, n_tokens: int = 1024) -> dict:
 
 # --- what attention sees: the output error, not the score error ---------------------------------
 
-TQ3C_SELECT_WEIGHTS = 4.0 ** np.asarray(TQ3C_PROFILE, dtype=np.float64)   # water-filling: bits ~ log4 of a weight
+def _split_name(split: tuple[int, int, int]) -> str:
+    n, hi, lo = split
+    return f"split {n}@{hi}+{QK_TQ3C - n}@{lo}"
 
 
 def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -159,23 +198,26 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray
     return (p / p.sum(axis=1, keepdims=True)) @ v
 
 
-def measure_attention(model: str, eval_text: str, n_tokens: int = 768) -> dict:
+def measure_attention(model: str, eval_text: str, n_tokens: int = 768,
+                      splits: tuple[tuple[int, int, int], ...] = ()) -> dict:
     """The relative error of each query head's causal attention output (exact values, position 0's
-    key exact as the cache's sink, positions 1.. averaged) with tq3 keys and with tq3c keys through
-    the calibration file's transforms, per layer-head of the TQ layers (not the first and last), and
-    with a hybrid that codes each tq3c block as whichever of tq3c and tq3-on-the-coefficients has
-    the lower error weighted by 4^bits (TQ3C_SELECT_WEIGHTS: what the profile's bits say a
-    coefficient is worth). {name: [(layer, head, error)]} plus {"hybrid_tq3_blocks": fraction}."""
+    key exact as the cache's sink, positions 1.. averaged) with tq3 and tq4 keys and with tq3c keys
+    through the calibration file's transforms (with and without tq-blocks.h's step 5, the blocks
+    that tq3 codes better stored as tq3), per layer-head of the TQ layers (not the first and last).
+    splits: the paper's outlier split (n channels, bits, rest's bits) per 64 values, its channels
+    chosen on the calibration text's keys and queries (key_code). {name: [(layer, head, error)]}
+    plus {"tq3_blocks": the fraction of tq3c blocks stored as tq3}."""
     from gguf import GGUFReader
 
-    from .calibrate import tq3c_transforms
-    from .key_code import _tq_round_trip
+    from .calibrate import calibration_text, tq3c_transforms
+    from .key_code import _tq_round_trip, calibrate_outlier_split, outlier_split_round_trip
     from .kv_dump import dump_kv
     from .models import model_path
 
     t = {x.name: np.asarray(x.data, dtype=np.float64) for x in GGUFReader(tq3c_transforms(model)).tensors}
     ev = dump_kv(model_path(model), eval_text, n_tokens=n_tokens, n_threads=2)
-    out: dict = {"tq3": [], "tq3c": [], "hybrid": []}
+    cal = dump_kv(model_path(model), calibration_text(), n_tokens=1024, n_threads=2) if splits else None
+    out: dict = {"tq3": [], "tq4": [], "tq3c": [], "tq3c without step 5": []} | {_split_name(s): [] for s in splits}
     chosen = []
     for il in range(1, len(ev["Kcur"]) - 1):
         k_all, q_all, v_all = (np.asarray(ev[x][il], dtype=np.float64) for x in ("Kcur", "Qcur", "Vcur"))
@@ -185,24 +227,27 @@ def measure_attention(model: str, eval_text: str, n_tokens: int = 768) -> dict:
         for h in range(hkv):
             k, v = k_all[:, h] - mean[h], v_all[:, h]
             z = (k @ t[f"tq3c_k_transform.{il}"][h]).astype(np.float32)
-            zc = dequantize_blocks(quantize_blocks(z)).reshape(z.shape).astype(np.float64)
-            z3 = _tq_round_trip(z.astype(np.float64), "tq3")
-            zh = zc.copy()
-            for b in range(d // QK_TQ3C):
-                sl = slice(QK_TQ3C * b, QK_TQ3C * (b + 1))
-                use3 = (np.sum(TQ3C_SELECT_WEIGHTS * (z3[:, sl] - z[:, sl]) ** 2, axis=1)
-                        < np.sum(TQ3C_SELECT_WEIGHTS * (zc[:, sl] - z[:, sl]) ** 2, axis=1))
-                zh[use3, sl] = z3[use3, sl]
-                chosen.append(float(use3[1:].mean()))
-            k3 = _tq_round_trip(k, "tq3")
-            k3[0], zc[0], zh[0] = k[0], z[0], z[0]
+            blocks = quantize_blocks(z)
+            chosen.append(float(np.mean((blocks.reshape(z.shape[0], -1, BLOCK_BYTES)[1:, :, 1] & 0x80) != 0)))
+            zc = dequantize_blocks(blocks).reshape(z.shape).astype(np.float64)
+            zp = dequantize_blocks(quantize_blocks(z, tq3_blocks=False)).reshape(z.shape).astype(np.float64)
+            plain = {"tq3": _tq_round_trip(k, "tq3"), "tq4": _tq_round_trip(k, "tq4")}
+            for sp in splits:
+                kc = np.asarray(cal["Kcur"][il], dtype=np.float64)[1:, h] - mean[h]
+                qc = np.asarray(cal["Qcur"][il], dtype=np.float64)[1:, h * g:(h + 1) * g]
+                n_out = sp[0] * d // QK_TQ3C
+                plain[_split_name(sp)] = outlier_split_round_trip(calibrate_outlier_split(kc, qc, n_out, sp[1], sp[2]), k)
+            for kk in plain.values():
+                kk[0] = k[0]
+            zc[0], zp[0] = z[0], z[0]
             for j in range(g):
                 q = q_all[:, h * g + j]
                 o = _causal_attention(q, k, v)
                 qz = q @ t[f"tq3c_q_transform.{il}"][h]
-                for name, oo in (("tq3", _causal_attention(q, k3, v)), ("tq3c", _causal_attention(qz, zc, v)),
-                                 ("hybrid", _causal_attention(qz, zh, v))):
+                coded = [(name, _causal_attention(q, kk, v)) for name, kk in plain.items()]
+                for name, oo in coded + [("tq3c", _causal_attention(qz, zc, v)),
+                                         ("tq3c without step 5", _causal_attention(qz, zp, v))]:
                     err = np.sum((oo - o) ** 2, axis=1) / np.sum(o ** 2, axis=1)
                     out[name].append((il, h * g + j, float(np.mean(err[1:]))))
-    out["hybrid_tq3_blocks"] = float(np.mean(chosen))
+    out["tq3_blocks"] = float(np.mean(chosen))
     return out

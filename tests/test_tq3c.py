@@ -82,6 +82,29 @@ def test_c_and_numpy_write_the_same_bytes(base):
     assert all(ref[r, 0] == 0x00 and ref[r, 1] == 0x7E and not ref[r, 2:].any() for r in nan_rows)
     zero_rows = np.where(~z.any(axis=1))[0]
     assert zero_rows.size and not ref[zero_rows].any()
+    # step 5 took both ways here: blocks kept as tq3c and blocks stored as tq3 (sign bit of the norm)
+    as_tq3 = (ref[:, 1] & 0x80) != 0
+    assert 0 < as_tq3.sum() < len(z) // 4
+
+
+def test_blocks_that_tq3_codes_better_are_tq3_blocks():
+    """Step 5 by its definition: a block is stored as tq3 (and decodes as tq3 does) exactly where
+    tq3's decoded values are closer to z by the weights 4^bits; otherwise it keeps its tq3c code."""
+    from turboquant_llama.layout import dequantize_rows, quantize_rows
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((400, 64)).astype(np.float32) * np.float32(0.5) ** (np.arange(64) / 16)
+    z[:40, 50:] *= 40.0                               # keys the profile did not expect
+    blocks = tq3c.quantize_blocks(z)
+    as_tq3 = (blocks[:, 1] & 0x80) != 0
+    assert 0 < as_tq3.sum() < len(z)
+    z3 = dequantize_rows(quantize_rows(z, "tq3"), "tq3")
+    np.testing.assert_array_equal(tq3c.dequantize_blocks(blocks)[as_tq3], z3[as_tq3])
+    zc = tq3c.dequantize_blocks(blocks)
+    w = 4.0 ** np.asarray(tq3c.TQ3C_PROFILE)
+    e3 = np.sum(w * (z3 - z).astype(np.float64) ** 2, axis=1)
+    ec = np.sum(w * (zc - z).astype(np.float64) ** 2, axis=1)
+    assert np.all(ec[~as_tq3] <= e3[~as_tq3] * (1 + 1e-12))
 
 
 def test_c_and_numpy_decode_the_same_floats(base):
