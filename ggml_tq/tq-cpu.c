@@ -484,6 +484,116 @@ static void tq_unrotate_block_neon(float * x) {
 
 #endif // TQ_NEON
 
+// --- tq3c: calibrated key coefficients --------------------------------------------------------------
+// A faster copy of dequantize_row_tq3c (the same g * centroid products): each position's index
+// (at most 7 bits at a shift of at most 7) is read from a 16-bit window of the zero-padded bit
+// stream, instead of bit by bit.
+
+// Where position j's index starts in the stream, and its codebook; built once from tq3c_profile.
+typedef struct {
+    uint8_t byte[QK_TQ], shift[QK_TQ];
+    uint32_t mask[QK_TQ];
+    const float * centroids[QK_TQ];   // NULL: a position of 0 bits
+    // the same for the SIMD decoders: 32-bit lanes, each codebook's place in one table
+    int32_t byte32[QK_TQ], shift32[QK_TQ], mask32[QK_TQ], base32[QK_TQ];
+    float all[256];                    // codebook b at 2^b - 2 (b = 1..7), 0.0f at 254
+} tq3c_positions;
+
+static const float * const tq3c_codebooks[TQ3C_MAX_BITS + 1] = {
+    NULL, tq_gauss_centroids_1, tq_gauss_centroids_2, tq_gauss_centroids_3, tq_gauss_centroids_4,
+    tq_gauss_centroids_5, tq_gauss_centroids_6, tq_gauss_centroids_7,
+};
+
+static const tq3c_positions * tq3c_position_table(void) {
+    // racing threads build the same table; the flag is published after it (release/acquire where the
+    // compiler has the builtins; elsewhere x86's store order and volatile)
+    static tq3c_positions t;
+    static volatile int ready = 0;
+#if defined(__GNUC__)
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
+#else
+    if (!ready) {
+#endif
+        int off = 0;
+        for (int b = 1; b <= TQ3C_MAX_BITS; ++b) {
+            memcpy(t.all + (1 << b) - 2, tq3c_codebooks[b], sizeof(float) << b);
+        }
+        t.all[254] = t.all[255] = 0.0f;
+        for (int j = 0; j < QK_TQ; ++j) {
+            const int bits = tq3c_profile[j];
+            t.byte[j] = (uint8_t) (off / 8);
+            t.shift[j] = (uint8_t) (off % 8);
+            t.mask[j] = (1u << bits) - 1u;
+            t.centroids[j] = tq3c_codebooks[bits];
+            t.byte32[j] = off / 8;
+            t.shift32[j] = off % 8;
+            t.mask32[j] = (int32_t) t.mask[j];
+            t.base32[j] = bits ? (1 << bits) - 2 : 254;
+            off += bits;
+        }
+#if defined(__GNUC__)
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+#else
+        ready = 1;
+#endif
+    }
+    return &t;
+}
+
+static inline void tq3c_decode_block(const tq3c_positions * t, const block_tq3c * blk, float * y) {
+    if (blk->d & 0x8000) {   // a tq3 block (a few in a thousand): the reference
+        dequantize_row_tq3c(blk, y, QK_TQ);
+        return;
+    }
+    uint8_t qs[sizeof(blk->qs) + 1] = { 0 };
+    memcpy(qs, blk->qs, sizeof(blk->qs));
+    const float g = GGML_FP16_TO_FP32(blk->d);
+    for (int j = 0; j < QK_TQ; ++j) {
+        const uint32_t w = (uint32_t) qs[t->byte[j]] | ((uint32_t) qs[t->byte[j] + 1] << 8);
+        y[j] = g * (t->centroids[j] ? t->centroids[j][(w >> t->shift[j]) & t->mask[j]] : 0.0f);
+    }
+}
+
+static void tq3c_decode_rows_scalar(int64_t n, const void * x, size_t stride, int count, float * out) {
+    const tq3c_positions * t = tq3c_position_table();
+    for (int r = 0; r < count; ++r) {
+        const block_tq3c * row = (const block_tq3c *) ((const char *) x + r*stride);
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            tq3c_decode_block(t, row + b, out + r*n + b*QK_TQ);
+        }
+    }
+}
+
+#if defined(TQ_X86) && defined(__GNUC__)
+// Eight positions at a time: their 32-bit windows of the zero-padded stream gathered, shifted and
+// masked per lane, the centroids gathered from the one table; then the same g * c products.
+__attribute__((target("avx2,fma")))
+static void tq3c_decode_rows_avx2(int64_t n, const void * x, size_t stride, int count, float * out) {
+    const tq3c_positions * t = tq3c_position_table();
+    for (int r = 0; r < count; ++r) {
+        const block_tq3c * row = (const block_tq3c *) ((const char *) x + r*stride);
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            const block_tq3c * blk = row + b;
+            float * y = out + r*n + b*QK_TQ;
+            if (blk->d & 0x8000) {
+                dequantize_row_tq3c(blk, y, QK_TQ);
+                continue;
+            }
+            uint8_t qs[sizeof(blk->qs) + 4] = { 0 };
+            memcpy(qs, blk->qs, sizeof(blk->qs));
+            const __m256 g = _mm256_set1_ps(GGML_FP16_TO_FP32(blk->d));
+            for (int j = 0; j < QK_TQ; j += 8) {
+                const __m256i w = _mm256_i32gather_epi32((const int *) qs, _mm256_loadu_si256((const __m256i *) (t->byte32 + j)), 1);
+                __m256i idx = _mm256_srlv_epi32(w, _mm256_loadu_si256((const __m256i *) (t->shift32 + j)));
+                idx = _mm256_and_si256(idx, _mm256_loadu_si256((const __m256i *) (t->mask32 + j)));
+                idx = _mm256_add_epi32(idx, _mm256_loadu_si256((const __m256i *) (t->base32 + j)));
+                _mm256_storeu_ps(y + j, _mm256_mul_ps(g, _mm256_i32gather_ps(t->all, idx, 4)));
+            }
+        }
+    }
+}
+#endif
+
 // --- dispatch: one table of kernels per level, the level chosen once ---------------------------------
 
 typedef struct {
@@ -492,15 +602,17 @@ typedef struct {
     float (*vec_dot)(enum ggml_type type, int n, const void * x, const block_tq_q * q);
     void  (*mad_rows)(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale);
     void  (*unrotate_block)(float * x);
+    // tq3c keys: rows decoded to calibrated coefficients
+    void  (*decode_tq3c)(int64_t n, const void * x, size_t stride, int count, float * out);
 } tq_simd_kernels;
 
 static const tq_simd_kernels tq_levels[] = {
-    { "scalar", tq_vec_dot_scalar, tq_mad_rows_scalar, tq_unrotate_block },
+    { "scalar", tq_vec_dot_scalar, tq_mad_rows_scalar, tq_unrotate_block, tq3c_decode_rows_scalar },
 #if defined(TQ_X86) && defined(__GNUC__)
-    { "avx2",   tq_vec_dot_mse_avx2,   tq_mad_rows_mse_avx2,   tq_unrotate_block_avx2 },
-    { "avx512", tq_vec_dot_mse_avx512, tq_mad_rows_mse_avx512, tq_unrotate_block_avx512 },
+    { "avx2",   tq_vec_dot_mse_avx2,   tq_mad_rows_mse_avx2,   tq_unrotate_block_avx2,   tq3c_decode_rows_avx2 },
+    { "avx512", tq_vec_dot_mse_avx512, tq_mad_rows_mse_avx512, tq_unrotate_block_avx512, tq3c_decode_rows_avx2 },
 #elif defined(TQ_NEON)
-    { "neon",   tq_vec_dot_mse_neon,   tq_mad_rows_mse_neon,   tq_unrotate_block_neon },
+    { "neon",   tq_vec_dot_mse_neon,   tq_mad_rows_mse_neon,   tq_unrotate_block_neon,   tq3c_decode_rows_scalar },
 #endif
 };
 
@@ -571,63 +683,8 @@ TQ_VEC_DOT(tq2_qjl, GGML_TYPE_TQ2_QJL)
 TQ_VEC_DOT(tq3_qjl, GGML_TYPE_TQ3_QJL)
 TQ_VEC_DOT(tq4_qjl, GGML_TYPE_TQ4_QJL)
 
-// --- tq3c: calibrated key coefficients --------------------------------------------------------------
-// A faster copy of dequantize_row_tq3c (the same g * centroid products): each position's index
-// (at most 7 bits at a shift of at most 7) is read from a 16-bit window of the zero-padded bit
-// stream, instead of bit by bit.
-
-// Where position j's index starts in the stream, and its codebook; built once from tq3c_profile.
-typedef struct {
-    uint8_t byte[QK_TQ], shift[QK_TQ];
-    uint32_t mask[QK_TQ];
-    const float * centroids[QK_TQ];   // NULL: a position of 0 bits
-} tq3c_positions;
-
-static const float * const tq3c_codebooks[TQ3C_MAX_BITS + 1] = {
-    NULL, tq_gauss_centroids_1, tq_gauss_centroids_2, tq_gauss_centroids_3, tq_gauss_centroids_4,
-    tq_gauss_centroids_5, tq_gauss_centroids_6, tq_gauss_centroids_7,
-};
-
-static const tq3c_positions * tq3c_position_table(void) {
-    static tq3c_positions t;
-    static volatile int ready = 0;   // racing threads build the same table
-    if (!ready) {
-        int off = 0;
-        for (int j = 0; j < QK_TQ; ++j) {
-            const int bits = tq3c_profile[j];
-            t.byte[j] = (uint8_t) (off / 8);
-            t.shift[j] = (uint8_t) (off % 8);
-            t.mask[j] = (1u << bits) - 1u;
-            t.centroids[j] = tq3c_codebooks[bits];
-            off += bits;
-        }
-        ready = 1;
-    }
-    return &t;
-}
-
-static inline void tq3c_decode_block(const tq3c_positions * t, const block_tq3c * blk, float * y) {
-    if (blk->d & 0x8000) {   // a tq3 block (a few in a thousand): the reference
-        dequantize_row_tq3c(blk, y, QK_TQ);
-        return;
-    }
-    uint8_t qs[sizeof(blk->qs) + 1] = { 0 };
-    memcpy(qs, blk->qs, sizeof(blk->qs));
-    const float g = GGML_FP16_TO_FP32(blk->d);
-    for (int j = 0; j < QK_TQ; ++j) {
-        const uint32_t w = (uint32_t) qs[t->byte[j]] | ((uint32_t) qs[t->byte[j] + 1] << 8);
-        y[j] = g * (t->centroids[j] ? t->centroids[j][(w >> t->shift[j]) & t->mask[j]] : 0.0f);
-    }
-}
-
 void tq_cpu_decode_rows_tq3c(int64_t n, const void * x, size_t stride, int count, float * out) {
-    const tq3c_positions * t = tq3c_position_table();
-    for (int r = 0; r < count; ++r) {
-        const block_tq3c * row = (const block_tq3c *) ((const char *) x + r*stride);
-        for (int64_t b = 0; b < n / QK_TQ; ++b) {
-            tq3c_decode_block(t, row + b, out + r*n + b*QK_TQ);
-        }
-    }
+    tq_kernels()->decode_tq3c(n, x, stride, count, out);
 }
 
 void tq_cpu_vec_dot_tq3c(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc) {

@@ -196,10 +196,11 @@ def test_server_outlives_a_killed_client(servers, tmp_path):
 # --------------------------------------------------------------------------- handshake, no build needed
 
 def test_type_count_is_the_patched_trees():
-    """rpc.GGML_TYPE_COUNT is what the client compares with the server's: patches/0004's."""
-    text = next((REPO_ROOT / "patches").glob("0004-*.patch")).read_text()
-    m = re.search(r"^\+\s*GGML_TYPE_COUNT\s*=\s*(\d+),", text, re.M)
-    assert m and int(m.group(1)) == rpc.GGML_TYPE_COUNT
+    """rpc.GGML_TYPE_COUNT is what the client compares with the server's: the value of the last patch
+    (in applying order) that sets it."""
+    counts = [int(m.group(1)) for p in sorted((REPO_ROOT / "patches").glob("*.patch"))
+              for m in re.finditer(r"^\+\s*GGML_TYPE_COUNT\s*=\s*(\d+),", p.read_text(), re.M)]
+    assert counts and counts[-1] == rpc.GGML_TYPE_COUNT
 
 
 @pytest.mark.parametrize("value,message", [
@@ -261,7 +262,7 @@ def test_probe_accepts_a_server_of_this_build():
 
 @pytest.mark.parametrize("answer,message", [
     (_hello(n_types=0), "stock llama.cpp rpc-server, without the TQ types"),
-    (_hello(n_types=43), "is 43 ggml types; this build has 51"),
+    (_hello(n_types=43), "is 43 ggml types; this build has 52"),
     (_hello(major=6), "speaks RPC protocol 6.0.0"),
     (struct.pack("<Q", 3) + b"abc", "answered the RPC handshake with 3 bytes"),
 ])

@@ -580,6 +580,43 @@ static void check_flash_attn_op(void) {
     check(finite, "flash_attn op: dst is not finite");
 }
 
+// tq3c: each level's tile decoder (tq_cpu_decode_rows_tq3c) gives the reference's floats bit for bit,
+// over coefficients of every kind (the outlier channels make some blocks tq3 blocks, step 5 of
+// tq-blocks.h), a NaN block and a zero block included
+static void check_tq3c_decode(void) {
+    static float z[N_ROWS*N_ROW], ref[N_ROWS*N_ROW], dec[N_ROWS*N_ROW];
+    static block_tq3c blocks[N_ROWS*N_ROW/QK_TQ];
+    const size_t rs = (N_ROW/QK_TQ)*sizeof(block_tq3c);
+    for (int r = 0; r < N_ROWS; ++r) {
+        make_row(r % N_KINDS, z + r*N_ROW, N_ROW);
+        for (int j = 0; j < N_ROW; ++j) {   // a calibrated-looking spectrum: falling variance
+            z[r*N_ROW + j] *= (float) (1.0 / (1.0 + (j % QK_TQ)/8.0));
+        }
+    }
+    z[5*N_ROW + 7] = NAN;
+    quantize_row_tq3c_ref(z, blocks, N_ROWS*N_ROW);
+    dequantize_row_tq3c(blocks, ref, N_ROWS*N_ROW);
+    hash_bytes(blocks, sizeof(blocks));
+    int n_tq3 = 0;
+    for (int b = 0; b < N_ROWS*N_ROW/QK_TQ; ++b) {
+        n_tq3 += (blocks[b].d & 0x8000) != 0;
+    }
+    check(n_tq3 > 0, "tq3c: no block of the test rows is a tq3 block (step 5 untested)");
+    for (int level = 0; level < n_levels; ++level) {
+        set_level(level);
+        memset(dec, 0xff, sizeof(dec));
+        tq_cpu_decode_rows_tq3c(N_ROW, blocks, rs, N_ROWS, dec);
+        int first = -1;
+        for (int i = 0; i < N_ROWS*N_ROW && first < 0; ++i) {
+            if (memcmp(&dec[i], &ref[i], sizeof(float)) != 0) {
+                first = i;
+            }
+        }
+        check(first < 0, "decode_rows %s tq3c: differs from the reference decode (first at row %d, value %d)",
+              level_names[level], first / N_ROW, first % N_ROW);
+    }
+}
+
 int main(int argc, char ** argv) {
     const char * expect[8];
     int n_expect = 0;
@@ -618,6 +655,7 @@ int main(int argc, char ** argv) {
     check_attn_rows_grouping();
     check_attn_nan_containment();
     check_flash_attn_op();
+    check_tq3c_decode();
 
     printf("reference checksum: %016llx\n", (unsigned long long) checksum);
     printf("%d passed, %d failed\n", n_pass, n_fail);
