@@ -118,7 +118,7 @@ def test_tq3c_cannot_shift_and_says_so(smollm2, smollm2_tq3c):
     assert "shifting is not supported" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["no file", "key means file", "as V", "other model"])
+@pytest.mark.parametrize("case", ["no file", "key means file", "as V", "other model", "past the calibration"])
 def test_tq3c_errors_are_clear(smollm2, smollm2_tq3c, tmp_path, case):
     """Context creation fails with a message that says what to do, never a crash or a cache that
     silently attends with untransformed keys."""
@@ -126,7 +126,7 @@ def test_tq3c_errors_are_clear(smollm2, smollm2_tq3c, tmp_path, case):
 
     from .gguf_files import write_tiny_llama
 
-    model, ctk, ctv, extra = smollm2, "tq3c", "tq3", []
+    model, ctk, ctv, extra, ctx = smollm2, "tq3c", "tq3", [], "256"
     if case == "key means file":
         extra = ["--tq-key-means", str(key_means("smollm2"))]
         expect = "not a tq3c calibration"
@@ -137,9 +137,12 @@ def test_tq3c_errors_are_clear(smollm2, smollm2_tq3c, tmp_path, case):
         model = write_tiny_llama(tmp_path / "tiny.gguf", 64)
         extra = ["--tq-key-means", str(smollm2_tq3c)]
         expect = "another model"
+    elif case == "past the calibration":   # 1024 positions calibrated (TQ3C_TOKENS)
+        extra, ctx = ["--tq-key-means", str(smollm2_tq3c)], "2048"
+        expect = "calibrated over 1024 positions"
     else:
         expect = "tq calibrate --tq3c"
-    proc = _completion(["-m", str(model), "-p", "hi", "-n", "1", "-c", "256", "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
+    proc = _completion(["-m", str(model), "-p", "hi", "-n", "1", "-c", ctx, "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
     assert proc.returncode > 0, "must fail cleanly, not crash"
     assert expect in proc.stderr, proc.stderr[-1500:]
 
