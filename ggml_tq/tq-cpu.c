@@ -489,12 +489,10 @@ static void tq_unrotate_block_neon(float * x) {
 // (at most 7 bits at a shift of at most 7) is read from a 16-bit window of the zero-padded bit
 // stream, instead of bit by bit.
 
-// Where position j's index starts in the stream, and its codebook; built once from tq3c_profile.
+// Where position j's index starts in the stream (byte, shift), its mask and its codebook's place in
+// one table of all codebooks (a 0-bit position reads the 0.0f at 254); built once from tq3c_profile.
+// 32-bit fields: the AVX2 decoder loads eight of each into a register.
 typedef struct {
-    uint8_t byte[QK_TQ], shift[QK_TQ];
-    uint32_t mask[QK_TQ];
-    const float * centroids[QK_TQ];   // NULL: a position of 0 bits
-    // the same for the SIMD decoders: 32-bit lanes, each codebook's place in one table
     int32_t byte32[QK_TQ], shift32[QK_TQ], mask32[QK_TQ], base32[QK_TQ];
     float all[256];                    // codebook b at 2^b - 2 (b = 1..7), 0.0f at 254
 } tq3c_positions;
@@ -521,13 +519,9 @@ static const tq3c_positions * tq3c_position_table(void) {
         t.all[254] = t.all[255] = 0.0f;
         for (int j = 0; j < QK_TQ; ++j) {
             const int bits = tq3c_profile[j];
-            t.byte[j] = (uint8_t) (off / 8);
-            t.shift[j] = (uint8_t) (off % 8);
-            t.mask[j] = (1u << bits) - 1u;
-            t.centroids[j] = tq3c_codebooks[bits];
             t.byte32[j] = off / 8;
             t.shift32[j] = off % 8;
-            t.mask32[j] = (int32_t) t.mask[j];
+            t.mask32[j] = (1 << bits) - 1;
             t.base32[j] = bits ? (1 << bits) - 2 : 254;
             off += bits;
         }
@@ -549,8 +543,8 @@ static inline void tq3c_decode_block(const tq3c_positions * t, const block_tq3c 
     memcpy(qs, blk->qs, sizeof(blk->qs));
     const float g = GGML_FP16_TO_FP32(blk->d);
     for (int j = 0; j < QK_TQ; ++j) {
-        const uint32_t w = (uint32_t) qs[t->byte[j]] | ((uint32_t) qs[t->byte[j] + 1] << 8);
-        y[j] = g * (t->centroids[j] ? t->centroids[j][(w >> t->shift[j]) & t->mask[j]] : 0.0f);
+        const uint32_t w = (uint32_t) qs[t->byte32[j]] | ((uint32_t) qs[t->byte32[j] + 1] << 8);
+        y[j] = g * t->all[t->base32[j] + (int32_t) ((w >> t->shift32[j]) & (uint32_t) t->mask32[j])];
     }
 }
 
