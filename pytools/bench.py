@@ -46,7 +46,7 @@ def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, 
     exe = find_binary("llama-bench", cuda)
     cmd = [str(exe), "-m", str(model), "-fa", "1", "-ctk", k, "-ctv", v, "-t", str(threads), "-r", str(reps),
            "-n", str(n_gen), "-p", str(n_prompt), "-d", ",".join(map(str, depths)), "-o", "json"] + \
-        switches.llama_args(setting, model, k) + extra
+        switches.llama_args(setting, model, k, max(depths) + n_prompt + n_gen) + extra
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=switches.child_env(setting))
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-12:])

@@ -26,7 +26,12 @@ CALIBRATION_TEXT = REPO_ROOT / "pytools" / "data" / "calibration-gpl-3.0.txt"
 # bump when the measurement changes, so that cached files of the old rule are not reused
 CALIBRATION_VERSION = 1
 DEFAULT_TOKENS = 512
-TQ3C_TOKENS = 1024       # the measurements of results/key-code-sim.md
+# tq3c: the positions a calibration serves by default, the tokens of one decoded chunk, and at most
+# how many chunks (the calibration text has about 8K tokens)
+TQ3C_CTX = 4096
+TQ3C_CHUNK = 1024
+TQ3C_MAX_CHUNKS = 8
+TQ3C_VERSION = 3         # 1: one decode of the first 1024 tokens (positions 0-1023); 2: chunks end to end
 
 
 def calibration_text() -> str:
@@ -77,24 +82,55 @@ def write_key_means(path: Path, model: Path, means: dict[int, np.ndarray], n_tok
     _write_calibration(path, model, n_tokens, tensors)
 
 
-def tq3c_file(model: Path, n_tokens: int = TQ3C_TOKENS) -> Path:
-    """Where the tq3c transforms of this GGUF are cached (the file may not exist yet)."""
-    return cache_dir() / "calibration" / f"{_model_sha256(model)}-tq3c-v{CALIBRATION_VERSION}-{n_tokens}.gguf"
+def tq3c_file(model: Path, n_ctx: int = TQ3C_CTX) -> Path:
+    """Where the tq3c transforms of a model for caches of up to n_ctx positions are cached."""
+    return cache_dir() / "calibration" / f"{_model_sha256(model)}-tq3c-v{TQ3C_VERSION}-ctx{n_ctx}.gguf"
 
 
-def measure_tq3c(model: Path, n_tokens: int = TQ3C_TOKENS) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def tq3c_ctx_for(n_ctx: int | None) -> int:
+    """The calibration a tq3c cache of n_ctx positions uses: n_ctx rounded up to llama.cpp's 256-cell
+    padding (-c 4160 holds 4352 cells), at least 256; TQ3C_CTX where the context is not known."""
+    if n_ctx is None or n_ctx <= 0:
+        return TQ3C_CTX
+    return max(256, -(-n_ctx // 256) * 256)
+
+
+def tq3c_positions(n_ctx: int, n_chunks: int) -> list[int]:
+    """The first positions of the calibration chunks (min(TQ3C_CHUNK, n_ctx) tokens each) for caches
+    of n_ctx positions, given how many whole chunks the text has: up to TQ3C_MAX_CHUNKS, spread evenly
+    over [0, n_ctx - chunk], so that every position of the cache is seen and none past it. RoPE's slow
+    channel pairs turn with position: a calibration specialises to the positions it saw (SmolLM2 at a
+    512-token context: KLD 0.094 calibrated over positions 0-1023, 0.119 over 0-4095)."""
+    chunk = min(TQ3C_CHUNK, n_ctx)
+    m = max(1, min(n_chunks, TQ3C_MAX_CHUNKS))
+    if m == 1:
+        return [0]
+    return [round(i * (n_ctx - chunk) / (m - 1)) for i in range(m)]
+
+
+def tq3c_calibration_dumps(model: Path, n_ctx: int = TQ3C_CTX) -> list[dict]:
+    """kv_dump's rows of the calibration chunks for caches of n_ctx positions (tq3c_positions)."""
+    from .kv_dump import dump_kv_chunks
+
+    return dump_kv_chunks(model, calibration_text(), min(TQ3C_CHUNK, n_ctx),
+                          lambda n: tq3c_positions(n_ctx, n), n_threads=2)
+
+
+def measure_tq3c(model: Path, n_ctx: int = TQ3C_CTX) -> tuple[dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
     """Per layer: the key mean [n_head_kv * d] and, per KV head, the tq3c transforms of the centred
-    keys and of the queries (tq3c.key_transforms) [n_head_kv, d, d], all float32, from positions
-    1..n-1 of the calibration text (position 0, the sink, is kept exactly by the cache)."""
-    from .kv_dump import dump_kv
+    keys and of the queries (tq3c.key_transforms) [n_head_kv, d, d], all float32, from the rows of the
+    calibration chunks spread over n_ctx positions, each chunk's first row left out (a chunk's first
+    token draws attention as a sink does; the cache keeps the real sink, position 0, exactly); and
+    how many rows that was."""
     from .tq3c import key_transforms
 
-    dump = dump_kv(model, calibration_text(), n_tokens=n_tokens, n_threads=2)
-    if dump["n_tokens"] < 256:
-        raise UserError(f"the calibration text gave only {dump['n_tokens']} tokens (tq3c needs 256)")
+    dumps = tq3c_calibration_dumps(model, n_ctx)
+    if sum(d["n_tokens"] for d in dumps) < 256:
+        raise UserError(f"the calibration text gave only {sum(d['n_tokens'] for d in dumps)} tokens (tq3c needs 256)")
     out = {}
-    for il, (k_all, q_all) in enumerate(zip(dump["Kcur"], dump["Qcur"])):
-        k_all, q_all = np.asarray(k_all, dtype=np.float64)[1:], np.asarray(q_all, dtype=np.float64)[1:]
+    for il in range(len(dumps[0]["Kcur"])):
+        k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
+        q_all = np.concatenate([np.asarray(d["Qcur"][il], dtype=np.float64)[1:] for d in dumps])
         hkv, d = k_all.shape[1], k_all.shape[2]
         if d % 64 != 0:
             raise UserError(f"layer {il}: head size {d} is not a multiple of 64, which tq3c blocks need")
@@ -104,14 +140,16 @@ def measure_tq3c(model: Path, n_tokens: int = TQ3C_TOKENS) -> dict[int, tuple[np
         out[il] = (mean.reshape(-1).astype(np.float32), np.stack(wk).astype(np.float32), np.stack(wq).astype(np.float32))
         if not all(np.all(np.isfinite(a)) for a in out[il]):
             raise UserError(f"the tq3c transforms of layer {il} are not finite over the calibration text")
-    return out
+    return out, sum(x["n_tokens"] for x in dumps)
 
 
-def write_tq3c(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: int) -> None:
+def write_tq3c(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: int,
+               n_ctx: int) -> None:
     from .tq3c import TQ3C_PROFILE
 
     def tensors(writer) -> None:
         writer.add_array("tq.tq3c.profile", list(TQ3C_PROFILE))
+        writer.add_uint32("tq.tq3c.n_ctx", n_ctx)
         for il, (mean, wk, wq) in sorted(layers.items()):
             writer.add_tensor(f"tq3c_k_mean.{il}", mean)
             writer.add_tensor(f"tq3c_k_transform.{il}", wk)
@@ -145,26 +183,29 @@ def key_means(model: str | Path, n_tokens: int = DEFAULT_TOKENS, force: bool = F
     return _calibrated(model, "key-means", n_tokens, force, quiet)
 
 
-def tq3c_transforms(model: str | Path, n_tokens: int = TQ3C_TOKENS, force: bool = False, quiet: bool = False) -> Path:
-    """The tq3c-transforms GGUF of a model (a short name or a path), calibrated on first use."""
-    return _calibrated(model, "tq3c", n_tokens, force, quiet)
+def tq3c_transforms(model: str | Path, n_ctx: int = TQ3C_CTX, force: bool = False, quiet: bool = False) -> Path:
+    """The tq3c-transforms GGUF of a model (a short name or a path) for caches of up to n_ctx
+    positions, calibrated on first use."""
+    return _calibrated(model, "tq3c", n_ctx, force, quiet)
 
 
-def _calibrated(model: str | Path, kind: str, n_tokens: int, force: bool, quiet: bool) -> Path:
+def _calibrated(model: str | Path, kind: str, n: int, force: bool, quiet: bool) -> Path:
+    """n: tokens (key means) or the positions the cache serves (tq3c)."""
     from .models import model_path
 
     gguf = model_path(str(model))
-    path = (key_means_file if kind == "key-means" else tq3c_file)(gguf, n_tokens)
+    path = (key_means_file if kind == "key-means" else tq3c_file)(gguf, n)
     if path.exists() and not force:
         return path
     what = "mean keys" if kind == "key-means" else "tq3c key transforms"
+    over = f"{n} tokens of" if kind == "key-means" else f"caches of up to {n} positions, with chunks of"
     if not quiet:
-        print(f"tq: calibrating the {what} of {gguf.name} over {n_tokens} tokens of {CALIBRATION_TEXT.name} "
+        print(f"tq: calibrating the {what} of {gguf.name} for {over} {CALIBRATION_TEXT.name} "
               f"(once; cached in {path.parent}) ...", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     # in a child process: llama.cpp aborts the process on a model it cannot run, and a calibration
     # must fail with a message, not take the caller (a server, a test run) down with it
-    proc = subprocess.run([sys.executable, "-m", "turboquant_llama.calibrate", str(gguf), str(n_tokens), str(path), kind],
+    proc = subprocess.run([sys.executable, "-m", "turboquant_llama.calibrate", str(gguf), str(n), str(path), kind],
                           capture_output=True, text=True, errors="replace")
     if proc.returncode != 0 or not path.exists():
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-8:])
@@ -177,23 +218,25 @@ def _calibrated(model: str | Path, kind: str, n_tokens: int, force: bool, quiet:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure a model's mean keys for TQ key centering (cached; printed path)")
     p.add_argument("--model", required=True, help="model name from `tq models list` or a GGUF path")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"calibration tokens (default {DEFAULT_TOKENS})")
+    p.add_argument("--tokens", type=int, default=None, help=f"mean keys: calibration tokens (default {DEFAULT_TOKENS})")
     p.add_argument("--force", action="store_true", help="measure again even if a cached file exists")
-    p.add_argument("--tq3c", action="store_true",
-                   help=f"the tq3c key transforms instead of the mean keys (default {TQ3C_TOKENS} tokens)")
+    p.add_argument("--tq3c", action="store_true", help="the tq3c key transforms instead of the mean keys")
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"--tq3c: the longest cache (positions) the transforms serve (default {TQ3C_CTX}); "
+                        "llama.cpp refuses longer tq3c caches with them")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    if args.tq3c:
-        tokens = TQ3C_TOKENS if args.tokens == DEFAULT_TOKENS else args.tokens
-        if tokens < 256:
-            raise UserError("--tokens must be at least 256 for --tq3c")
-        print(tq3c_transforms(args.model, tokens, force=args.force))
-        return 0
-    if args.tokens < 64:
-        raise UserError("--tokens must be at least 64")
-    print(key_means(args.model, args.tokens, force=args.force))
+    flag, wrong = ("--ctx", args.tokens) if args.tq3c else ("--tokens", args.ctx)
+    if wrong is not None:
+        raise UserError("--tokens is for the mean keys, --ctx for --tq3c (the positions its caches hold)")
+    given = args.ctx if args.tq3c else args.tokens
+    n, least, calibrated = (TQ3C_CTX, 256, tq3c_transforms) if args.tq3c else (DEFAULT_TOKENS, 64, key_means)
+    n = n if given is None else given
+    if n < least:
+        raise UserError(f"{flag} must be at least {least}")
+    print(calibrated(args.model, n, force=args.force))
     return 0
 
 
@@ -201,6 +244,7 @@ if __name__ == "__main__":   # the child of _calibrated: GGUF, token count, outp
     model_arg, tokens_arg, out_arg, kind_arg = sys.argv[1:5]
     model_file, n = Path(model_arg), int(tokens_arg)
     if kind_arg == "tq3c":
-        write_tq3c(Path(out_arg), model_file, measure_tq3c(model_file, n), n)
+        tq3c_layers, n_rows = measure_tq3c(model_file, n)
+        write_tq3c(Path(out_arg), model_file, tq3c_layers, n_rows, n)
     else:
         write_key_means(Path(out_arg), model_file, measure_key_means(model_file, n), n)

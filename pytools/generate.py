@@ -156,7 +156,7 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
             cmd += ["-ngl", str(gpu_layers)]
         if rpc:
             cmd += ["--rpc", ",".join(rpc)]
-        cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk) + extra
+        cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk, ctx) + extra
         with open(Path(tmp) / "stderr.log", "w+b") as err:
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
                 assert proc.stdout is not None

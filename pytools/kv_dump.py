@@ -13,6 +13,7 @@ kept (llama.cpp names the tensor before and after RoPE alike).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,17 @@ def dump_kv(model: str | Path, text: str, n_tokens: int = 96, n_threads: int = 1
     """Run one llama_decode of the first n_tokens tokens of text; return
     {"Kcur": [per layer (n_tokens, n_head_kv, d)], "Vcur": [...], "Qcur": [... (n_tokens, n_head, d)],
      "n_tokens": n, "names": sorted set of names seen}."""
+    return dump_kv_chunks(model, text, n_tokens, [0], n_threads, llama_cpp)[0]
+
+
+def dump_kv_chunks(model: str | Path, text: str, chunk: int, positions: list[int] | Callable[[int], list[int]],
+                   n_threads: int = 1, llama_cpp=None) -> list[dict]:
+    """dump_kv of consecutive chunks of text's tokens, chunk i (tokens [i*chunk, (i+1)*chunk)) decoded
+    alone, its first token at position positions[i]. RoPE makes attention depend on relative
+    positions only, so a chunk sees what it would at position 0, and its K rows are those a cache
+    holds at those positions: statistics over a long context without attending over all of it.
+    positions may be a function of the number of whole chunks the text has. Fewer dicts than
+    positions when the text runs out of tokens."""
     if llama_cpp is None:
         from .llama_python import import_llama_cpp
 
@@ -108,6 +120,7 @@ def dump_kv(model: str | Path, text: str, n_tokens: int = 96, n_threads: int = 1
     if not mdl:
         raise RuntimeError(f"could not load {model}")
     ctx = None
+    dumps: list[dict] = []
     try:
         vocab = lc.llama_model_get_vocab(mdl)
         raw = text.encode()
@@ -115,7 +128,10 @@ def dump_kv(model: str | Path, text: str, n_tokens: int = 96, n_threads: int = 1
         n = lc.llama_tokenize(vocab, raw, len(raw), toks, len(toks), True, False)
         if n < 0:
             raise RuntimeError("tokenize failed")
-        n = min(n, n_tokens)
+        n_text = n
+        n = min(n, chunk)
+        if callable(positions):
+            positions = positions(max(1, n_text // chunk))
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = max(256, n)
         cparams.n_batch = cparams.n_ubatch = max(n, 32)
@@ -128,15 +144,38 @@ def dump_kv(model: str | Path, text: str, n_tokens: int = 96, n_threads: int = 1
         ctx = lc.llama_init_from_model(mdl, cparams)
         if not ctx:
             raise RuntimeError("llama_init_from_model failed")
-        batch = lc.llama_batch_get_one(toks, n)
-        rc = lc.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
+        for i, pos0 in enumerate(positions):
+            t0 = i * chunk
+            m = min(n, n_text - t0)
+            if m <= 0 or (i > 0 and m < n):
+                break
+            batch = lc.llama_batch_init(m, 0, 1)
+            try:
+                for j in range(m):
+                    batch.token[j] = toks[t0 + j]
+                    batch.pos[j] = pos0 + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = j == m - 1
+                batch.n_tokens = m
+                lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+                rc = lc.llama_decode(ctx, batch)
+            finally:
+                lc.llama_batch_free(batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            dumps.append(_collected(seen, names, m))
+            for per_layer in seen.values():
+                per_layer.clear()
     finally:
         if ctx:
             lc.llama_free(ctx)
         lc.llama_model_free(mdl)
 
+    return dumps
+
+
+def _collected(seen: dict[str, dict[int, np.ndarray]], names: set[str], n: int) -> dict:
     out: dict = {"n_tokens": n, "names": sorted(names)}
     for kind, per_layer in seen.items():
         layers = []

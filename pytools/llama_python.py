@@ -145,7 +145,7 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     kw.setdefault("verbose", False)
     means_given = "tq_key_means" in kw   # a path given as it is: no calibration
     means = kw.pop("tq_key_means", None)
-    kw.update(switches.llama_kwargs(switches.setting_from_kwargs(kw), None if means_given else path, ctk))
+    kw.update(switches.llama_kwargs(switches.setting_from_kwargs(kw), None if means_given else path, ctk, n_ctx))
     if means_given:
         kw["tq_key_means"] = means
     if "n_threads" in kw and "n_threads_batch" not in kw:

@@ -170,7 +170,7 @@ class QualityRun:
 
     def common_args(self, k: str = "f16") -> list[str]:
         args = [str(self.binary), "-m", str(self.model), "-c", str(self.ctx), "--chunks", str(self.chunks),
-                "-fa", "on", "-t", str(self.threads)] + switches.llama_args(self.setting, self.model, k)
+                "-fa", "on", "-t", str(self.threads)] + switches.llama_args(self.setting, self.model, k, self.ctx)
         if self.cuda:
             args += ["-ngl", "99"]
         return args

@@ -149,7 +149,7 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     cmd = [str(exe), "-m", str(model_path(args.model)), "-fa", "on",
            "-ctk", check_cache_type(args.ctk), "-ctv", check_cache_type(args.ctv),
            "-c", str(args.ctx), "--parallel", str(args.parallel), "--host", args.host, "--port", str(args.port)]
-    cmd += switches.llama_args(switches.apply_args(args), model_path(args.model), args.ctk)
+    cmd += switches.llama_args(switches.apply_args(args), model_path(args.model), args.ctk, args.ctx)
     if args.gpu_layers is not None:
         cmd += ["-ngl", str(args.gpu_layers)]
     if args.rpc:

@@ -198,24 +198,27 @@ def child_env(setting: Mapping[str, Value], environ: Mapping[str, str] | None = 
     return env
 
 
-def _key_means(setting: Mapping[str, Value], model: str | Path | None, k: str | None) -> Path | None:
+def _key_means(setting: Mapping[str, Value], model: str | Path | None, k: str | None,
+               n_ctx: int | None = None) -> Path | None:
     """The calibration file a TQ K cache of this model uses under this setting (None: not centred):
-    the key means, or for tq3c keys (which need theirs, centering or not) the tq3c transforms."""
-    from .calibrate import key_means, tq3c_transforms
+    the key means, or for tq3c keys (which need theirs, centering or not) the tq3c transforms for a
+    cache of n_ctx positions (None: calibrate.TQ3C_CTX)."""
+    from .calibrate import key_means, tq3c_ctx_for, tq3c_transforms
 
     if model is not None and k == "tq3c":
-        return tq3c_transforms(model)
+        return tq3c_transforms(model, tq3c_ctx_for(n_ctx))
     if not setting.get("key_center", True) or model is None or (k is not None and not is_tq(k)):
         return None
     return key_means(model)
 
 
-def llama_args(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None) -> list[str]:
+def llama_args(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None,
+               n_ctx: int | None = None) -> list[str]:
     """llama.cpp's command-line arguments for the options: where llama.cpp's default differs from
     the setting (key centering needs the model's mean keys: none is passed for a K type that is not
-    TQ, or without a model)."""
+    TQ, or without a model; tq3c keys get the transforms for n_ctx positions)."""
     args: list[str] = []
-    means = _key_means(setting, model, k)
+    means = _key_means(setting, model, k, n_ctx)
     if means is not None:
         args += ["--tq-key-means", str(means)]
     if not setting.get("exact_sink", True):
@@ -226,9 +229,10 @@ def llama_args(setting: Mapping[str, Value], model: str | Path | None = None, k:
     return args
 
 
-def llama_kwargs(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None) -> dict:
+def llama_kwargs(setting: Mapping[str, Value], model: str | Path | None = None, k: str | None = None,
+                 n_ctx: int | None = None) -> dict:
     """llama-cpp-python's Llama keyword arguments for the options (patches/llama-cpp-python)."""
-    means = _key_means(setting, model, k)
+    means = _key_means(setting, model, k, n_ctx)
     return {"tq_protect_layers": int(setting.get("protect_layers", 1)),
             "tq_key_means": str(means) if means is not None else None,
             "tq_exact_sink": bool(setting.get("exact_sink", True))}

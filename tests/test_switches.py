@@ -81,6 +81,20 @@ def test_key_centering_gives_llama_cpp_the_calibrated_means(monkeypatch, tmp_pat
     assert switches.llama_kwargs(switches.defaults(), "smollm2", "tq4")["tq_key_means"] == str(means)
 
 
+def test_tq3c_keys_get_the_calibration_for_their_context(monkeypatch, tmp_path):
+    """tq3c keys get the transforms calibrated for the context they run (llama.cpp's padding
+    included), centering or not; the default where the context is not known."""
+    from turboquant_llama import calibrate
+
+    asked = []
+    monkeypatch.setattr(calibrate, "tq3c_transforms", lambda model, n_ctx: asked.append(n_ctx) or tmp_path / f"{n_ctx}.gguf")
+    off = switches.defaults() | {"key_center": False}
+    assert switches.llama_args(off, "smollm2", "tq3c", 4160) == ["--tq-key-means", str(tmp_path / "4352.gguf")]
+    assert switches.llama_kwargs(switches.defaults(), "smollm2", "tq3c", 512)["tq_key_means"] == str(tmp_path / "512.gguf")
+    assert switches.llama_args(switches.defaults(), "smollm2", "tq3c") == ["--tq-key-means", str(tmp_path / "4096.gguf")]
+    assert asked == [4352, 512, calibrate.TQ3C_CTX]
+
+
 def test_variant_names_the_switches_that_change_a_pair():
     setting = switches.from_env({"TQ_SCALE_SEARCH": "0", "TQ_ATTN_ROWS": "0", "TQ_CPU_SIMD": "scalar"})
     setting["key_center"] = False

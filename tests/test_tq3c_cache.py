@@ -137,9 +137,9 @@ def test_tq3c_errors_are_clear(smollm2, smollm2_tq3c, tmp_path, case):
         model = write_tiny_llama(tmp_path / "tiny.gguf", 64)
         extra = ["--tq-key-means", str(smollm2_tq3c)]
         expect = "another model"
-    elif case == "past the calibration":   # 1024 positions calibrated (TQ3C_TOKENS)
-        extra, ctx = ["--tq-key-means", str(smollm2_tq3c)], "2048"
-        expect = "calibrated over 1024 positions"
+    elif case == "past the calibration":   # caches of up to 4096 positions calibrated (TQ3C_CTX)
+        extra, ctx = ["--tq-key-means", str(smollm2_tq3c)], "8192"
+        expect = "calibrated for caches of up to 4096 positions"
     else:
         expect = "tq calibrate --tq3c"
     proc = _completion(["-m", str(model), "-p", "hi", "-n", "1", "-c", ctx, "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
