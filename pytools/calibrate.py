@@ -125,8 +125,9 @@ def measure_tq3c(model: Path, n_ctx: int = TQ3C_CTX) -> tuple[dict[int, tuple[np
     from .tq3c import key_transforms
 
     dumps = tq3c_calibration_dumps(model, n_ctx)
-    if sum(d["n_tokens"] for d in dumps) < 256:
-        raise UserError(f"the calibration text gave only {sum(d['n_tokens'] for d in dumps)} tokens (tq3c needs 256)")
+    n_rows = sum(d["n_tokens"] for d in dumps)
+    if n_rows < 256:
+        raise UserError(f"the calibration text gave only {n_rows} tokens (tq3c needs 256)")
     out = {}
     for il in range(len(dumps[0]["Kcur"])):
         k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
@@ -140,7 +141,7 @@ def measure_tq3c(model: Path, n_ctx: int = TQ3C_CTX) -> tuple[dict[int, tuple[np
         out[il] = (mean.reshape(-1).astype(np.float32), np.stack(wk).astype(np.float32), np.stack(wq).astype(np.float32))
         if not all(np.all(np.isfinite(a)) for a in out[il]):
             raise UserError(f"the tq3c transforms of layer {il} are not finite over the calibration text")
-    return out, sum(x["n_tokens"] for x in dumps)
+    return out, n_rows
 
 
 def write_tq3c(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: int,

@@ -1,5 +1,8 @@
 # per-kernel GPU time of decode steps (ncu) and the cost of the protected q8_0 layers (llama-bench)
-source .dev/dev_env.sh
+# run from the repository root on the GPU machine after `TQ_CUDA_ARCH=90 tq build --cuda --targets llama-bench,test-backend-ops`
+# (TQ_CACHE_DIR: that build's cache; ncu_sum.py beside this file)
+export TQ_CACHE_DIR=${TQ_CACHE_DIR:-$HOME/.cache/turboquant-llama}
+OUT=${OUT:-.}   # where the ncu CSVs go (the device tool sets it)
 B=$TQ_CACHE_DIR/build-cuda/bin
 M=$(python3 -c "from turboquant_llama import random_gguf; print(random_gguf.cached('llama-3.1-8b'))")
 echo "model $M"
@@ -12,6 +15,6 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
 for kv in "f16 f16" "tq3 tq2"; do set -- $kv
   $NCU --clock-control none --metrics gpu__time_duration.sum --csv --launch-skip 3000 --launch-count 400 \
     $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $1 -ctv $2 -p 0 -n 16 -r 1 > $OUT/ncu0-$1-$2.csv 2>/dev/null
-  python3 .dev/ncu_sum.py $OUT/ncu0-$1-$2.csv
+  python3 results/cuda-gpu-h100/2026-12-06c/ncu_sum.py $OUT/ncu0-$1-$2.csv
 done
 echo "all in $(( $(date +%s) - start )) s"
