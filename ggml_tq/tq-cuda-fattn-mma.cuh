@@ -13,15 +13,17 @@
 //           centroids of a cell's indices), one n-tile = 8 cells. The block norm d_k multiplies
 //           the block's sum afterwards (f32).
 //   output  O^T[dim][row] += V^T[dim][cell] P^T[cell][row]: A = V^T (f16 centroids, one m-tile =
-//           16 dims), B = P*d_v as f16 hi and lo parts (two products into the same sums; taken from
-//           the score fragments of the same lanes: no shuffle), n = the 8 query rows. The output
-//           as the product's M side keeps 16 dims x 8 rows in 4 registers a lane, half of what
-//           rows as M with their hi/lo halves took, so more warps fit a multiprocessor.
+//           16 dims), B = P*d_v rounded to f16 (taken from the score fragments of the same lanes:
+//           no shuffle), n = the 8 query rows. The output as the product's M side keeps 16 dims x 8
+//           rows in 4 registers a lane, half of what rows as M with their hi/lo halves took, so more
+//           warps fit a multiprocessor.
 // The dims inside a 64-block are taken in the order that the bit planes give them to a lane
 // (tq_mma_k_dim / tq_mma_v_dim); the queries are laid out in the same order, the output put back.
 //
-// Arithmetic against the float32 kernels: the centroids are rounded to f16 (relative 2^-12, far
-// below the 3-bit code's own error), queries and P*d_v to hi + lo f16 parts (2^-22); sums in f32.
+// Arithmetic against the float32 kernels: the centroids are rounded to f16 (unit roundoff 2^-11, far
+// below the 3-bit code's own error), queries to hi + lo f16 parts (2^-22), P*d_v to f16 (2^-11, as
+// the centroids: hi + lo parts there took twice the value products and a quarter of a step's
+// instructions); sums in f32.
 // NaN rows and masks behave as in the vector kernel: a masked cell adds exactly 0 (never 0 * NaN).
 #pragma once
 
@@ -46,6 +48,13 @@ static __device__ __forceinline__ void tq_mma16816(float c[4], const uint32_t a[
 static __device__ __forceinline__ void tq_split_f16(float x, __half & hi, __half & lo) {
     hi = __float2half_rn(x);
     lo = __float2half_rn(x - __half2float(hi));
+}
+
+// f16 of a (low half) and b (high half), each rounded to nearest: one cvt.rn.f16x2.f32
+static __device__ __forceinline__ uint32_t tq_f2h2(float a, float b) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
 }
 
 static __device__ __forceinline__ uint32_t tq_h2u(__half a, __half b) {
@@ -461,19 +470,17 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         for (int b = 0; b < NB; ++b) {
 #pragma unroll
             for (int hh = 0; hh < CW/16; ++hh) {
-                uint32_t pa[4];
+                uint32_t pa[2];
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const int j = 2*hh + half;
-                    __half hi[2], lo[2];
+                    float x[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const float dv = tq_h2f(*(const uint16_t *) (vt + (8*j + 2*c + e)*L::SV + b*VBB));
-                        const float x = pr[j][e] == 0.0f ? 0.0f : pr[j][e]*dv;
-                        tq_split_f16(x, hi[e], lo[e]);
+                        x[e] = pr[j][e] == 0.0f ? 0.0f : pr[j][e]*dv;
                     }
-                    pa[2*half]     = tq_h2u(hi[0], hi[1]);
-                    pa[2*half + 1] = tq_h2u(lo[0], lo[1]);
+                    pa[half] = tq_f2h2(x[0], x[1]);
                 }
                 uint32_t vb0[8], vb1[8];
                 const uint8_t * rowa = vt + (16*hh + 2*c)*L::SV + b*VBB;
@@ -484,8 +491,7 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
 #pragma unroll
                 for (int t = 0; t < 4; ++t) {
                     const uint32_t va[4] = { vb0[t], vb0[t + 4], vb1[t], vb1[t + 4] };
-                    tq_mma16816(O[4*b + t], va, pa[0], pa[2]);
-                    tq_mma16816(O[4*b + t], va, pa[1], pa[3]);
+                    tq_mma16816(O[4*b + t], va, pa[0], pa[1]);
                 }
             }
         }

@@ -110,6 +110,59 @@ int tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_ten
     return tq_launch_status();
 }
 
+template <int BITS0, int BITS1>
+static void tq_launch_set_rows_pair(const tq_rows_params & p0, const tq_rows_params & p1, unsigned ctas0, int src_type,
+                                    bool idx_i32, dim3 grid, cudaStream_t st) {
+    const tq_cuda_tables & t = tq_cuda_tables_host();
+    if (src_type == TQ_CUDA_TYPE_F32) {
+        if (idx_i32) tq_set_rows_pair_kernel<BITS0, BITS1, float, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p0, p1, ctas0, t);
+        else         tq_set_rows_pair_kernel<BITS0, BITS1, float, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p0, p1, ctas0, t);
+    } else {
+        if (idx_i32) tq_set_rows_pair_kernel<BITS0, BITS1, uint16_t, int32_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p0, p1, ctas0, t);
+        else         tq_set_rows_pair_kernel<BITS0, BITS1, uint16_t, int64_t><<<grid, TQ_ROWS_THREADS, 0, st>>>(p0, p1, ctas0, t);
+    }
+}
+
+template <int BITS0>
+static void tq_launch_set_rows_pair_b1(int bits1, const tq_rows_params & p0, const tq_rows_params & p1, unsigned ctas0,
+                                       int src_type, bool idx_i32, dim3 grid, cudaStream_t st) {
+    switch (bits1) {
+        case 2: tq_launch_set_rows_pair<BITS0, 2>(p0, p1, ctas0, src_type, idx_i32, grid, st); break;
+        case 3: tq_launch_set_rows_pair<BITS0, 3>(p0, p1, ctas0, src_type, idx_i32, grid, st); break;
+        default: tq_launch_set_rows_pair<BITS0, 4>(p0, p1, ctas0, src_type, idx_i32, grid, st); break;
+    }
+}
+
+int tq_cuda_set_rows_pair(const tq_cuda_set_rows_op ops[2], unsigned flags, void * stream) {
+    if (ops[0].src_type != ops[1].src_type || ops[0].idx_i32 != ops[1].idx_i32) {
+        return (int) cudaErrorInvalidValue;
+    }
+    tq_rows_params p[2];
+    int64_t n_blocks[2];
+    for (int i = 0; i < 2; ++i) {
+        const tq_cuda_set_rows_op & o = ops[i];
+        if (!tq_cuda_set_rows_supported(o.dst_type, o.src_type) || o.src.ne[0] % QK_TQ != 0) {
+            return (int) cudaErrorInvalidValue;
+        }
+        p[i] = tq_rows_params_of(o.src, o.idx, o.dst, o.dst_nb, o.src.ne);
+        p[i].flags = flags;
+        n_blocks[i] = o.src.ne[0] / QK_TQ * o.src.ne[1] * o.src.ne[2] * o.src.ne[3];
+    }
+    const unsigned ctas0 = tq_rows_grid(n_blocks[0]).x, ctas1 = tq_rows_grid(n_blocks[1]).x;
+    if (ctas0 + ctas1 == 0) {
+        return 0;
+    }
+    const dim3 grid(ctas0 + ctas1);
+    cudaStream_t st = (cudaStream_t) stream;
+    const int b1 = tq_bits(ops[1].dst_type);
+    switch (tq_bits(ops[0].dst_type)) {
+        case 2: tq_launch_set_rows_pair_b1<2>(b1, p[0], p[1], ctas0, ops[0].src_type, ops[0].idx_i32, grid, st); break;
+        case 3: tq_launch_set_rows_pair_b1<3>(b1, p[0], p[1], ctas0, ops[0].src_type, ops[0].idx_i32, grid, st); break;
+        default: tq_launch_set_rows_pair_b1<4>(b1, p[0], p[1], ctas0, ops[0].src_type, ops[0].idx_i32, grid, st); break;
+    }
+    return tq_launch_status();
+}
+
 // --- get_rows / dequantize -------------------------------------------------------------------------
 
 template <int BITS>

@@ -896,10 +896,11 @@ static __device__ __forceinline__ int64_t tq_row_index(const tq_rows_params & p,
     return (int64_t) *(const idx_t *) (p.idx + i1*p.nb_i0 + (i2 % p.ne_i1)*p.nb_i1 + (i3 % p.ne_i2)*p.nb_i2);
 }
 
-// block b of row (i1, i2, i3) of the n1 x n2 x n3 rows of ne0 values; false past the end
-static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3) {
+// block b of row (i1, i2, i3) of the n1 x n2 x n3 rows of ne0 values, the warp's of CTA cta; false past the end
+static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3,
+                                                     int64_t cta = blockIdx.x) {
     const int64_t nb = p.ne0 / QK_TQ;
-    int64_t w = ((int64_t) blockIdx.x*blockDim.x + threadIdx.x) / 32;
+    int64_t w = (cta*blockDim.x + threadIdx.x) / 32;
     if (w >= nb*p.n1*p.n2*p.n3) {
         return false;
     }
@@ -913,23 +914,23 @@ static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, i
 // every thread of the CTA loads the codebook of BITS into shared memory; then the warp's block, if any
 template <int BITS>
 static __device__ __forceinline__ bool tq_rows_kernel_start(const tq_cuda_tables & tab, float * s_c, const tq_rows_params & p,
-                                                            int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3) {
+                                                            int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3,
+                                                            int64_t cta = blockIdx.x) {
     if (threadIdx.x < 16) {
         s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
     }
     __syncthreads();
-    return tq_warp_block(p, b, i1, i2, i3);
+    return tq_warp_block(p, b, i1, i2, i3, cta);
 }
 
-// SET_ROWS / CPY: src row (i1, i2, i3) -> dst row (idx or i1, i2, i3)
+// SET_ROWS / CPY: src row (i1, i2, i3) -> dst row (idx or i1, i2, i3), the blocks of CTA cta
 template <int BITS, typename src_t, typename idx_t>
-__global__ void __launch_bounds__(TQ_ROWS_THREADS)
-tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+static __device__ __forceinline__ void tq_set_rows_cta(const tq_rows_params & p, const tq_cuda_tables & tab, int64_t cta) {
     constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
     __shared__ float s_c[16];
     __shared__ tq_quant_scratch s_w[TQ_ROWS_THREADS/32];
     int64_t b, i1, i2, i3;
-    if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3)) {
+    if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3, cta)) {
         return;
     }
     const int lane = threadIdx.x & 31;
@@ -945,6 +946,25 @@ tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
     const int64_t row = tq_row_index<idx_t>(p, i1, i2, i3);
     uint8_t * blk = (uint8_t *) (p.dst + row*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*BB;
     tq_quantize_block_warp<BITS>(tab, s_c, s_w[threadIdx.x / 32], x0, x1, blk, p.flags);
+}
+
+template <int BITS, typename src_t, typename idx_t>
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_set_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+    tq_set_rows_cta<BITS, src_t, idx_t>(p, tab, blockIdx.x);
+}
+
+// Two SET_ROWS in one launch (a decoding step's K and V rows: one token's quantizer chain is the whole
+// cost of a launch, so two launches cost twice one): CTAs [0, ctas0) take p0's blocks, the others p1's.
+template <int BITS0, int BITS1, typename src_t, typename idx_t>
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_set_rows_pair_kernel(const tq_rows_params p0, const tq_rows_params p1, const unsigned ctas0,
+                        const __grid_constant__ tq_cuda_tables tab) {
+    if (blockIdx.x < ctas0) {
+        tq_set_rows_cta<BITS0, src_t, idx_t>(p0, tab, blockIdx.x);
+    } else {
+        tq_set_rows_cta<BITS1, src_t, idx_t>(p1, tab, blockIdx.x - ctas0);
+    }
 }
 
 // GET_ROWS / dequantize: dst row (i1, i2, i3) <- src row (idx or i1, i2, i3), normal or rotated domain

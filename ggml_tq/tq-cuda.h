@@ -49,6 +49,20 @@ bool tq_cuda_set_rows_supported(int dst_type, int src_type);
 int  tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_tensor idx, bool idx_i32,
                       void * dst, const size_t dst_nb[4], unsigned flags, void * stream);
 
+// Two SET_ROWS into TQ caches in one launch (a decoding step's K and V: one token's quantizer chain is
+// the whole cost of a launch), each op as tq_cuda_set_rows; the same bytes as two calls. Both ops have
+// the same src type and index type (else cudaErrorInvalidValue and nothing is written).
+typedef struct {
+    int dst_type;
+    tq_cuda_tensor src;
+    int src_type;
+    tq_cuda_tensor idx;
+    bool idx_i32;
+    void * dst;
+    size_t dst_nb[4];
+} tq_cuda_set_rows_op;
+int tq_cuda_set_rows_pair(const tq_cuda_set_rows_op ops[2], unsigned flags, void * stream);
+
 // GET_ROWS and conversions out of a TQ cache (GGML_OP_GET_ROWS, CPY tq -> f32/f16, to_fp16/to_fp32):
 // dst row (i1, i2, i3) = src row (i01 = idx[i1, i2 % idx.ne[1], i3 % idx.ne[2]] or i1 where idx.data
 // is NULL, i2, i3) decoded; dst (f32 or f16) has ne = (src.ne[0], n1, n2, n3) and strides dst_nb.

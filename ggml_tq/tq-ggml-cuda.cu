@@ -293,3 +293,71 @@ void ggml_cuda_tq_compute_forward(ggml_backend_cuda_context & ctx, ggml_tensor *
             GGML_ABORT("%s: %s with a TQ type has no CUDA kernel (supports_op says so)", __func__, ggml_op_desc(dst));
     }
 }
+
+// --- fusion ----------------------------------------------------------------------------------------
+
+static bool tq_cuda_is_set_rows_tq(int device, const ggml_tensor * t) {
+    return t->op == GGML_OP_SET_ROWS && tq_cuda_kv(t->type) && (t->flags & GGML_TENSOR_FLAG_COMPUTE) &&
+           ggml_cuda_tq_supports_op(device, t);
+}
+
+static bool tq_cuda_is_noop(const ggml_tensor * t) {
+    return ggml_is_empty(t) || t->op == GGML_OP_NONE || t->op == GGML_OP_VIEW || t->op == GGML_OP_RESHAPE ||
+           t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
+}
+
+// the bytes [first, last) that t (a view or not) covers in its buffer
+static void tq_cuda_byte_range(const ggml_tensor * t, const char * & first, const char * & last) {
+    first = (const char *) t->data;
+    last = first + ggml_nbytes(t);
+}
+
+int ggml_cuda_tq_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * cgraph, int i) {
+    const ggml_tensor * k = cgraph->nodes[i];
+    if (!tq_cuda_is_set_rows_tq(ctx.device, k)) {
+        return 0;
+    }
+    // with concurrent streams (GGML_CUDA_GRAPH_OPT) the two rows may be on different streams: no fusion
+    if (!ctx.stream_context().concurrent_events.empty()) {
+        return 0;
+    }
+    // the next SET_ROWS into a TQ cache, past views only (llama's K then V of a layer)
+    int j = i + 1;
+    while (j < cgraph->n_nodes && j <= i + 3 && tq_cuda_is_noop(cgraph->nodes[j])) {
+        ++j;
+    }
+    if (j >= cgraph->n_nodes || j > i + 3) {
+        return 0;
+    }
+    const ggml_tensor * v = cgraph->nodes[j];
+    if (!tq_cuda_is_set_rows_tq(ctx.device, v) || v->src[0]->type != k->src[0]->type || v->src[1]->type != k->src[1]->type) {
+        return 0;
+    }
+    // V's rows are written before the views between run (they touch no data) and must not read or
+    // write what K's launch writes
+    const char * k0, * k1, * a, * b;
+    tq_cuda_byte_range(k, k0, k1);
+    const ggml_tensor * v_tensors[3] = { v, v->src[0], v->src[1] };
+    for (const ggml_tensor * t : v_tensors) {
+        tq_cuda_byte_range(t, a, b);
+        if (a < k1 && k0 < b) {
+            return 0;
+        }
+    }
+    tq_cuda_set_rows_op ops[2];
+    const ggml_tensor * nodes[2] = { k, v };
+    for (int n = 0; n < 2; ++n) {
+        const ggml_tensor * t = nodes[n];
+        ops[n].dst_type = (int) t->type;
+        ops[n].src = tq_cuda_tensor_of(t->src[0]);
+        ops[n].src_type = (int) t->src[0]->type;
+        ops[n].idx = tq_cuda_tensor_of(t->src[1]);
+        ops[n].idx_i32 = t->src[1]->type == GGML_TYPE_I32;
+        ops[n].dst = t->data;
+        for (int d = 0; d < 4; ++d) {
+            ops[n].dst_nb[d] = t->nb[d];
+        }
+    }
+    CUDA_CHECK((cudaError_t) tq_cuda_set_rows_pair(ops, tq_cuda_quantize_flags(), ctx.stream()));
+    return j - i;
+}
