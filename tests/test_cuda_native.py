@@ -74,6 +74,7 @@ def test_kernels_compile_without_local_memory_arrays(built: Path) -> None:
     assert sum("tq_fattn_vec_kernel" in e for e in entries) >= 3 * 22 * 4, "attention instances missing"
     assert sum("tq_fattn_mma_kernel" in e for e in entries) == 2 * 9, "tensor-core attention instances missing"
     assert any("tq_set_rows_kernel" in e for e in entries) and any("tq_get_rows_kernel" in e for e in entries)
+    assert sum("tq_set_rows_pair_kernel" in e for e in entries) == 3 * 3 * 2 * 2, "K/V pair quantizer instances missing"
     frames = [int(x) for x in re.findall(r"(\d+) bytes stack frame", ptxas)]
     assert frames and max(frames) <= 128, f"a kernel has a {max(frames)}-byte stack frame"
 
