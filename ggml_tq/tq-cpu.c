@@ -590,8 +590,7 @@ static void tq3c_decode_rows_scalar(int64_t n, const void * x, size_t stride, in
 // Eight positions at a time: one 64-bit window of the block broadcast, shifted and masked per lane,
 // the lanes packed to eight indices; the centroids picked from one 16-entry table in two registers
 // where the group has at most 3 bits a position (40 of 64 positions), else gathered from the table of
-// all codebooks; then the same
-// g * c products (a 0-bit position: g * 0.0f, as in the reference).
+// all codebooks; then the same g * c products (a 0-bit position: g * 0.0f, as in the reference).
 __attribute__((target("avx2,fma")))
 static void tq3c_decode_rows_avx2(int64_t n, const void * x, size_t stride, int count, float * out) {
     const tq3c_positions * t = tq3c_position_table();
