@@ -84,9 +84,15 @@ static void tq_launch_set_rows(const tq_rows_params & p, int src_type, bool idx_
     }
 }
 
-static dim3 tq_rows_grid(int64_t n_blocks) {
-    const int64_t warps_per_cta = TQ_ROWS_THREADS / 32;
-    return dim3((unsigned) ((n_blocks + warps_per_cta - 1) / warps_per_cta));
+// The grid of a rows kernel (one warp a block, tq_warp_block) over p's nb x n1 x n2 x n3 blocks: x over
+// (block, i1), y = i2, z = i3 where they fit (32-bit indices, grid y/z limits), else flat; sets p.flat.
+static dim3 tq_rows_grid(tq_rows_params & p) {
+    const int64_t wpc = TQ_ROWS_THREADS / 32, nb = p.ne0 / QK_TQ;
+    p.flat = nb*p.n1 > INT32_MAX - wpc || p.n2 > 65535 || p.n3 > 65535 || p.ne_i1 > UINT32_MAX || p.ne_i2 > UINT32_MAX;
+    if (p.flat) {
+        return dim3((unsigned) ((nb*p.n1*p.n2*p.n3 + wpc - 1) / wpc));
+    }
+    return dim3((unsigned) ((nb*p.n1 + wpc - 1) / wpc), (unsigned) p.n2, (unsigned) p.n3);
 }
 
 int tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_tensor idx, bool idx_i32,
@@ -100,7 +106,7 @@ int tq_cuda_set_rows(int dst_type, tq_cuda_tensor src, int src_type, tq_cuda_ten
     if (n_blocks == 0) {
         return 0;
     }
-    const dim3 grid = tq_rows_grid(n_blocks);
+    const dim3 grid = tq_rows_grid(p);
     cudaStream_t st = (cudaStream_t) stream;
     switch (tq_bits(dst_type)) {
         case 2: tq_launch_set_rows<2>(p, src_type, idx_i32, grid, st); break;
@@ -148,11 +154,19 @@ int tq_cuda_set_rows_pair(const tq_cuda_set_rows_op ops[2], unsigned flags, void
         p[i].flags = flags;
         n_blocks[i] = o.src.ne[0] / QK_TQ * o.src.ne[1] * o.src.ne[2] * o.src.ne[3];
     }
-    const unsigned ctas0 = tq_rows_grid(n_blocks[0]).x, ctas1 = tq_rows_grid(n_blocks[1]).x;
-    if (ctas0 + ctas1 == 0) {
+    if (n_blocks[0] + n_blocks[1] == 0) {
         return 0;
     }
-    const dim3 grid(ctas0 + ctas1);
+    // one grid: the CTAs of op 0, then op 1's along x; y and z shared, so both flat where they differ
+    dim3 g0 = tq_rows_grid(p[0]), g1 = tq_rows_grid(p[1]);
+    if (p[0].flat != p[1].flat || g0.y != g1.y || g0.z != g1.z) {
+        p[0].flat = p[1].flat = true;
+        const int64_t wpc = TQ_ROWS_THREADS / 32;
+        g0 = dim3((unsigned) ((n_blocks[0] + wpc - 1) / wpc));
+        g1 = dim3((unsigned) ((n_blocks[1] + wpc - 1) / wpc));
+    }
+    const unsigned ctas0 = g0.x;
+    const dim3 grid(g0.x + g1.x, g0.y, g0.z);
     cudaStream_t st = (cudaStream_t) stream;
     const int b1 = tq_bits(ops[1].dst_type);
     switch (tq_bits(ops[0].dst_type)) {
@@ -177,6 +191,15 @@ static void tq_launch_get_rows(const tq_rows_params & p, int dst_type, bool idx_
     }
 }
 
+template <int BITS>
+static void tq_launch_get_rows_rotated(const tq_rows_params & p, int dst_type, dim3 grid, cudaStream_t st, const tq_cuda_tables & t) {
+    if (dst_type == TQ_CUDA_TYPE_F32) {
+        tq_get_rows_rotated_kernel<BITS, float><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    } else {
+        tq_get_rows_rotated_kernel<BITS, __half><<<grid, TQ_ROWS_THREADS, 0, st>>>(p, t);
+    }
+}
+
 int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool idx_i32,
                      void * dst, int dst_type, const int64_t dst_ne[4], const size_t dst_nb[4],
                      bool rotated, void * stream) {
@@ -190,8 +213,22 @@ int tq_cuda_get_rows(int src_type, tq_cuda_tensor src, tq_cuda_tensor idx, bool 
     if (n_blocks == 0) {
         return 0;
     }
-    const dim3 grid = tq_rows_grid(n_blocks);
+    dim3 grid = tq_rows_grid(p);
     cudaStream_t st = (cudaStream_t) stream;
+    const size_t vb = dst_type == TQ_CUDA_TYPE_F32 ? 4 : 2;
+    if (rotated && !idx.data && !p.flat && (uintptr_t) dst % 16 == 0 && (dst_nb[1] | dst_nb[2] | dst_nb[3]) % 16 == 0 &&
+        (src.nb[1] | src.nb[2] | src.nb[3] | (uintptr_t) src.data) % 2 == 0 && dst_nb[0] == vb &&
+        src.ne[0] / QK_TQ * dst_ne[1] * 8 < INT32_MAX) {
+        // 8 threads a block (tq_get_rows_rotated_kernel)
+        grid.x = (unsigned) ((src.ne[0] / QK_TQ * dst_ne[1] * 8 + TQ_ROWS_THREADS - 1) / TQ_ROWS_THREADS);
+        const tq_cuda_tables & t = tq_cuda_tables_host();
+        switch (tq_bits(src_type)) {
+            case 2: tq_launch_get_rows_rotated<2>(p, dst_type, grid, st, t); break;
+            case 3: tq_launch_get_rows_rotated<3>(p, dst_type, grid, st, t); break;
+            default: tq_launch_get_rows_rotated<4>(p, dst_type, grid, st, t); break;
+        }
+        return tq_launch_status();
+    }
     switch (tq_bits(src_type)) {
         case 2: tq_launch_get_rows<2>(p, dst_type, idx_i32, grid, st); break;
         case 3: tq_launch_get_rows<3>(p, dst_type, idx_i32, grid, st); break;
@@ -211,7 +248,8 @@ int tq_cuda_rotate_rows(tq_cuda_tensor src, float * dst, const size_t dst_nb[4],
     if (n_blocks == 0) {
         return 0;
     }
-    tq_rotate_rows_kernel<<<tq_rows_grid(n_blocks), TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>(p, tq_cuda_tables_host());
+    const dim3 grid = tq_rows_grid(p);
+    tq_rotate_rows_kernel<<<grid, TQ_ROWS_THREADS, 0, (cudaStream_t) stream>>>(p, tq_cuda_tables_host());
     return tq_launch_status();
 }
 

@@ -886,6 +886,7 @@ struct tq_rows_params {
     int64_t n1, n2, n3;      // the rows of the output (set_rows: src's; get_rows: dst's)
     unsigned flags;
     bool rotated;
+    bool flat;               // the grid: flat over every block, else x over (block, i1), y = i2, z = i3
 };
 
 template <typename idx_t>
@@ -893,21 +894,37 @@ static __device__ __forceinline__ int64_t tq_row_index(const tq_rows_params & p,
     if (!p.idx) {
         return i1;
     }
-    return (int64_t) *(const idx_t *) (p.idx + i1*p.nb_i0 + (i2 % p.ne_i1)*p.nb_i1 + (i3 % p.ne_i2)*p.nb_i2);
+    // i2, i3 and the index tensor's dims below 2^32 (tq_rows_grid): 32-bit remainders, not 64-bit ones
+    return (int64_t) *(const idx_t *) (p.idx + i1*p.nb_i0 + ((uint32_t) i2 % (uint32_t) p.ne_i1)*p.nb_i1 +
+                                       ((uint32_t) i3 % (uint32_t) p.ne_i2)*p.nb_i2);
 }
 
-// block b of row (i1, i2, i3) of the n1 x n2 x n3 rows of ne0 values, the warp's of CTA cta; false past the end
+// block b of row (i1, i2, i3) of the n1 x n2 x n3 rows of ne0 values, the warp's of CTA cta; false past the end.
+// Why the 3D grid: a warp's work is a few dozen instructions, and the flat grid's three 64-bit divisions and
+// remainders cost hundreds; its x takes (block, i1) in 32 bits, y and z are i2 and i3 (tq_rows_grid).
 static __device__ __forceinline__ bool tq_warp_block(const tq_rows_params & p, int64_t & b, int64_t & i1, int64_t & i2, int64_t & i3,
                                                      int64_t cta = blockIdx.x) {
     const int64_t nb = p.ne0 / QK_TQ;
-    int64_t w = (cta*blockDim.x + threadIdx.x) / 32;
-    if (w >= nb*p.n1*p.n2*p.n3) {
+    if (p.flat) {
+        int64_t w = (cta*blockDim.x + threadIdx.x) / 32;
+        if (w >= nb*p.n1*p.n2*p.n3) {
+            return false;
+        }
+        b = w % nb; w /= nb;
+        i1 = w % p.n1; w /= p.n1;
+        i2 = w % p.n2;
+        i3 = w / p.n2;
+        return true;
+    }
+    const uint32_t w = (uint32_t) cta*(blockDim.x / 32) + threadIdx.x / 32, nb32 = (uint32_t) nb;
+    if (w >= nb32*(uint32_t) p.n1) {
         return false;
     }
-    b = w % nb; w /= nb;
-    i1 = w % p.n1; w /= p.n1;
-    i2 = w % p.n2;
-    i3 = w / p.n2;
+    const uint32_t r = w / nb32;
+    b = w - r*nb32;
+    i1 = r;
+    i2 = blockIdx.y;
+    i3 = blockIdx.z;
     return true;
 }
 
@@ -1004,6 +1021,74 @@ tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
     } else {
         ((uint16_t *) y)[lane] = tq_f2h(x0);
         ((uint16_t *) y)[lane + 32] = tq_f2h(x1);
+    }
+}
+
+// GET_ROWS in the rotated domain without indices (the prompt path's cache to f16): d * C[idx] needs no
+// lane of another value, so a thread takes 8 consecutive values of a block (8 threads a block) and stores
+// them at once; a warp of the kernel above takes one block and its chain of dependent loads, which left
+// the copy latency-bound at a quarter of the memory bandwidth. Same values as tq_get_rows_kernel's.
+// Grid: x over (block, i1) x 8 threads, y = i2, z = i3 (tq_rows_grid's 3D case); dst rows 16-byte aligned.
+template <int BITS, typename dst_t>
+__global__ void __launch_bounds__(TQ_ROWS_THREADS)
+tq_get_rows_rotated_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
+    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    __shared__ float s_c[16];
+    if (threadIdx.x < 16) {
+        s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
+    }
+    __syncthreads();
+    const uint32_t nb = (uint32_t) (p.ne0 / QK_TQ);
+    const uint32_t t = blockIdx.x*blockDim.x + threadIdx.x, w = t / 8, j0 = 8*(t % 8);
+    if (w >= nb*(uint32_t) p.n1) {
+        return;
+    }
+    const uint32_t i1 = w / nb, b = w - i1*nb, i2 = blockIdx.y, i3 = blockIdx.z;
+    // blocks start at even offsets (rows and block sizes are even): 16-bit loads
+    const uint16_t * blk = (const uint16_t *) (p.src + i1*p.nb1 + i2*p.nb2 + i3*p.nb3 + b*BB);
+    const float d = tq_h2f(blk[0]);
+    int idx[8];
+    if (BITS == 4) {
+        // value j: low nibble of byte 2 + j (j < 32), high nibble of byte 2 + j - 32
+        const uint32_t o = 1 + (j0 & 31)/2, sh = j0 < 32 ? 0 : 4;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const uint32_t u = blk[o + k];
+            idx[2*k]     = (u >> sh) & 15;
+            idx[2*k + 1] = (u >> (8 + sh)) & 15;
+        }
+    } else {
+        // value j: bits 2*(j >> 4) of byte 2 + (j & 15); 3 bits: bit (j >> 3) of byte 18 + (j & 7) above them
+        const uint32_t o = 1 + (j0 & 15)/2, sh = 2*(j0 >> 4);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const uint32_t u = blk[o + k];
+            idx[2*k]     = (u >> sh) & 3;
+            idx[2*k + 1] = (u >> (8 + sh)) & 3;
+        }
+        if (BITS == 3) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const uint32_t u = blk[9 + k];
+                idx[2*k]     |= ((u >> (j0 >> 3)) & 1) << 2;
+                idx[2*k + 1] |= ((u >> (8 + (j0 >> 3))) & 1) << 2;
+            }
+        }
+    }
+    dst_t * y = (dst_t *) (p.dst + i1*p.dnb1 + i2*p.dnb2 + i3*p.dnb3) + b*QK_TQ + j0;
+    if (std::is_same<dst_t, float>::value) {
+        float4 v0, v1;
+        v0.x = tq_fmul(d, s_c[idx[0]]); v0.y = tq_fmul(d, s_c[idx[1]]); v0.z = tq_fmul(d, s_c[idx[2]]); v0.w = tq_fmul(d, s_c[idx[3]]);
+        v1.x = tq_fmul(d, s_c[idx[4]]); v1.y = tq_fmul(d, s_c[idx[5]]); v1.z = tq_fmul(d, s_c[idx[6]]); v1.w = tq_fmul(d, s_c[idx[7]]);
+        ((float4 *) y)[0] = v0;
+        ((float4 *) y)[1] = v1;
+    } else {
+        uint4 v;
+        uint32_t h[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) h[k] = tq_f2h(tq_fmul(d, s_c[idx[k]]));
+        v.x = h[0] | (h[1] << 16); v.y = h[2] | (h[3] << 16); v.z = h[4] | (h[5] << 16); v.w = h[6] | (h[7] << 16);
+        *(uint4 *) y = v;
     }
 }
 

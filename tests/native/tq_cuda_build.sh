@@ -20,7 +20,7 @@ fi
 $cc -O2 -ffp-contract=off $inc -c "$root/ggml_tq/tq.c" -o "$out/tq.o"
 $cc -O2 $inc -c "$root/ggml_tq/tq-cpu.c" -o "$out/tq-cpu.o"
 $cc -O2 $inc -c "$root/tests/native/ggml_stub.c" -o "$out/ggml_stub.o"
-if [ ! -f "$out/tq-cuda.o" ] || [ -n "$(find "$root/ggml_tq" -name 'tq-cuda.*' -newer "$out/tq-cuda.o")" ]; then
+if [ ! -f "$out/tq-cuda.o" ] || [ -n "$(find "$root/ggml_tq" -name 'tq-cuda*' -newer "$out/tq-cuda.o")" ]; then
     $nvcc -O3 -std=c++17 -arch=sm_$sm ${TQ_CUDA_FLAGS:-} -Xptxas -v -I"$root/ggml_tq" -c "$root/ggml_tq/tq-cuda.cu" -o "$out/tq-cuda.o" 2> "$out/ptxas.txt"
 fi
 nvcc -O2 -std=c++17 -arch=sm_$sm $inc "$root/tests/native/tq_cuda_check.cu" \

@@ -7,7 +7,8 @@
 //               (a layer's K and V in one launch) writes the same bytes for every pair of types.
 //   dequantize: tq_cuda_get_rows to f32 equals dequantize_row_tqN (normal domain) and
 //               tq_dequantize_row_rotated_ref (rotated) bit for bit, to f16 their values rounded to
-//               nearest even; tq_cuda_rotate_rows equals tq_rotate_block / tq_unrotate_block.
+//               nearest even, through indices and (rotated: the prompt path's copy, 8 threads a block)
+//               without them; tq_cuda_rotate_rows equals tq_rotate_block / tq_unrotate_block.
 //   attention:  tq_cuda_fattn against a float64 softmax(q.k) v over the decoded rows (the exact
 //               sink row in its cell, NaN rows, masks, ALiBi, soft-cap, sinks), within a bound from
 //               float32 rounding, and against tq_cpu_attn_rows (tq-cpu.c) for the TQ pairs.
@@ -271,9 +272,33 @@ static void check_rows(int64_t n_rows) {
         const size_t hnb[4] = { 2, (size_t) N*2, (size_t) N*2*n_rows, (size_t) N*2*n_rows };
         const tq_cuda_tensor qsrc = tensor(d_q, N, n_rows, 1, 1, bb, rb, rb*n_rows, rb*n_rows);
         const tq_cuda_tensor gidx = tensor(d_perm32, n_rows, 1, 1, 1, 4, 4*n_rows, 4*n_rows, 4*n_rows);
-        for (int mode = 0; mode < 3; ++mode) {   // f32 normal, f32 rotated, f16 normal
+        // without indices, rows in a 3D shape (n_rows/4, 4): dst row r = src row r (the prompt path's copy)
+        std::vector<float> want_r0(n_rows*N);
+        for (int64_t r = 0; r < n_rows; ++r) tq_dequantize_row_rotated_ref((enum ggml_type) t, &ref[r*rb], &want_r0[r*N], N);
+        const int64_t n4 = n_rows / 4;
+        const int64_t dne3[4] = { N, n4, 4, 1 };
+        const size_t fnb3[4] = { 4, (size_t) N*4, (size_t) N*4*n4, (size_t) N*4*n_rows };
+        const size_t hnb3[4] = { 2, (size_t) N*2, (size_t) N*2*n4, (size_t) N*2*n_rows };
+        const tq_cuda_tensor qsrc3 = tensor(d_q, N, n4, 4, 1, bb, rb, rb*n4, rb*n_rows);
+        const tq_cuda_tensor no_idx = tensor(nullptr, 0, 0, 0, 0, 0, 0, 0, 0);
+        // f32 normal, f32 rotated, f16 normal (through indices); f32 and f16 rotated without them
+        for (int mode = 0; mode < 5; ++mode) {
             int64_t n_bad = 0;
-            if (mode < 2) {
+            if (mode >= 3) {
+                void * d = mode == 3 ? (void *) d_f : (void *) d_h;
+                const size_t vb = mode == 3 ? 4 : 2;
+                CK(cudaMemset(d, 0xA5, n_rows*N*vb));
+                CKI(tq_cuda_get_rows(t, qsrc3, no_idx, true, d, mode == 3 ? TQ_CUDA_TYPE_F32 : TQ_CUDA_TYPE_F16, dne3,
+                                     mode == 3 ? fnb3 : hnb3, true, nullptr));
+                CK(cudaDeviceSynchronize());
+                if (mode == 3) {
+                    CK(cudaMemcpy(got_f.data(), d_f, n_rows*N*4, cudaMemcpyDeviceToHost));
+                    for (int64_t i = 0; i < n_rows*N; ++i) n_bad += !same_float(want_r0[i], got_f[i]);
+                } else {
+                    CK(cudaMemcpy(got_h.data(), d_h, n_rows*N*2, cudaMemcpyDeviceToHost));
+                    for (int64_t i = 0; i < n_rows*N; ++i) n_bad += !same_half(GGML_FP32_TO_FP16(want_r0[i]), got_h[i]);
+                }
+            } else if (mode < 2) {
                 CK(cudaMemset(d_f, 0xA5, n_rows*N*4));
                 CKI(tq_cuda_get_rows(t, qsrc, gidx, true, d_f, TQ_CUDA_TYPE_F32, dne, fnb, mode == 1, nullptr));
                 CK(cudaDeviceSynchronize());
@@ -287,7 +312,7 @@ static void check_rows(int64_t n_rows) {
                 CK(cudaMemcpy(got_h.data(), d_h, n_rows*N*2, cudaMemcpyDeviceToHost));
                 for (int64_t i = 0; i < n_rows*N; ++i) n_bad += !same_half(GGML_FP32_TO_FP16(want_n[i]), got_h[i]);
             }
-            const char * mname[3] = { "f32", "f32 rotated", "f16" };
+            const char * mname[5] = { "f32", "f32 rotated", "f16", "f32 rot. 3D", "f16 rot. 3D" };
             check(n_bad == 0, "dequantize %s to %s: %lld values differ from the reference", tname(t), mname[mode], (long long) n_bad);
             printf("  dequantize %-4s to %-11s: %lld of %lld values differ\n", tname(t), mname[mode], (long long) n_bad, (long long) (n_rows*N));
         }
@@ -974,7 +999,7 @@ static void time_attention(int n_sm, double copy_bw) {
     }
 
     // quantize (SET_ROWS) and dequantize (GET_ROWS) throughput
-    printf("\nquantize / dequantize, rows of 1024 values (8 heads x 128):\n| op | type | rows | us | GB/s (f32 side) |\n|---|---|---|---|---|\n");
+    printf("\nquantize / dequantize, rows of 1024 values (8 heads x 128):\n| op | type | rows | us | GB/s (f32 or f16 side) |\n|---|---|---|---|---|\n");
     for (int t : TQ_TYPES) {
         for (int64_t rows : { (int64_t) 1, (int64_t) 512, (int64_t) 32768 }) {
             const int64_t N = 1024;
@@ -984,7 +1009,12 @@ static void time_attention(int n_sm, double copy_bw) {
             const size_t dnb[4] = { rb/(N/64), rb, rb*rows, rb*rows };
             const int64_t dne[4] = { N, rows, 1, 1 };
             const size_t fnb[4] = { 4, (size_t) 4*N, (size_t) 4*N*rows, (size_t) 4*N*rows };
-            for (int op = 0; op < 2; ++op) {
+            // the prompt path's copy of the cache to f16, rotated: rows of 8 heads x 128 as K/V cells
+            // ([128, rows, 8]); op 3 into a destination 2 bytes off 16-byte alignment (one warp a block)
+            const int64_t dne_c[4] = { 128, rows, 8, 1 };
+            const size_t hnb_c[4] = { 2, 256, (size_t) 256*rows, (size_t) 256*rows*8 };
+            const tq_cuda_tensor src_c = tensor(d_q, 128, rows, 8, 1, rb/(N/64), rb, rb/8, rb*rows);
+            for (int op = 0; op < 4; ++op) {
                 std::vector<float> ts;
                 for (int rep = 0; rep < 23; ++rep) {
                     CK(cudaEventRecord(e0));
@@ -992,9 +1022,12 @@ static void time_attention(int n_sm, double copy_bw) {
                         if (op == 0) {
                             CKI(tq_cuda_set_rows(t, tensor(d_x, N, rows, 1, 1, 4, 4*N, 4*N*rows, 4*N*rows), TQ_CUDA_TYPE_F32,
                                                  tensor(nullptr, 0, 0, 0, 0, 0, 0, 0, 0), false, d_q, dnb, 0, nullptr));
-                        } else {
+                        } else if (op == 1) {
                             CKI(tq_cuda_get_rows(t, tensor(d_q, N, rows, 1, 1, rb/(N/64), rb, rb*rows, rb*rows), tensor(nullptr, 0, 0, 0, 0, 0, 0, 0, 0),
                                                  false, d_x + (size_t) N*rows, TQ_CUDA_TYPE_F32, dne, fnb, false, nullptr));
+                        } else {
+                            CKI(tq_cuda_get_rows(t, src_c, tensor(nullptr, 0, 0, 0, 0, 0, 0, 0, 0), false,
+                                                 (char *) (d_x + (size_t) N*rows) + (op == 3 ? 2 : 0), TQ_CUDA_TYPE_F16, dne_c, hnb_c, true, nullptr));
                         }
                     }
                     CK(cudaEventRecord(e1));
@@ -1003,7 +1036,10 @@ static void time_attention(int n_sm, double copy_bw) {
                     if (rep >= 3) ts.push_back(ms*1e2f);
                 }
                 const float us = median(ts);
-                printf("| %s | %s | %lld | %.2f | %.0f |\n", op ? "get_rows (dequantize)" : "set_rows (quantize)", tname(t), (long long) rows, us, 4.0*N*rows/(us*1e-6)*1e-9);
+                const char * opname[4] = { "set_rows (quantize)", "get_rows (dequantize)", "get_rows rotated f16, 8 threads a block",
+                                            "get_rows rotated f16, a warp a block" };
+                printf("| %s | %s | %lld | %.2f | %.0f |\n", opname[op], tname(t), (long long) rows, us,
+                       (op >= 2 ? 2.0 : 4.0)*N*rows/(us*1e-6)*1e-9);
             }
             CK(cudaFree(d_q));
         }
