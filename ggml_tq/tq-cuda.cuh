@@ -42,9 +42,15 @@ struct tq_cuda_tables {
 template <int T> struct tq_kv_type;
 template <> struct tq_kv_type<TQK_F16>  { static constexpr int qk = 1;  static constexpr int bytes = 2;  static constexpr bool tq = false; static constexpr int bits = 0; };
 template <> struct tq_kv_type<TQK_Q8_0> { static constexpr int qk = 32; static constexpr int bytes = 34; static constexpr bool tq = false; static constexpr int bits = 0; };
-template <> struct tq_kv_type<TQK_TQ2>  { static constexpr int qk = 64; static constexpr int bytes = 18; static constexpr bool tq = true;  static constexpr int bits = 2; };
-template <> struct tq_kv_type<TQK_TQ3>  { static constexpr int qk = 64; static constexpr int bytes = 26; static constexpr bool tq = true;  static constexpr int bits = 3; };
-template <> struct tq_kv_type<TQK_TQ4>  { static constexpr int qk = 64; static constexpr int bytes = 34; static constexpr bool tq = true;  static constexpr int bits = 4; };
+template <> struct tq_kv_type<TQK_TQ2>  { static constexpr int qk = 64; static constexpr int bytes = sizeof(block_tq2); static constexpr bool tq = true;  static constexpr int bits = 2; };
+template <> struct tq_kv_type<TQK_TQ3>  { static constexpr int qk = 64; static constexpr int bytes = sizeof(block_tq3); static constexpr bool tq = true;  static constexpr int bits = 3; };
+template <> struct tq_kv_type<TQK_TQ4>  { static constexpr int qk = 64; static constexpr int bytes = sizeof(block_tq4); static constexpr bool tq = true;  static constexpr int bits = 4; };
+
+// The bytes of one block of the b-bit TQ type, for the kernels templated on the bit width.
+template <int BITS> __host__ __device__ constexpr int tq_bits_block_bytes() {
+    static_assert(BITS >= 2 && BITS <= 4, "TQ blocks have 2, 3 or 4 bits a value");
+    return BITS == 2 ? (int) sizeof(block_tq2) : BITS == 3 ? (int) sizeof(block_tq3) : (int) sizeof(block_tq4);
+}
 
 template <int T, int D> __host__ __device__ constexpr int tq_row_bytes() { return D / tq_kv_type<T>::qk * tq_kv_type<T>::bytes; }
 
@@ -220,7 +226,7 @@ struct tq_quant_scratch {
 template <int BITS>
 static __device__ __forceinline__ void tq_quantize_block_warp(const tq_cuda_tables & t, const float * c, tq_quant_scratch & w,
                                                               float x0, float x1, uint8_t * blk, unsigned flags) {
-    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    constexpr int BB = tq_bits_block_bytes<BITS>();
     const int lane = threadIdx.x & 31;
 
     // step 1: s = sum_j (double) x_j^2 in order j = 0..63 (every lane computes the same sum); the
@@ -943,7 +949,7 @@ static __device__ __forceinline__ bool tq_rows_kernel_start(const tq_cuda_tables
 // SET_ROWS / CPY: src row (i1, i2, i3) -> dst row (idx or i1, i2, i3), the blocks of CTA cta
 template <int BITS, typename src_t, typename idx_t>
 static __device__ __forceinline__ void tq_set_rows_cta(const tq_rows_params & p, const tq_cuda_tables & tab, int64_t cta) {
-    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    constexpr int BB = tq_bits_block_bytes<BITS>();
     __shared__ float s_c[16];
     __shared__ tq_quant_scratch s_w[TQ_ROWS_THREADS/32];
     int64_t b, i1, i2, i3;
@@ -988,7 +994,7 @@ tq_set_rows_pair_kernel(const tq_rows_params p0, const tq_rows_params p1, const 
 template <int BITS, typename dst_t, typename idx_t>
 __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
-    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    constexpr int BB = tq_bits_block_bytes<BITS>();
     __shared__ float s_c[16];
     int64_t b, i1, i2, i3;
     if (!tq_rows_kernel_start<BITS>(tab, s_c, p, b, i1, i2, i3)) {
@@ -1032,7 +1038,7 @@ tq_get_rows_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_table
 template <int BITS, typename dst_t>
 __global__ void __launch_bounds__(TQ_ROWS_THREADS)
 tq_get_rows_rotated_kernel(const tq_rows_params p, const __grid_constant__ tq_cuda_tables tab) {
-    constexpr int BB = BITS == 2 ? 18 : BITS == 3 ? 26 : 34;
+    constexpr int BB = tq_bits_block_bytes<BITS>();
     __shared__ float s_c[16];
     if (threadIdx.x < 16) {
         s_c[threadIdx.x] = tab.c[BITS - 2][threadIdx.x];
