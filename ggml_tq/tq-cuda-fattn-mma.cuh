@@ -27,7 +27,10 @@
 // NaN rows and masks behave as in the vector kernel: a masked cell adds exactly 0 (never 0 * NaN).
 #pragma once
 
-#define TQ_MMA_WARPS 4
+// Eight warps a CTA and two CTAs a multiprocessor (<= 128 registers a thread): four warps a scheduler
+// hide the cell loop's fixed-latency chains that two could not (results/cuda-gpu-h100.md, 2026-12-07)
+#define TQ_MMA_WARPS 8
+#define TQ_MMA_MIN_CTAS 2
 #define TQ_MMA_CELLS 32    // cells per warp step
 #define TQ_MMA_ROWS  8     // query rows per CTA
 
@@ -66,6 +69,7 @@ static __device__ __forceinline__ uint32_t tq_h2u(__half a, __half b) {
 template <int BITS>
 struct tq_h16_lut {
     uint32_t l[BITS == 4 ? 4 : 2], h[BITS == 4 ? 4 : 2];
+    uint32_t f[2];   // BITS 2: the four f16 centroids whole, two to a register (prmt picks a pair in one)
 };
 
 template <int BITS>
@@ -83,6 +87,11 @@ static __device__ __forceinline__ tq_h16_lut<BITS> tq_make_h16_lut(const tq_cuda
             u.l[w] |= (uint32_t) (c & 0xff) << (8*k);
             u.h[w] |= (uint32_t) (c >> 8) << (8*k);
         }
+    }
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+        u.f[w] = BITS == 2 ? (uint32_t) __half_as_ushort(__float2half_rn(t.c[0][2*w]))
+                           | (uint32_t) __half_as_ushort(__float2half_rn(t.c[0][2*w + 1])) << 16 : 0u;
     }
     return u;
 }
@@ -109,6 +118,28 @@ static __device__ __forceinline__ void tq_lut4(const tq_h16_lut<BITS> & u, uint3
     tq_lut_bytes<BITS>(u, sel, lo, hi);
     r0 = tq_prmt(lo, hi, KPAIR ? 0x5140u : 0x6240u);
     r1 = tq_prmt(lo, hi, KPAIR ? 0x7362u : 0x7351u);
+}
+
+static __device__ __forceinline__ uint32_t tq_mad_lo(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t r;
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// 2-bit V (tq_decode_planes<2, false>'s registers, the same values): field i of each byte of w, as a
+// byte x, becomes the selector nibbles (2x, 2x + 1) that pick centroid x's two bytes from f, one prmt
+// a half2 where the byte planes take two. Why: prmt, shifts and masks share one half-rate integer
+// pipe; the multiply-add (x*0x22 + 0x10101010) and the selector's upper half (a high half) run on
+// the FMA pipe.
+static __device__ __forceinline__ void tq_decode_v2_pairs(const uint32_t f[2], uint32_t w, uint32_t r[8]) {
+    constexpr int lo_reg[4] = { 0, 4, 1, 5 }, hi_reg[4] = { 2, 6, 3, 7 };
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t x = (w >> 2*i) & 0x03030303u;
+        const uint32_t sel = tq_mad_lo(x, 0x22u, 0x10101010u);
+        r[lo_reg[i]] = tq_prmt(f[0], f[1], sel);                        // bytes 0, 1 of x
+        r[hi_reg[i]] = tq_prmt(f[0], f[1], __umulhi(sel, 0x10000u));   // bytes 2, 3 of x
+    }
 }
 
 // eight index nibbles of a word of 2-bit fields (+ high bits of 3-bit indices) -> 8 half2
@@ -190,6 +221,8 @@ static __device__ __forceinline__ void tq_mma_v_frag(const tq_h16_lut<BITS> & u,
         tq_lut4<4, false>(u, w >> 16, r[2], r[3]);
         tq_lut4<4, false>(u, w2, r[4], r[5]);
         tq_lut4<4, false>(u, w2 >> 16, r[6], r[7]);
+    } else if constexpr (BITS == 2) {
+        tq_decode_v2_pairs(u.f, w, r);
     } else {
         tq_decode_planes<BITS, false>(u, w, hw, r);
     }
@@ -205,7 +238,7 @@ struct tq_mma_smem {
     static constexpr int off_x     = a16(off_q + 4*TQ_MMA_ROWS*D);          // float [2][D] exact rows (rotated)
     static constexpr int off_row   = a16(off_x + 4*2*D);                    // float xs, slope, qscale [8]
     static constexpr int off_tiles = a16(off_row + 4*3*TQ_MMA_ROWS);
-    static constexpr int combine   = 4*TQ_MMA_WARPS*TQ_MMA_ROWS*(D + 3);    // O, M, S, pe per warp
+    static constexpr int combine   = 4*TQ_MMA_WARPS*TQ_MMA_ROWS*(D + 4);    // O, M, S, pe, weight per warp
     static constexpr int size      = a16(off_tiles + (TQ_MMA_WARPS*warp_tiles > combine ? TQ_MMA_WARPS*warp_tiles : combine));
 };
 
@@ -225,10 +258,10 @@ static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sst
 }
 
 // One CTA: query rows [blockIdx.y*8, +8) of the rows that read K/V head (ik2, ik3), over the
-// cells of split blockIdx.z; warp w takes the steps of 32 cells w, w + 4, ... and keeps its own
+// cells of split blockIdx.z; warp w takes the steps of 32 cells w, w + TQ_MMA_WARPS, ... and keeps its own
 // softmax; the warps are combined at the end. Phases as in tq_fattn_vec_kernel.
 template <int D, int KT, int VT>
-__global__ void __launch_bounds__(32*TQ_MMA_WARPS, 3)   // three CTAs a multiprocessor: <= 168 registers
+__global__ void __launch_bounds__(32*TQ_MMA_WARPS, TQ_MMA_MIN_CTAS)
 tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
     typedef tq_mma_smem<D, KT, VT> L;
     constexpr int KBITS = tq_kv_type<KT>::bits, VBITS = tq_kv_type<VT>::bits;
@@ -344,8 +377,9 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     const int rr_g = r0 + g;
     const bool row_ok = rr_g < rows;
     const __half * mrow = nullptr;
-    if (p.mask && row_ok) {
-        const int iq1 = rr_g / p.gqa, iq2 = ik2*p.gqa + rr_g % p.gqa;
+    if (p.mask) {   // a dead row reads row r0's mask (its scores are -inf anyway)
+        const int rm = row_ok ? rr_g : r0;
+        const int iq1 = rm / p.gqa, iq2 = ik2*p.gqa + rm % p.gqa;
         mrow = (const __half *) (p.mask + iq1*p.nbm1 + (iq2 % p.ne_m2)*p.nbm2 + (ik3 % p.ne_m3)*p.nbm3);
     }
     __syncthreads();
@@ -371,12 +405,20 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
 
         // the mask of this step's cells for row g, loaded first: its latency hides behind the products
         float mk[NK][2];
+        if (mrow && cs + CW <= c1) {   // uniform: every lane has a row (dead rows row 0's)
 #pragma unroll
-        for (int j = 0; j < NK; ++j) {
+            for (int j = 0; j < NK; ++j) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int cell = cs + 8*j + 2*c + e;
-                mk[j][e] = mrow && cell < c1 ? __half2float(mrow[cell]) : 0.0f;
+                for (int e = 0; e < 2; ++e) mk[j][e] = __half2float(mrow[cs + 8*j + 2*c + e]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NK; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int cell = cs + 8*j + 2*c + e;
+                    mk[j][e] = mrow && cell < c1 ? __half2float(mrow[cell]) : 0.0f;
+                }
             }
         }
 
@@ -417,21 +459,38 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
             }
         }
 
-        // scale, soft-cap, mask, exact key; dead cells (masked, past the split, other rows) -inf
+        // scale, soft-cap, mask, exact key; dead cells (masked, past the split, other rows) -inf. A step
+        // inside the split that holds neither exact cell (all but one or two of a warp's steps), with
+        // no soft-capping, skips those per-cell tests: the same arithmetic in fewer instructions
+        const bool edge = cs + CW > c1 || (unsigned) (xk_cell - cs) < (unsigned) CW ||
+                          (unsigned) (xv_cell - cs) < (unsigned) CW || p.softcap != 0.0f;
         float mx = -INFINITY;
         bool dead[NK][2];
+        if (edge) {
 #pragma unroll
-        for (int j = 0; j < NK; ++j) {
+            for (int j = 0; j < NK; ++j) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int cell = cs + 8*j + 2*c + e;
-                float x = cell == xk_cell ? xscore : sc[j][e]*qscale;
-                if (p.softcap != 0.0f) x = p.softcap*tanhf(x);
-                const float mv = slope*mk[j][e];
-                dead[j][e] = !row_ok || cell >= c1 || mv == -INFINITY;
-                x = dead[j][e] ? -INFINITY : x + mv;
-                sc[j][e] = x;
-                mx = fmaxf(mx, x);
+                for (int e = 0; e < 2; ++e) {
+                    const int cell = cs + 8*j + 2*c + e;
+                    float x = cell == xk_cell ? xscore : sc[j][e]*qscale;
+                    if (p.softcap != 0.0f) x = p.softcap*tanhf(x);
+                    const float mv = slope*mk[j][e];
+                    dead[j][e] = !row_ok || cell >= c1 || mv == -INFINITY;
+                    x = dead[j][e] ? -INFINITY : x + mv;
+                    sc[j][e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NK; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float mv = slope*mk[j][e];
+                    dead[j][e] = !row_ok || mv == -INFINITY;
+                    sc[j][e] = dead[j][e] ? -INFINITY : __fmul_rn(sc[j][e], qscale) + mv;   // not fused: as above
+                    mx = fmaxf(mx, sc[j][e]);
+                }
             }
         }
         mx = fmaxf(mx, __shfl_xor_sync(TQ_CUDA_FULL_MASK, mx, 1));
@@ -448,7 +507,7 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
             for (int e = 0; e < 2; ++e) {
                 pr[j][e] = dead[j][e] ? 0.0f : expf(sc[j][e] - M_new);
                 psum += pr[j][e];
-                if (cs + 8*j + 2*c + e == xv_cell) {   // the exact value row: its weight kept apart
+                if (edge && cs + 8*j + 2*c + e == xv_cell) {   // the exact value row: its weight kept apart
                     pe += pr[j][e];
                     pr[j][e] = 0.0f;
                 }
@@ -524,25 +583,37 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     }
     __syncthreads();
     // row r: M = max over warps; warp weights exp(M_w - M) (a warp with M_w = -inf saw nothing, S_w = 0,
-    // or only NaN scores, S_w NaN, which must carry on); s_q takes the combined output
-    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
-        const int r = e / D, j = e % D;
+    // or only NaN scores, S_w NaN, which must carry on), once per (warp, row) and not per output value
+    float * s_wf = s_wp + TQ_MMA_WARPS*TQ_MMA_ROWS;
+    if (tid < TQ_MMA_ROWS) {
+        const int r = tid;
         float Mx = -INFINITY;
         for (int w = 0; w < TQ_MMA_WARPS; ++w) Mx = fmaxf(Mx, s_wm[w*TQ_MMA_ROWS + r]);
-        float o = 0.0f, Ssum = 0.0f;
+        float Ssum = 0.0f;
         for (int w = 0; w < TQ_MMA_WARPS; ++w) {
             const float Mw = s_wm[w*TQ_MMA_ROWS + r], Sw = s_ws[w*TQ_MMA_ROWS + r];
             const float f = Mw == -INFINITY ? (Sw == 0.0f ? 0.0f : NAN) : expf(Mw - Mx);
+            s_wf[w*TQ_MMA_ROWS + r] = f;
             if (f != 0.0f) {
-                o = fmaf(f, s_wo[(w*TQ_MMA_ROWS + r)*D + j] + s_wp[w*TQ_MMA_ROWS + r]*s_xv[j], o);
                 Ssum = fmaf(f, Sw, Ssum);
             }
         }
-        s_q[e] = o;
-        if (j == 0) {
-            s_xs[r] = Mx;        // M and S of the CTA (s_xs and s_slope are free now)
-            s_slope[r] = Ssum;
+        s_xs[r] = Mx;        // M and S of the CTA (s_xs and s_slope are free now)
+        s_slope[r] = Ssum;
+    }
+    __syncthreads();
+    // s_q takes the combined output
+    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
+        const int r = e / D, j = e % D;
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < TQ_MMA_WARPS; ++w) {
+            const float f = s_wf[w*TQ_MMA_ROWS + r];
+            if (f != 0.0f) {
+                o = fmaf(f, s_wo[(w*TQ_MMA_ROWS + r)*D + j] + s_wp[w*TQ_MMA_ROWS + r]*s_xv[j], o);
+            }
         }
+        s_q[e] = o;
     }
     __syncthreads();
 

@@ -314,15 +314,15 @@ static tq_fa_plan tq_fa_make_plan(const tq_cuda_fattn_args * a, int n_sm, int n_
     pl.mma = tq_fa_uses_mma(a);
     pl.nr = pl.mma ? TQ_MMA_ROWS : tq_fa_rows_per_cta(rows);
     pl.chunks = (rows + pl.nr - 1) / pl.nr;
-    // a split's cells: whole tiles of the vector kernel, whole CTA steps (4 warps x 32 cells) of the mma kernel
+    // a split's cells: whole tiles of the vector kernel, whole CTA steps (TQ_MMA_WARPS x 32 cells) of the mma kernel
     const int64_t tile = pl.mma ? TQ_MMA_WARPS*TQ_MMA_CELLS : TQ_FA_TILE;
     const int64_t ctas = n_head_kv*n_seq*pl.chunks;
     const int64_t tiles = (n_kv + tile - 1) / tile;
     if (n_split <= 0) {
         // vector kernel: about four CTAs of 256 threads per multiprocessor (two waves at the usual
-        // three resident), each over at least two tiles; mma kernel: two CTAs of 128 threads per
-        // multiprocessor (one wave; more splits repeat each CTA's set-up and lengthen the combine),
-        // each over two CTA steps at least (results/cuda-gpu.md: 32 splits at 32K cells and GQA 4)
+        // three resident), each over at least two tiles; mma kernel: two CTAs of TQ_MMA_WARPS warps
+        // per multiprocessor (one wave; more splits repeat each CTA's set-up and lengthen the combine),
+        // each over two CTA steps at least (results/cuda-gpu-h100.md: 32 splits at 32K cells and GQA 4)
         const int64_t want = ((pl.mma ? 2 : 4)*(int64_t) std::max(n_sm, 1) + ctas - 1) / ctas;
         n_split = (int) std::max<int64_t>(1, std::min<int64_t>(want, tiles / 2));
     }

@@ -306,10 +306,11 @@ static bool tq_cuda_is_noop(const ggml_tensor * t) {
            t->op == GGML_OP_PERMUTE || t->op == GGML_OP_TRANSPOSE;
 }
 
-// the bytes [first, last) that t (a view or not) covers in its buffer
-static void tq_cuda_byte_range(const ggml_tensor * t, const char * & first, const char * & last) {
-    first = (const char *) t->data;
-    last = first + ggml_nbytes(t);
+// whether the bytes a and b (views or not) cover in their buffers overlap
+static bool tq_cuda_bytes_overlap(const ggml_tensor * a, const ggml_tensor * b) {
+    const char * a0 = (const char *) a->data;
+    const char * b0 = (const char *) b->data;
+    return a0 < b0 + ggml_nbytes(b) && b0 < a0 + ggml_nbytes(a);
 }
 
 int ggml_cuda_tq_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * cgraph, int i) {
@@ -335,14 +336,8 @@ int ggml_cuda_tq_try_fuse(ggml_backend_cuda_context & ctx, ggml_cgraph * cgraph,
     }
     // V's rows are written before the views between run (they touch no data) and must not read or
     // write what K's launch writes
-    const char * k0, * k1, * a, * b;
-    tq_cuda_byte_range(k, k0, k1);
-    const ggml_tensor * v_tensors[3] = { v, v->src[0], v->src[1] };
-    for (const ggml_tensor * t : v_tensors) {
-        tq_cuda_byte_range(t, a, b);
-        if (a < k1 && k0 < b) {
-            return 0;
-        }
+    if (tq_cuda_bytes_overlap(k, v) || tq_cuda_bytes_overlap(k, v->src[0]) || tq_cuda_bytes_overlap(k, v->src[1])) {
+        return 0;
     }
     tq_cuda_set_rows_op ops[2];
     const ggml_tensor * nodes[2] = { k, v };
