@@ -15,7 +15,7 @@ from typing import Mapping
 
 from tqdm import tqdm
 
-from . import REPO_ROOT, random_gguf, results, switches
+from . import REPO_ROOT, fattn_perf, random_gguf, results, switches
 from .arguments import int_arg, thread_count
 from .build import find_binary
 from .cache_types import parse_type_specs
@@ -137,6 +137,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"the GPU benchmark: the CUDA build, all layers and the cache on the GPU (-ngl 99), a random-weight "
                         f"Q4_0 GGUF of {GPU_MODEL}'s shape made on first use, types {GPU_TYPES}, depths {GPU_DEPTHS}, pp512; "
                         "key centering off (random weights have no mean key; its cost is one subtraction per K row)")
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time decoding attention alone (test-backend-ops perf, one token, Llama-3.1-8B's heads, "
+                        "8K/32K/64K cells) and its bandwidth against a 256 MiB copy on the same device, written to "
+                        "attention-TAG.json/.md/.png (default: on with --gpu)")
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu, cuda or gpu)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
@@ -156,6 +160,8 @@ def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, s
         parts.append("--cuda")
     if args.tag:
         parts += ["--tag", args.tag]
+    if args.attention is not None and args.attention != args.gpu:
+        parts.append("--attention" if args.attention else "--no-attention")
     command = results.command(parts, setting)
     return command + (" -- " + " ".join(map(shlex_quote, extra)) if extra else "")
 
@@ -193,4 +199,13 @@ def _cmd(args: argparse.Namespace) -> int:
     else:
         print("\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
+    if args.gpu if args.attention is None else args.attention:
+        pairs = parse_type_specs(args.types, DEFAULT_TYPES)
+        depths = [d for d in parse_depths(args.depths) if d in fattn_perf.PERF_DEPTHS] or list(fattn_perf.PERF_DEPTHS)
+        print("test-backend-ops perf: decoding attention alone and a 256 MiB copy ...", file=sys.stderr)
+        times, copy_gbs = fattn_perf.measure(pairs, depths, args.cuda, "CUDA0" if args.cuda else "CPU")
+        device = (rows[0]["gpu"] if args.cuda else rows[0]["cpu"]) if rows else ""
+        stem = fattn_perf.write_results(times, copy_gbs, device, tag, _command(args, extra, setting), args.out_dir)
+        print("\n".join(fattn_perf.table(times, copy_gbs)), file=sys.stderr if args.json else sys.stdout)
+        print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
     return 0
