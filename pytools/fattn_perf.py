@@ -102,7 +102,12 @@ def run_perf(pairs: list[tuple[str, str]], depths: list[int], cuda: bool, backen
 
 
 def measure(pairs: list[tuple[str, str]], depths: list[int], cuda: bool, backend: str) -> tuple[list[AttentionTime], float]:
-    cases, copy_gbs = parse_perf(run_perf(pairs, depths, cuda, backend))
+    return times_of(run_perf(pairs, depths, cuda, backend), pairs, backend)
+
+
+def times_of(text: str, pairs: list[tuple[str, str]], backend: str) -> tuple[list[AttentionTime], float]:
+    """The attention times of these pairs and the copy's GB/s in run_perf's output."""
+    cases, copy_gbs = parse_perf(text)
     if copy_gbs is None:
         raise UserError("test-backend-ops perf printed no 256 MiB copy case: the build predates patches/0012's copy case; "
                         "run `tq build` again")

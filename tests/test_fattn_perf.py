@@ -57,7 +57,7 @@ def test_cpu_backend_run_end_to_end(tmp_path):
     copy = next(line for line in text.splitlines() if line.lstrip().startswith("CPY("))
     # our byte count is test-backend-ops' own (its kB/run is the op's source and destination bytes)
     assert int(re.search(r"(\d+) kB/run", copy).group(1)) * 1024 == 2 * 4 * 8192 * 8192
-    times, copy_gbs = fattn_perf.measure(pairs, [8192], cuda=False, backend="CPU")
+    times, copy_gbs = fattn_perf.times_of(text, pairs, backend="CPU")
     assert [(t.pair, t.n_kv) for t in times] == [("f16/f16", 8192), ("tq3/tq2", 8192)]
     assert copy_gbs > 0 and all(t.us > 0 and t.of_copy > 0 for t in times)
     stem = fattn_perf.write_results(times, copy_gbs, "test CPU", "cpu-test", "tq bench --attention", tmp_path)
