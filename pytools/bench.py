@@ -83,7 +83,8 @@ def _ratio_table(rows: list[dict]) -> list[str]:
         for base in ("f16", "q8_0", "q4_0"):
             b = ref.get((base, base) + key)
             ratios.append(f"{r['tokens_per_s'] / b:.2f}x" if b else "-")
-        lines.append(f"| {r['k']}/{r['v']} | {r['bpv']:.2f} | {r['test']}{r['n']} | {r['depth']} | "
+        run = f" ({r['run']})" if "run" in r else ""
+        lines.append(f"| {r['k']}/{r['v']}{run} | {r['bpv']:.2f} | {r['test']}{r['n']} | {r['depth']} | "
                      f"{r['tokens_per_s']:.1f} ± {r['stddev']:.1f} | " + " | ".join(ratios) + " |")
     return lines
 
@@ -110,16 +111,63 @@ def _plot(rows: list[dict], title: str, out: Path) -> None:
 
 
 def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path,
-                  setting: Mapping[str, switches.Value] | None = None) -> Path:
+                  setting: Mapping[str, switches.Value] | None = None, merged_from: list[dict] | None = None) -> Path:
+    """merged_from: the runs a `tq bench --merge` table comes from (their meta); their switches are the table's."""
     setting = switches.from_env() if setting is None else setting
     files = results.ResultFiles(out_dir, f"bench-{tag}-{results.safe_name(model)}")
-    meta = {"command": command, "date": results.now(), "switches": switches.describe(setting),
+    meta = {"command": command, "date": results.now(),
+            "switches": merged_from[0]["switches"] if merged_from else switches.describe(setting),
             "llama_cpp_commit": UPSTREAM.llama_cpp_commit, "machine": platform.platform(),
             "cpu": rows[0]["cpu"] if rows else "", "gpu": rows[0]["gpu"] if rows else ""}
-    md = [f"# llama-bench, {model}, {tag}", "", f"Made by `{command}` on {meta['date']}.", "",
-          f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
+    md = [f"# llama-bench, {model}, {tag}", "", f"Made by `{command}` on {meta['date']}.", ""]
+    if merged_from:
+        meta["merged_from"] = merged_from
+        md += ["Merged from these runs (rows marked with the run's number; each ratio is to the f16, q8_0 and q4_0 "
+               "rows of the same test and depth, whichever run measured them):", ""]
+        md += [f"{i + 1}. `{m['command']}` on {m['date']}" for i, m in enumerate(merged_from)] + [""]
+    md += [f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
     results.write(files, {"meta": meta, "rows": rows}, "\n".join(md), lambda png: _plot(rows, f"{model} ({tag})", png))
     return out_dir / files.stem
+
+
+def merge_runs(paths: list[Path]) -> tuple[list[dict], str, list[dict]]:
+    """The rows of several `tq bench` results files as one table (for a bench split over calls that cannot hold
+    it whole): its rows ordered by pair as the runs first give them, then test and depth, each row marked with its
+    run (1, 2, ...); the model label; the runs' meta. The runs must share the model, the machine's CPU and GPU,
+    the llama.cpp commit and the switches, and measure each (pair, test, depth) once."""
+    import shlex
+
+    if len(paths) < 2:
+        raise UserError("--merge takes two or more results files of `tq bench` (bench-*.json)")
+    metas, rows, model, first = [], [], None, None
+    for i, path in enumerate(paths):
+        try:
+            data = json.loads(Path(path).read_text())
+            meta, run_rows = data["meta"], data["rows"]
+            words = shlex.split(meta["command"])
+            run_model = results.model_label(words[words.index("--model") + 1])
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"{path}: not a results file of `tq bench` ({e.__class__.__name__}: {e})") from None
+        if model is not None and run_model != model:
+            raise UserError(f"{path}: model {run_model}, where {paths[0]} has {model}: a merged table is of one model")
+        model = run_model
+        first = first or meta
+        for key in ("cpu", "gpu", "llama_cpp_commit", "switches"):
+            if meta.get(key) != first.get(key):
+                raise UserError(f"{path}: {key} {meta.get(key)!r}, where {paths[0]} has {first.get(key)!r}: "
+                                "merge only runs of one build on one machine with the same switches")
+        metas.append({k: meta.get(k) for k in ("command", "date", "switches")})
+        rows += [dict(r, run=i + 1) for r in run_rows]
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["k"], r["v"], r["test"], r["depth"])
+        if key in seen:
+            raise UserError(f"{r['k']}/{r['v']} {r['test']} at depth {r['depth']} is in run {seen[key]} and run {r['run']}: "
+                            "a merged table takes each measurement once")
+        seen[key] = r["run"]
+    order = list(dict.fromkeys((r["k"], r["v"]) for r in rows))
+    rows.sort(key=lambda r: (order.index((r["k"], r["v"])), r["test"] != "pp", r["depth"]))
+    return rows, model, metas
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -144,6 +192,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu, cuda or gpu)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="BENCH_JSON", default=None,
+                   help="measure nothing: merge these results files of earlier runs (one build, one machine) into one "
+                        "table and plot, bench-TAG-MODEL.* (default tag: merged)")
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-bench arguments")
     p.set_defaults(func=_cmd)
@@ -181,8 +232,24 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.n_prompt = 512 if args.gpu else 0
 
 
+def _merge_cmd(args: argparse.Namespace) -> int:
+    rows, model, metas = merge_runs(args.merge)
+    command = "tq bench --merge " + " ".join(shlex_quote(str(p)) for p in args.merge) + \
+        (f" --tag {shlex_quote(args.tag)}" if args.tag else "")
+    stem = write_results(rows, model, args.tag or "merged", command, args.out_dir, merged_from=metas)
+    print(json.dumps(rows, indent=1) if args.json else "\n".join(_ratio_table(rows)))
+    print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
+    return 0
+
+
 def _cmd(args: argparse.Namespace) -> int:
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    if args.merge:
+        if extra or args.gpu or args.cuda or args.attention or any(
+                getattr(args, a) is not None for a in ("model", "types", "depths", "n_prompt")) or any(
+                getattr(args, s.flag[2:].replace("-", "_"), None) is not None for s in switches.OPTIONS):
+            raise UserError("--merge measures nothing: give it the results files and at most --tag/--out-dir/--json")
+        return _merge_cmd(args)
     _fill_defaults(args)
     setting = switches.apply_args(args)
     if args.gpu and random_gguf.is_random(args.model):
