@@ -20,6 +20,8 @@ from .arguments import int_arg, thread_count
 from .build import find_binary
 from .cache_types import parse_type_specs
 from .errors import UserError
+from .gpu_split import add_split_arguments, check_split, command_parts, split_from_args
+from .gpu_split import llama_args as split_args
 from .kv_memory import bits_per_value
 from .kv_shape import model_kv_shape
 from .models import model_path
@@ -189,6 +191,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="also time decoding attention alone (test-backend-ops perf, one token, Llama-3.1-8B's heads, "
                         "8K/32K/64K cells) and its bandwidth against a 256 MiB copy on the same device, written to "
                         "attention-TAG.json/.md/.png (default: on with --gpu)")
+    add_split_arguments(p, needs="--gpu or --cuda")
     p.add_argument("--tag", default=None, help="name part of the results files (default cpu, cuda or gpu)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "results")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
@@ -209,6 +212,7 @@ def _command(args: argparse.Namespace, extra: list[str], setting: Mapping[str, s
         parts.append("--gpu")
     elif args.cuda:
         parts.append("--cuda")
+    parts += command_parts(split_from_args(args))
     if args.tag:
         parts += ["--tag", args.tag]
     if args.attention is not None and args.attention != args.gpu:
@@ -251,11 +255,15 @@ def _cmd(args: argparse.Namespace) -> int:
             raise UserError("--merge measures nothing: give it the results files and at most --tag/--out-dir/--json")
         return _merge_cmd(args)
     _fill_defaults(args)
+    split = split_from_args(args)
+    # llama-bench offloads every layer by default: the CUDA build is what gives the split its GPUs
+    check_split(split, args.cuda, offload_hint="add --gpu (or --cuda)")
     setting = switches.apply_args(args)
     if args.gpu and random_gguf.is_random(args.model):
         setting = dict(setting, key_center=False)
-    # --gpu: every layer and its cache on the GPU (not part of the recorded command's `--` arguments)
-    offload = ["-ngl", "99"] if args.gpu else []
+    # --gpu: every layer and its cache on the GPU; and how GPUs share them (neither is part of the
+    # recorded command's `--` arguments)
+    offload = (["-ngl", "99"] if args.gpu else []) + split_args(split, bench=True)
     rows = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths), args.n_gen,
                  args.n_prompt, args.threads, args.reps, args.cuda, extra + offload, setting)
     tag = args.tag or ("gpu" if args.gpu else "cuda" if args.cuda else "cpu")

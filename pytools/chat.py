@@ -15,6 +15,7 @@ from .errors import UserError
 from .arguments import context_size, float_arg, int_arg, seed_value, thread_count
 from .kv_memory import kv_bytes_for_tokens, kv_size
 from .kv_shape import model_kv_shape
+from .gpu_split import add_split_arguments, check_split, split_from_args
 from .rpc import add_rpc_argument
 
 HELP = "commands: /reset (forget the conversation), /quit (or Ctrl-D); Ctrl-C stops an answer"
@@ -74,9 +75,12 @@ def run_chat(args: argparse.Namespace, stdin=None, out=None, err=None) -> int:
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     tolerate_any_bytes(stdin, out, err)
+    split = split_from_args(args)
+    check_split(split, args.gpu_layers != 0, bool(args.rpc))   # in the command line's words, before the load
     try:
         llm = load_llama(args.model, args.ctk, args.ctv, n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
-                         n_threads=args.threads, seed=args.seed, rpc_servers=args.rpc,
+                         n_threads=args.threads, seed=args.seed, rpc_servers=args.rpc, split_mode=split.mode,
+                         tensor_split=split.tensor_split, main_gpu=split.main_gpu,
                          **switches.option_kwargs(switches.apply_args(args)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -150,6 +154,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="layers to offload to the GPU (CUDA build; -1: all); with --rpc: the last N layers on the "
                         "RPC servers")
     add_rpc_argument(p)
+    add_split_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int_arg(1, what="a token count"), default=512,
                    help="longest answer in tokens (default 512)")

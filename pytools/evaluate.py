@@ -28,6 +28,7 @@ from .arguments import int_arg, thread_count
 from .cache_types import CACHE_TYPES, bits_per_value, parse_type_specs
 from .corpus import default_corpus, is_packaged
 from .errors import UserError
+from .gpu_split import add_split_arguments, check_split, command_parts, split_from_args
 from .kv_memory import bits_per_value as layers_bits_per_value
 from .kv_memory import bytes_per_token
 from .kv_shape import HeadSizeError, KvShape, model_kv_shape
@@ -60,6 +61,7 @@ def _tq_command(args: argparse.Namespace, setting: Mapping[str, switches.Value],
         parts += ["--corpus", str(args.corpus or corpus)]
     if args.cuda:
         parts.append("--cuda")
+    parts += command_parts(split_from_args(args))
     if args.out_dir:
         parts += ["--out-dir", str(args.out_dir)]
     if args.json:
@@ -73,6 +75,8 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     from .upstream import UPSTREAM
 
     pairs = parse_type_specs(args.types, DEFAULT_TYPES)
+    split = split_from_args(args)
+    check_split(split, args.cuda, offload_hint="add --cuda (every layer on the GPUs)")
     model = model_path(args.model)
     label = results.model_label(args.model)
     corpus = Path(args.corpus) if args.corpus else default_corpus()
@@ -92,7 +96,7 @@ def evaluate_quality(args: argparse.Namespace) -> list[dict]:
     date = results.now()
     out_dir = Path(args.out_dir) if args.out_dir else REPO_ROOT / "results"
     run = QualityRun(args.model, model, label, corpus, args.ctx, args.chunks, args.threads, args.cuda, binary,
-                     kld_dir() / "logs" / results.safe_name(label), setting)
+                     kld_dir() / "logs" / results.safe_name(label), setting, split)
 
     to_run = [p for p in pairs if p != ("f16", "f16")]
     bar = tqdm(total=len(to_run) + 1, desc=f"{label}: f16 base", unit="run", file=sys.stderr, dynamic_ncols=True)
@@ -192,6 +196,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--ctx", type=int_arg(16, what="a context size in tokens"), default=DEFAULT_CTX, help=f"context size per chunk (default {DEFAULT_CTX})")
     q.add_argument("--threads", "-t", type=thread_count, default=os.cpu_count() or 2, help="CPU threads (default: all cores)")
     q.add_argument("--cuda", action="store_true", help="use the CUDA build with all layers on the GPU (-ngl 99)")
+    add_split_arguments(q, needs="--cuda")
     q.add_argument("--json", action="store_true", help="print the results as a JSON list")
     q.add_argument("--out-dir", default=None, help="where quality-<model>.{json,md,png} go (default: results/)")
     switches.add_option_arguments(q)

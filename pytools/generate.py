@@ -21,6 +21,8 @@ from .arguments import context_size, int_arg, seed_value, thread_count
 from .kv_memory import Slots, kv_size
 from .kv_shape import KvShape, model_kv_shape
 from .models import model_path
+from .gpu_split import GpuSplit, add_split_arguments, check_split, split_from_args
+from .gpu_split import llama_args as split_args
 from .rpc import check_offload, check_servers, add_rpc_argument
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +[\d.]+ MiB \( *(\d+) cells, +\d+ layers, +(\d+)/(\d+) seqs\), "
@@ -131,13 +133,15 @@ def completion_error(returncode: int, log: str) -> UserError:
 def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, ctx: int, threads: int | None,
                    seed: int, extra: list[str], echo: BinaryIO | None = None,
                    setting: Mapping[str, switches.Value] | None = None, gpu_layers: int = 0,
-                   rpc: list[str] | None = None) -> tuple[str, KvMemory | None]:
+                   rpc: list[str] | None = None, split: GpuSplit = GpuSplit()) -> tuple[str, KvMemory | None]:
     """Generate with llama-completion; returns its output (the prompt, then the generated text)
     and the KV memory it reported. echo: a binary stream that gets the output as it comes, byte
     for byte (a multi-byte character cut by -n stays cut there). gpu_layers != 0: the CUDA build,
     with that many layers and their caches on the GPU; with rpc (`tq rpc-server` endpoints) they go
-    to those servers instead and the CPU build runs here."""
+    to those servers instead and the CPU build runs here. split: how several GPUs (or RPC servers)
+    share those layers (gpu_split.py)."""
     check_offload(rpc, gpu_layers)
+    check_split(split, gpu_layers != 0, bool(rpc))
     if rpc:
         check_servers(rpc)
     exe = find_binary("llama-completion", cuda=gpu_layers != 0 and not rpc)
@@ -156,6 +160,7 @@ def run_completion(model: str, prompt: str, ctk: str, ctv: str, n_predict: int, 
             cmd += ["-ngl", str(gpu_layers)]
         if rpc:
             cmd += ["--rpc", ",".join(rpc)]
+        cmd += split_args(split)
         cmd += switches.llama_args(switches.from_env() if setting is None else setting, path, ctk, ctx) + extra
         with open(Path(tmp) / "stderr.log", "w+b") as err:
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL) as proc:
@@ -189,6 +194,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="layers (and their KV cache) on the GPU, with the CUDA build (`tq build --cuda`); -1: all. "
                         "With --rpc: the last N layers on the RPC servers")
     add_rpc_argument(p)
+    add_split_arguments(p)
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-completion arguments")
     p.set_defaults(func=_cmd_run)
@@ -202,7 +208,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         text, mem = run_completion(args.model, args.prompt, args.ctk, args.ctv, args.n_predict, args.ctx,
                                    args.threads, args.seed, extra, echo=out, setting=switches.apply_args(args),
-                                   gpu_layers=args.gpu_layers, rpc=args.rpc)
+                                   gpu_layers=args.gpu_layers, rpc=args.rpc,
+                                   split=split_from_args(args))
         if out is None:   # a stdout without bytes (a StringIO): the text, cut characters replaced
             sys.stdout.write(text)
         if not text.endswith("\n"):

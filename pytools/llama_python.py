@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import REPO_ROOT, results, switches
@@ -28,6 +29,8 @@ from .errors import UserError
 from .cache_types import CACHE_TYPES
 from .arguments import int_arg
 from .ggml_lib import GGML_TYPE_IDS
+from .gpu_split import PYTHON, check_split, split_from_kwargs
+from .gpu_split import llama_kwargs as split_llama_kwargs
 from .kv_shape import check_head_size, model_kv_shape  # noqa: F401 - check_head_size is part of this API
 from .upstream import UPSTREAM, prepare_python_source
 
@@ -119,7 +122,8 @@ def head_sizes(model: str | Path) -> tuple[list[int], list[int]]:
 
 
 def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int = 4096, n_gpu_layers: int = 0,
-               cuda: bool | None = None, rpc_servers: str | list[str] | None = None, **kw):
+               cuda: bool | None = None, rpc_servers: str | list[str] | None = None, split_mode: str | None = None,
+               tensor_split: str | Sequence[float] | None = None, main_gpu: int | None = None, **kw):
     """A llama_cpp.Llama with TQ (or any) cache types, flash attention on.
 
     model: a manifest name (`tq models list`) or a .gguf path. Unknown type names and head sizes
@@ -129,19 +133,25 @@ def load_llama(model: str | Path, ctk: str = "tq3", ctv: str = "tq2", n_ctx: int
     `tq calibrate`, calibrated on first use) and tq_exact_sink (default True); a tq_key_means path
     is passed on as it is. rpc_servers ('host:port,...' or a list): `tq rpc-server`s that take the
     last n_gpu_layers layers and their caches (pytools/rpc.py: llama-cpp-python 0.3.36 has no
-    such argument, so they are added to ggml's registry here, once per process). The Llama's
+    such argument, so they are added to ggml's registry here, once per process). split_mode ('none',
+    'layer'), tensor_split ('3,1' or [3, 1]) and main_gpu: how several GPUs share the n_gpu_layers
+    layers, passed to llama_cpp.Llama only when given (gpu_split.py; ValueError for a split that
+    cannot work, such as one with n_gpu_layers=0 or split_mode='row'). The Llama's
     load_state refuses a state it cannot take with StateLoadError, naming the cache types, and
     leaves the context as it was (SafeStateMixin).
     """
     from .models import model_path
 
     type_k, type_v = cache_type_id(ctk), cache_type_id(ctv)
+    split = split_from_kwargs(split_mode, tensor_split, main_gpu)
+    check_split(split, n_gpu_layers != 0, bool(rpc_servers), spelling=PYTHON)
     path = model_path(str(model))
     hk, hv = head_sizes(path)
     check_head_size(ctk, ctv, hk, hv)
     llama_cpp = import_llama_cpp(cuda)
     from .rpc import register_servers
     register_servers(llama_cpp, rpc_servers, n_gpu_layers)
+    kw.update(split_llama_kwargs(split, llama_cpp))
     kw.setdefault("verbose", False)
     means_given = "tq_key_means" in kw   # a path given as it is: no calibration
     means = kw.pop("tq_key_means", None)

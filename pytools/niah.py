@@ -38,6 +38,7 @@ from .arguments import int_arg, thread_count
 from .cache_types import parse_type_specs
 from .corpus import default_corpus, is_packaged
 from .errors import UserError
+from .gpu_split import add_split_arguments, check_split, command_parts, split_from_args
 from .niah_prompt import ANSWER_PREFIX, INSTRUCTION, NEEDLE, QUESTION, VocabTokenizer, build_prompt, is_found, load_filler
 from .niah_results import fmt_length, merge_runs, pair_key, recall, recall_by_length, render_heatmaps, render_markdown, results_name
 
@@ -95,6 +96,7 @@ def _command(args: argparse.Namespace, setting: dict, filler: Path) -> str:
              "--threads", str(args.threads)]
     if args.gpu_layers:
         parts += ["--gpu-layers", str(args.gpu_layers)]
+    parts += command_parts(split_from_args(args))
     if args.filler or not is_packaged(filler):   # TQ_CORPUS as an argument: the command says which text
         parts += ["--filler", str(args.filler or filler)]
     if args.out_dir:
@@ -119,6 +121,8 @@ def run_niah(args: argparse.Namespace) -> dict:
 
     t_start = time.time()
     pairs = parse_type_specs(args.types, DEFAULT_TYPES)
+    split = split_from_args(args)
+    check_split(split, args.gpu_layers != 0)
     lengths = parse_lengths(args.lengths)
     depths = parse_depths(args.depths)
     path = model_path(args.model)
@@ -167,6 +171,7 @@ def run_niah(args: argparse.Namespace) -> dict:
             try:
                 llm = load_llama(path, k, v, n_ctx=n_ctx, n_threads=args.threads, n_batch=min(N_BATCH, n_ctx),
                                  n_ubatch=min(N_BATCH, n_ctx), seed=args.seed, n_gpu_layers=args.gpu_layers,
+                                 split_mode=split.mode, tensor_split=split.tensor_split, main_gpu=split.main_gpu,
                                  # every type's cache and attention on the CPU: TQ has CPU kernels only,
                                  # and the baselines then run the same attention code
                                  offload_kqv=False, **options)
@@ -217,6 +222,7 @@ def run_niah(args: argparse.Namespace) -> dict:
             "needle": NEEDLE, "question": QUESTION, "answer_prefix": ANSWER_PREFIX, "instruction": INSTRUCTION,
             "backend": "llama-cpp-python on the patched llama.cpp (CPU unless TQ_CUDA=1)",
             "gpu_layers": args.gpu_layers,
+            "gpu_split": command_parts(split),
             "kv_cache_device": "CPU (every type)",
             "protect_layers": setting["protect_layers"],
             "key_center": "on" if setting["key_center"] else "off",
@@ -302,6 +308,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-layers", "-ngl", type=int_arg(0, what="a layer count"), default=0,
                    help="layers whose weights go to the GPU (CUDA build; the KV cache and attention of every type "
                         "stay on the CPU, where the TQ kernels are; default 0)")
+    add_split_arguments(p)
     p.add_argument("--filler", default=None,
                    help="filler text (default: TQ_CORPUS, else the packaged WikiText-2 raw test, wiki.test.raw)")
     p.add_argument("--json", action="store_true", help="print {recall, cases} as JSON")

@@ -19,6 +19,8 @@ from typing import Mapping
 
 from . import REPO_ROOT, switches
 from .errors import UserError
+from .gpu_split import GpuSplit, command_parts
+from .gpu_split import llama_args as split_args
 from .results import now, safe_name
 from .upstream import sha256_file
 
@@ -145,10 +147,14 @@ def kld_dir() -> Path:
     return path
 
 
-def base_key(model_label: str, model: Path, corpus: Path, ctx: int, chunks: int, cuda: bool) -> str:
+def base_key(model_label: str, model: Path, corpus: Path, ctx: int, chunks: int, cuda: bool,
+             split: GpuSplit = GpuSplit()) -> str:
     st = model.stat()
     ident = {"model": model_label, "file": model.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "corpus_sha256": sha256_file(corpus), "ctx": ctx, "chunks": chunks, "backend": "cuda" if cuda else "cpu"}
+    if split.given():
+        # the f16 logits of a split run come from that split (an unsplit run's key stays as it was)
+        ident["gpu_split"] = command_parts(split)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     safe = safe_name(model_label)
     return f"{safe}-{corpus.stem}-c{ctx}-n{chunks}-{'cuda' if cuda else 'cpu'}-{digest}"
@@ -167,17 +173,18 @@ class QualityRun:
     binary: Path
     log_dir: Path
     setting: Mapping[str, switches.Value] = field(default_factory=switches.from_env)
+    split: GpuSplit = GpuSplit()   # how several GPUs share the layers (with cuda)
 
     def common_args(self, k: str = "f16") -> list[str]:
         args = [str(self.binary), "-m", str(self.model), "-c", str(self.ctx), "--chunks", str(self.chunks),
                 "-fa", "on", "-t", str(self.threads)] + switches.llama_args(self.setting, self.model, k, self.ctx)
         if self.cuda:
-            args += ["-ngl", "99"]
+            args += ["-ngl", "99"] + split_args(self.split)
         return args
 
     def ensure_base(self, bar=None) -> tuple[Path, dict]:
         """The saved f16 logits and the base run's PPL (run once, then reused)."""
-        key = base_key(self.label, self.model, self.corpus, self.ctx, self.chunks, self.cuda)
+        key = base_key(self.label, self.model, self.corpus, self.ctx, self.chunks, self.cuda, self.split)
         base = kld_dir() / f"{key}.kld"
         info_path = kld_dir() / f"{key}.json"
         if base.exists() and info_path.exists():

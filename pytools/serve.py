@@ -11,8 +11,8 @@ address from --host (IP addresses or host names, comma-separated, or UNIX socket
 AIP_MODE=PREDICTION, from AIP_HTTP_PORT (which wins over --port). So --host and --port after `--`
 are refused unless --allow-remote (they then replace tq serve's, and the printed address is
 theirs), and AIP_MODE=PREDICTION is refused. Options tq serve sets itself (model, cache types,
-context, slots, flash attention, GPU layers, RPC servers) are refused after `--`: the printed line would not
-describe the server that runs.
+context, slots, flash attention, GPU layers and their split, RPC servers) are refused after `--`:
+the printed line would not describe the server that runs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from .build import find_binary
 from .errors import UserError
 from .arguments import context_size, int_arg, port_number
 from .generate import check_cache_type
+from .gpu_split import add_split_arguments, check_split, split_from_args
+from .gpu_split import llama_args as split_args
 from .kv_shape import model_kv_shape
 from .mem import allocation_summary, server_slots
 from .models import model_path
@@ -77,6 +79,8 @@ OWN_OPTIONS = {   # spelling -> tq serve's own option
     "-fa": "(always on)", "--flash-attn": "(always on)",
     "-ngl": "--gpu-layers", "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers",
     "--rpc": "--rpc",
+    "-sm": "--split-mode", "--split-mode": "--split-mode", "-ts": "--tensor-split", "--tensor-split": "--tensor-split",
+    "-mg": "--main-gpu", "--main-gpu": "--main-gpu",
 }
 
 
@@ -154,7 +158,18 @@ def server_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         cmd += ["-ngl", str(args.gpu_layers)]
     if args.rpc:
         cmd += ["--rpc", ",".join(args.rpc)]
+    cmd += split_args(split_from_args(args))
     return cmd + extra
+
+
+def _offload_hint(args: argparse.Namespace) -> str:
+    """What a split needs that the command line lacks: layers to offload, and a build with GPUs."""
+    missing = []
+    if not args.gpu_layers:
+        missing.append("--gpu-layers N (e.g. 99: every layer)")
+    if not args.cuda and not args.rpc:
+        missing.append("--cuda (the CPU build's llama-server has no GPU)")
+    return "give " + " and ".join(missing)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -176,6 +191,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="layers to offload to the GPU (CUDA build)")
     p.add_argument("--cuda", action="store_true", help="run the CUDA build's llama-server")
     add_rpc_argument(p)
+    add_split_arguments(p, needs="--gpu-layers and --cuda")
     switches.add_option_arguments(p)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more llama-server arguments")
     p.set_defaults(func=_cmd_serve)
@@ -203,6 +219,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     shape.check_types(args.ctk, args.ctv)
     if args.rpc:
         check_offload(args.rpc, args.gpu_layers or 0)
+    check_split(split_from_args(args), bool(args.gpu_layers) and (args.cuda or bool(args.rpc)), bool(args.rpc),
+                offload_hint=_offload_hint(args))
+    if args.rpc:
         check_servers(args.rpc)
     slots = server_slots(args.ctx, args.parallel, extra)
     cmd = server_command(args, extra)

@@ -4,6 +4,9 @@ TQ_REQUIRE_BUILD=1 (set by .ci/run), where a missing build is a failure."""
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +67,38 @@ def _default_measurement_switches(monkeypatch):
 
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture()
+def tiny_gguf(tmp_path, monkeypatch) -> Path:
+    """Metadata of a 2-layer model with 64-value heads and no tensors: enough for the memory
+    check and the head-size check, never loaded by llama.cpp (nor calibrated: its key means are a
+    path the fake programs never read)."""
+    import gguf
+
+    from turboquant_llama import calibrate
+
+    monkeypatch.setattr(calibrate, "key_means", lambda model, *a, **k: tmp_path / "tiny-key-means.gguf")
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(512)
+    w.add_head_count(8)
+    w.add_head_count_kv(2)
+    w.add_context_length(2048)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def fake_program(path: Path, body: str) -> Path:
+    """A Python script standing in for a llama.cpp program."""
+    path.write_text(f"#!{sys.executable}\nimport os, sys, json\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
 
 
 def free_port() -> int:

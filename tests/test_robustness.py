@@ -12,13 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, require_build, require_llama_cpp, require_model, wait_healthy
+from .conftest import fake_program, free_port, require_build, require_llama_cpp, require_model, wait_healthy
 
 TQ = [sys.executable, "-m", "turboquant_llama.cli"]
 KV_LINE = ("0.00.434.150 I llama_kv_cache: size =    5.04 MiB (  1024 cells,  30 layers,  1/1 seqs), "
@@ -38,38 +36,6 @@ def smollm2():
     return require_model("smollm2")
 
 
-@pytest.fixture()
-def tiny_gguf(tmp_path, monkeypatch) -> Path:
-    """Metadata of a 2-layer model with 64-value heads and no tensors: enough for the memory
-    check and the head-size check, never loaded by llama.cpp (nor calibrated: its key means are a
-    path the fake programs never read)."""
-    import gguf
-
-    from turboquant_llama import calibrate
-
-    monkeypatch.setattr(calibrate, "key_means", lambda model, *a, **k: tmp_path / "tiny-key-means.gguf")
-
-    path = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_embedding_length(512)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_context_length(2048)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def _fake_program(path: Path, body: str) -> Path:
-    """A Python script standing in for a llama.cpp program."""
-    path.write_text(f"#!{sys.executable}\nimport os, sys, json\n" + textwrap.dedent(body))
-    path.chmod(0o755)
-    return path
-
-
 def _main(argv: list[str]) -> int:
     from turboquant_llama.cli import main
 
@@ -83,7 +49,7 @@ def test_run_streams_bytes_cut_inside_a_character(tmp_path, tiny_gguf, monkeypat
     passes the bytes through unchanged, as they come, and reports the KV memory."""
     from turboquant_llama import generate
 
-    fake = _fake_program(tmp_path / "llama-completion", f"""
+    fake = fake_program(tmp_path / "llama-completion", f"""
         out = sys.stdout.buffer
         out.write(open(sys.argv[sys.argv.index("-f") + 1], "rb").read()[:-1])   # the prompt, as llama-completion echoes it
         out.write(b" \\xe6\\xb0")   # the first two bytes of a three-byte character
@@ -105,7 +71,7 @@ def test_failing_child_error_is_short(tmp_path, tiny_gguf, monkeypatch):
     from turboquant_llama import generate
     from turboquant_llama.errors import UserError
 
-    fake = _fake_program(tmp_path / "llama-completion", """
+    fake = fake_program(tmp_path / "llama-completion", """
         sys.stderr.buffer.write(b"D prompt: " + b"word \\xff" * 16000 + b"\\n")
         sys.stderr.buffer.write(b"E main: something broke\\n")
         sys.exit(1)
@@ -218,7 +184,7 @@ def fake_server(tmp_path, monkeypatch):
     """llama-server replaced by a script that prints its arguments as JSON and exits."""
     from turboquant_llama import serve
 
-    fake = _fake_program(tmp_path / "llama-server", """
+    fake = fake_program(tmp_path / "llama-server", """
         print("ARGV " + json.dumps(sys.argv[1:]), flush=True)
     """)
     monkeypatch.setattr(serve, "find_binary", lambda name, *a, **k: fake)
