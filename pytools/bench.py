@@ -251,7 +251,8 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.merge:
         if extra or args.gpu or args.cuda or args.attention or any(
                 getattr(args, a) is not None for a in ("model", "types", "depths", "n_prompt")) or any(
-                getattr(args, s.flag[2:].replace("-", "_"), None) is not None for s in switches.OPTIONS):
+                getattr(args, s.flag[2:].replace("-", "_"), None) is not None for s in switches.OPTIONS) or \
+                split_from_args(args).given():
             raise UserError("--merge measures nothing: give it the results files and at most --tag/--out-dir/--json")
         return _merge_cmd(args)
     _fill_defaults(args)
