@@ -56,24 +56,61 @@ def run_llama_bench(model: Path, k: str, v: str, depths: list[int], n_gen: int, 
     return json.loads(proc.stdout)
 
 
+def _failure_reason(err: UserError) -> str:
+    """The line of a failed llama-bench's output that says what went wrong: out of memory first, then an
+    error or failure (else its last line)."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    for words in (("out of memory",), ("error", "failed", "unsupported", "not supported")):
+        for line in reversed(lines):
+            if any(word in line.lower() for word in words):
+                return line
+    return lines[-1] if lines else str(err).splitlines()[0]
+
+
 def bench(model: str, pairs: list[tuple[str, str]], depths: list[int], n_gen: int, n_prompt: int, threads: int,
-          reps: int, cuda: bool, extra: list[str], setting: Mapping[str, switches.Value] | None = None) -> list[dict]:
+          reps: int, cuda: bool, extra: list[str], setting: Mapping[str, switches.Value] | None = None
+          ) -> tuple[list[dict], list[dict]]:
+    """The rows of every (pair, test, depth) measured, and the cells that could not be: a pair whose
+    llama-bench run fails (a 64K f16 cache that does not fit a GPU's memory) is run again one depth at a
+    time, so that its other depths are kept; each depth that still fails is a failure {k, v, depth, error}."""
     setting = switches.from_env() if setting is None else setting
     protect = int(setting["protect_layers"])
-    rows = []
+    rows, failures = [], []
     path = model_path(model)
     shape = model_kv_shape(path)
     for k, v in pairs:
         shape.check_types(k, v)
+
+    def run(k: str, v: str, ds: list[int]) -> list[dict]:
+        return run_llama_bench(path, k, v, ds, n_gen, n_prompt, threads, reps, cuda, extra, setting)
+
     for k, v in tqdm(pairs, desc="llama-bench", unit="pair", file=sys.stderr):
-        for r in run_llama_bench(path, k, v, depths, n_gen, n_prompt, threads, reps, cuda, extra, setting):
+        try:
+            results_kv = run(k, v, depths)
+        except UserError as err:
+            results_kv, failed = [], []
+            if len(depths) == 1:
+                failed.append((depths[0], err))
+            else:
+                for d in depths:
+                    try:
+                        results_kv += run(k, v, [d])
+                    except UserError as e:
+                        failed.append((d, e))
+            for d, e in failed:
+                failures.append({"k": k, "v": v, "depth": d, "error": _failure_reason(e)})
+                print(f"tq bench: {k}/{v} at depth {d} not measured: {failures[-1]['error']}", file=sys.stderr)
+        for r in results_kv:
             test = "tg" if r.get("n_gen", 0) > 0 else "pp"
             rows.append({"k": k, "v": v, "test": test, "n": r["n_gen"] if test == "tg" else r["n_prompt"],
                          "depth": r.get("n_depth", 0), "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"],
                          "bpv": bits_per_value(shape, k, v, protect), "protect_layers": protect,
                          "backend": r.get("backends", ""),
                          "cpu": r.get("cpu_info", ""), "gpu": r.get("gpu_info", "")})
-    return rows
+    if not rows:
+        first = failures[0]
+        raise UserError(f"llama-bench measured nothing: {first['k']}/{first['v']} at depth {first['depth']}: {first['error']}")
+    return rows, failures
 
 
 def _ratio_table(rows: list[dict]) -> list[str]:
@@ -113,8 +150,10 @@ def _plot(rows: list[dict], title: str, out: Path) -> None:
 
 
 def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir: Path,
-                  setting: Mapping[str, switches.Value] | None = None, merged_from: list[dict] | None = None) -> Path:
-    """merged_from: the runs a `tq bench --merge` table comes from (their meta); their switches are the table's."""
+                  setting: Mapping[str, switches.Value] | None = None, merged_from: list[dict] | None = None,
+                  failures: list[dict] | None = None) -> Path:
+    """merged_from: the runs a `tq bench --merge` table comes from (their meta); their switches are the table's.
+    failures: the cells bench() could not measure, listed under the table with llama-bench's reason."""
     setting = switches.from_env() if setting is None else setting
     files = results.ResultFiles(out_dir, f"bench-{tag}-{results.safe_name(model)}")
     meta = {"command": command, "date": results.now(),
@@ -128,6 +167,10 @@ def write_results(rows: list[dict], model: str, tag: str, command: str, out_dir:
                "rows of the same test and depth, whichever run measured them):", ""]
         md += [f"{i + 1}. `{m['command']}` on {m['date']}" for i, m in enumerate(merged_from)] + [""]
     md += [f"CPU: {meta['cpu']}  GPU: {meta['gpu'] or '-'}", ""] + _ratio_table(rows) + [""]
+    if failures:
+        meta["failed"] = failures
+        md += ["Not measured (llama-bench failed; its other depths were run one at a time):", ""]
+        md += [f"- {f['k']}/{f['v']} at depth {f['depth']}: {f['error']}" for f in failures] + [""]
     results.write(files, {"meta": meta, "rows": rows}, "\n".join(md), lambda png: _plot(rows, f"{model} ({tag})", png))
     return out_dir / files.stem
 
@@ -141,7 +184,7 @@ def merge_runs(paths: list[Path]) -> tuple[list[dict], str, list[dict]]:
 
     if len(paths) < 2:
         raise UserError("--merge takes two or more results files of `tq bench` (bench-*.json)")
-    metas, rows, model, first = [], [], None, None
+    metas, rows, model, first, failed = [], [], None, None, []
     for i, path in enumerate(paths):
         try:
             data = json.loads(Path(path).read_text())
@@ -159,6 +202,7 @@ def merge_runs(paths: list[Path]) -> tuple[list[dict], str, list[dict]]:
                 raise UserError(f"{path}: {key} {meta.get(key)!r}, where {paths[0]} has {first.get(key)!r}: "
                                 "merge only runs of one build on one machine with the same switches")
         metas.append({k: meta.get(k) for k in ("command", "date", "switches")})
+        failed += [dict(f, run=i + 1) for f in meta.get("failed") or []]
         rows += [dict(r, run=i + 1) for r in run_rows]
     seen: dict[tuple, int] = {}
     for r in rows:
@@ -169,6 +213,10 @@ def merge_runs(paths: list[Path]) -> tuple[list[dict], str, list[dict]]:
         seen[key] = r["run"]
     order = list(dict.fromkeys((r["k"], r["v"]) for r in rows))
     rows.sort(key=lambda r: (order.index((r["k"], r["v"])), r["test"] != "pp", r["depth"]))
+    # a cell one run could not measure stays listed unless another run measured it
+    measured = {(r["k"], r["v"], r["depth"]) for r in rows}
+    for m in metas:
+        m["failed"] = [f for f in failed if f["run"] == metas.index(m) + 1 and (f["k"], f["v"], f["depth"]) not in measured]
     return rows, model, metas
 
 
@@ -240,7 +288,8 @@ def _merge_cmd(args: argparse.Namespace) -> int:
     rows, model, metas = merge_runs(args.merge)
     command = "tq bench --merge " + " ".join(shlex_quote(str(p)) for p in args.merge) + \
         (f" --tag {shlex_quote(args.tag)}" if args.tag else "")
-    stem = write_results(rows, model, args.tag or "merged", command, args.out_dir, merged_from=metas)
+    stem = write_results(rows, model, args.tag or "merged", command, args.out_dir, merged_from=metas,
+                         failures=[f for m in metas for f in m["failed"]])
     print(json.dumps(rows, indent=1) if args.json else "\n".join(_ratio_table(rows)))
     print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
     return 0
@@ -265,11 +314,11 @@ def _cmd(args: argparse.Namespace) -> int:
     # --gpu: every layer and its cache on the GPU; and how GPUs share them (neither is part of the
     # recorded command's `--` arguments)
     offload = (["-ngl", "99"] if args.gpu else []) + split_args(split, bench=True)
-    rows = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths), args.n_gen,
-                 args.n_prompt, args.threads, args.reps, args.cuda, extra + offload, setting)
+    rows, failures = bench(args.model, parse_type_specs(args.types, DEFAULT_TYPES), parse_depths(args.depths),
+                           args.n_gen, args.n_prompt, args.threads, args.reps, args.cuda, extra + offload, setting)
     tag = args.tag or ("gpu" if args.gpu else "cuda" if args.cuda else "cpu")
     stem = write_results(rows, results.model_label(args.model), tag,
-                         _command(args, extra, setting), args.out_dir, setting)
+                         _command(args, extra, setting), args.out_dir, setting, failures=failures)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -284,4 +333,8 @@ def _cmd(args: argparse.Namespace) -> int:
         stem = fattn_perf.write_results(times, copy_gbs, device, tag, _command(args, extra, setting), args.out_dir)
         print("\n".join(fattn_perf.table(times, copy_gbs)), file=sys.stderr if args.json else sys.stdout)
         print(f"\nwritten: {stem}.json, .md, .png", file=sys.stderr)
+    if failures:
+        print(f"tq bench: {len(failures)} of {len(failures) + len({(r['k'], r['v'], r['depth']) for r in rows})} "
+              "(pair, depth) cells not measured: listed in the results' Markdown and JSON (\"failed\")", file=sys.stderr)
+        return 1
     return 0

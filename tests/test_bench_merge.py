@@ -93,3 +93,14 @@ def test_merge_measures_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "--merge", str(a), str(b), "--types", "f16"]) == 2
     assert "--merge measures nothing" in capsys.readouterr().err
+
+
+def test_a_cell_one_run_failed_stays_listed_unless_another_run_measured_it(tmp_path):
+    a, b = _two_runs(tmp_path)
+    data = json.loads(a.read_text())
+    data["meta"]["failed"] = [{"k": "f16", "v": "f16", "depth": 65536, "error": "out of memory"},
+                              {"k": "tq4", "v": "tq4", "depth": 0, "error": "out of memory"}]
+    a.write_text(json.dumps(data))
+    rows, model, metas = bench.merge_runs([a, b])
+    assert metas[0]["failed"] == [{"k": "tq4", "v": "tq4", "depth": 0, "error": "out of memory", "run": 1}]
+    assert metas[1]["failed"] == []
