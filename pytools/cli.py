@@ -10,8 +10,8 @@ from .errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import (bench, build, calibrate, chat, codebook, distortion, evaluate, generate, header, llama_python, mem, models,
-                   niah, roundtrip, rpc, serve, upstream)
+    from . import (bench, build, calibrate, chat, codebook, distortion, evaluate, fake_keys, generate, header, llama_python,
+                   mem, models, niah, roundtrip, rpc, serve, upstream)
 
     parser = argparse.ArgumentParser(
         prog="tq", description="TurboQuant KV caches for llama.cpp: build, check and evaluate."
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (codebook, distortion, header, upstream, build, models, calibrate, roundtrip, generate, bench, evaluate,
-                   llama_python, chat, serve, rpc, mem, niah):
+                   llama_python, chat, serve, rpc, mem, niah, fake_keys):
         module.add_commands(sub)
     return parser
 

@@ -65,6 +65,24 @@ def _tensor_array(t: GgmlTensor) -> np.ndarray | None:
     return np.array(a, dtype=np.float32)  # copies: handles non-contiguous views
 
 
+def load_cpu_model(llama_cpp, model: str | Path):
+    """The model loaded by llama-cpp-python's low-level API with no layer offloaded, llama-cpp-python's
+    log silenced (errors only); free it with llama_cpp.llama_model_free."""
+    try:
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)
+    except ImportError:
+        pass
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    mdl = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
+    if not mdl:
+        raise RuntimeError(f"could not load {model}")
+    return mdl
+
+
 def dump_kv(model: str | Path, text: str, n_tokens: int = 96, n_threads: int = 1, llama_cpp=None) -> dict:
     """Run one llama_decode of the first n_tokens tokens of text; return
     {"Kcur": [per layer (n_tokens, n_head_kv, d)], "Vcur": [...], "Qcur": [... (n_tokens, n_head, d)],
@@ -107,18 +125,7 @@ def dump_kv_chunks(model: str | Path, text: str, chunk: int, positions: list[int
         return True
 
     callback = lc.ggml_backend_sched_eval_callback(cb)
-    try:  # llama-cpp-python's logger: errors only
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(False)
-    except ImportError:
-        pass
-    lc.llama_backend_init()
-    mparams = lc.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mdl = lc.llama_model_load_from_file(str(model).encode(), mparams)
-    if not mdl:
-        raise RuntimeError(f"could not load {model}")
+    mdl = load_cpu_model(lc, model)
     ctx = None
     dumps: list[dict] = []
     try:
