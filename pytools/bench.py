@@ -215,8 +215,8 @@ def merge_runs(paths: list[Path]) -> tuple[list[dict], str, list[dict]]:
     rows.sort(key=lambda r: (order.index((r["k"], r["v"])), r["test"] != "pp", r["depth"]))
     # a cell one run could not measure stays listed unless another run measured it
     measured = {(r["k"], r["v"], r["depth"]) for r in rows}
-    for m in metas:
-        m["failed"] = [f for f in failed if f["run"] == metas.index(m) + 1 and (f["k"], f["v"], f["depth"]) not in measured]
+    for run, m in enumerate(metas, 1):
+        m["failed"] = [f for f in failed if f["run"] == run and (f["k"], f["v"], f["depth"]) not in measured]
     return rows, model, metas
 
 

@@ -48,8 +48,7 @@ def _fake_rounders(model: Path, codes: list[str], n_cal: int, center: bool = Tru
     centred on the model's mean keys as `tq` centres TQ keys; the outlier channels calibrated per
     layer and KV head on the calibration text (never the evaluation text)."""
     from .calibrate import calibration_text, measure_key_means
-    from .key_code import calibrate_outlier_split, outlier_split_round_trip
-    from .layout import dequantize_rows, quantize_rows
+    from .key_code import _tq_round_trip, calibrate_outlier_split, outlier_split_round_trip
 
     means = measure_key_means(model) if center else None
     fakes = [c for c in codes if c == "fake-tq3" or c in OUTLIER_SPLITS]
@@ -66,8 +65,7 @@ def _fake_rounders(model: Path, codes: list[str], n_cal: int, center: bool = Tru
         if code == "fake-tq3":
             def tq3(il: int, rows: np.ndarray) -> np.ndarray:
                 x, mean = centred(il, rows)
-                flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-                return dequantize_rows(quantize_rows(flat, "tq3"), "tq3").reshape(x.shape) + mean
+                return _tq_round_trip(x.reshape(-1, x.shape[-1]), "tq3").astype(np.float32).reshape(x.shape) + mean
             rounders[code] = tq3
             continue
         hi, lo = OUTLIER_SPLITS[code]
@@ -90,10 +88,18 @@ def _fake_rounders(model: Path, codes: list[str], n_cal: int, center: bool = Tru
     return rounders
 
 
-def _rope_k_callback(llama_cpp, rounder: Callable[[int, np.ndarray], np.ndarray], hits: list[int]):
+def _rope_k_callback(llama_cpp, rounder: Callable[[int, np.ndarray], np.ndarray], hits: list[int], errors: list[str]):
     """A cb_eval that replaces each layer's K rows (the RoPE output named Kcur-<layer>) by what the
-    code gives back, in place, before the cache stores them."""
+    code gives back, in place, before the cache stores them. ctypes drops an exception raised in a
+    callback, so what goes wrong is appended to errors (the caller raises it) and the graph stops."""
     def cb(t_ptr, ask, _user):
+        try:
+            return replace(t_ptr, ask)
+        except Exception as exc:   # noqa: BLE001: any failure of the code must reach the caller
+            errors.append(f"{exc.__class__.__name__}: {exc}")
+            return False
+
+    def replace(t_ptr, ask):
         t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
         name = t.name.decode("utf-8", "replace")
         if not name.startswith("Kcur-"):
@@ -135,6 +141,7 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
     keep: list = []          # the callbacks must outlive their contexts
     ctxs: dict[str, object] = {}
     hits: dict[str, list[int]] = {}
+    callback_errors: list[str] = []
     try:
         vocab = lc.llama_model_get_vocab(mdl)
         n_vocab = lc.llama_vocab_n_tokens(vocab)
@@ -157,7 +164,7 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
             cp.tq_key_means = key_means_path.encode() if key_means_path else None
             if rounder is not None:
                 hits[name] = []
-                cb = _rope_k_callback(lc, rounder, hits[name])
+                cb = _rope_k_callback(lc, rounder, hits[name], callback_errors)
                 keep.append(cb)
                 cp.cb_eval, cp.cb_eval_user_data = cb, None
             ctx = lc.llama_init_from_model(mdl, cp)
@@ -192,8 +199,11 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
                     batch.logits[j] = j >= first
                 batch.n_tokens = n_ctx
                 lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-                if lc.llama_decode(ctx, batch) != 0:
-                    raise UserError("llama_decode failed")
+                rc = lc.llama_decode(ctx, batch)
+                if callback_errors:
+                    raise UserError(f"the key code failed inside llama.cpp's eval callback: {callback_errors[0]}")
+                if rc != 0:
+                    raise UserError(f"llama_decode failed ({rc})")
             finally:
                 lc.llama_batch_free(batch)
             logits = np.stack([np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, j), shape=(n_vocab,))

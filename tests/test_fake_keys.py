@@ -52,3 +52,11 @@ def test_outlier_splits_are_calibrated_per_layer_and_head_and_more_bits_err_less
 def test_unknown_codes_are_refused():
     with pytest.raises(UserError, match="unknown key code outlier-9"):
         fake_keys.measure("smollm2", ["outlier-9"])
+
+
+def test_a_failing_code_is_an_error_not_unchanged_keys(smollm2, monkeypatch):
+    def broken(il, rows):
+        raise ValueError("no such layer")
+    _with_rounder(monkeypatch, broken)
+    with pytest.raises(UserError, match="eval callback: ValueError: no such layer"):
+        fake_keys.measure(smollm2, ["fake-tq3"], "f16", n_ctx=128, n_chunks=1, threads=2, center=False)
