@@ -237,22 +237,45 @@ struct tq_mma_smem {
     static constexpr int off_q     = a16(off_qf + 16*(D/16)*32);            // float [8][D] queries, then combine
     static constexpr int off_x     = a16(off_q + 4*TQ_MMA_ROWS*D);          // float [2][D] exact rows (rotated)
     static constexpr int off_row   = a16(off_x + 4*2*D);                    // float xs, slope, qscale [8]
-    static constexpr int off_tiles = a16(off_row + 4*3*TQ_MMA_ROWS);
+    static constexpr int SM        = 80;                                     // mask row stride: rows g hit distinct banks
+    static constexpr int off_mask  = a16(off_row + 4*3*TQ_MMA_ROWS);        // half [warp][2][8][SM/2] each step's mask rows
+    static constexpr int off_tiles = a16(off_mask + TQ_MMA_WARPS*2*TQ_MMA_ROWS*SM);
     static constexpr int combine   = 4*TQ_MMA_WARPS*TQ_MMA_ROWS*(D + 4);    // O, M, S, pe, weight per warp
     static constexpr int size      = a16(off_tiles + (TQ_MMA_WARPS*warp_tiles > combine ? TQ_MMA_WARPS*warp_tiles : combine));
 };
 
-// n rows (< TQ_MMA_CELLS) of row_bytes from g (stride gstride) to smem (stride sstride) by one warp
-template <int UNIT>
-static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sstride, const char * g, size_t gstride,
-                                                         int row_bytes, int n) {
-    const int lane = threadIdx.x & 31, units = row_bytes / UNIT;
-    for (int w = lane; w < units*n; w += 32) {
-        const int r = w / units, c = w - r*units;
-        if (UNIT == 2) {
-            *(uint16_t *) (smem + r*sstride + c*UNIT) = *(const uint16_t *) (g + r*gstride + c*UNIT);
+// n rows (<= TQ_MMA_CELLS) of ROW_BYTES from g (stride gstride) to smem (stride sstride) by one warp, in
+// UNIT-byte copies (2: plain loads, else cp.async). A row of at most 32 units goes whole in a pass of
+// 32 / units rows: each lane keeps its row and unit and steps both addresses by a constant, where a
+// lane walking the units of the tile would divide its unit index by the row's units every copy (a
+// fifth of a decode step's instructions at D = 128).
+template <int UNIT, int ROW_BYTES>
+static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sstride, const char * g, size_t gstride, int n) {
+    constexpr int units = ROW_BYTES / UNIT;
+    const int lane = threadIdx.x & 31;
+    auto copy = [&](uint8_t * d, const char * s) {
+        if constexpr (UNIT == 2) {
+            *(uint16_t *) d = *(const uint16_t *) s;
         } else {
-            __pipeline_memcpy_async(smem + r*sstride + c*UNIT, g + r*gstride + c*UNIT, UNIT);
+            __pipeline_memcpy_async(d, s, UNIT);
+        }
+    };
+    if constexpr (units <= 32) {
+        constexpr int rpp = 32 / units;
+        const int r = lane / units, c = lane - r*units;
+        if (r < rpp) {
+            uint8_t * d = smem + r*sstride + c*UNIT;
+            const char * s = g + r*gstride + c*UNIT;
+            for (int rr = r; rr < n; rr += rpp) {
+                copy(d, s);
+                d += rpp*sstride;
+                s += rpp*gstride;
+            }
+        }
+    } else {
+        for (int w = lane; w < units*n; w += 32) {
+            const int r = w / units, c = w - r*units;
+            copy(smem + r*sstride + c*UNIT, g + r*gstride + c*UNIT);
         }
     }
 }
@@ -285,6 +308,17 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     const char * kbase = p.k + ik2*p.nbk2 + ik3*p.nbk3;
     const char * vbase = p.v + ik2*p.nbv2 + ik3*p.nbv3;
 
+    const int rr_g = r0 + g;
+    const bool row_ok = rr_g < rows;
+    const __half * mrow = nullptr;
+    if (p.mask) {   // a dead row reads row r0's mask (its scores are -inf anyway)
+        const int rm = row_ok ? rr_g : r0;
+        const int iq1 = rm / p.gqa, iq2 = ik2*p.gqa + rm % p.gqa;
+        mrow = (const __half *) (p.mask + iq1*p.nbm1 + (iq2 % p.ne_m2)*p.nbm2 + (ik3 % p.ne_m3)*p.nbm3);
+    }
+    // the mask rows of a whole step come with its K/V tiles (16-byte copies) where the mask is so aligned
+    const bool mask_async = mrow && p.mask_async;
+    uint8_t * s_mt = smem + L::off_mask + warp*2*TQ_MMA_ROWS*L::SM;
     uint8_t * s_kt = smem + L::off_tiles + warp*L::warp_tiles;
     uint8_t * s_vt = s_kt + 2*CW*L::SK;
     auto load_step = [&](int cs, int buf) {
@@ -292,11 +326,15 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         uint8_t * kd = s_kt + buf*CW*L::SK, * vd = s_vt + buf*CW*L::SV;
         const char * kg = kbase + (size_t) cs*p.nbk1, * vg = vbase + (size_t) cs*p.nbv1;
         if (p.copy_unit >= 4) {
-            tq_warp_copy_rows<4>(kd, L::SK, kg, p.nbk1, KB, n);
-            tq_warp_copy_rows<4>(vd, L::SV, vg, p.nbv1, VB, n);
+            tq_warp_copy_rows<4, KB>(kd, L::SK, kg, p.nbk1, n);
+            tq_warp_copy_rows<4, VB>(vd, L::SV, vg, p.nbv1, n);
         } else {
-            tq_warp_copy_rows<2>(kd, L::SK, kg, p.nbk1, KB, n);
-            tq_warp_copy_rows<2>(vd, L::SV, vg, p.nbv1, VB, n);
+            tq_warp_copy_rows<2, KB>(kd, L::SK, kg, p.nbk1, n);
+            tq_warp_copy_rows<2, VB>(vd, L::SV, vg, p.nbv1, n);
+        }
+        if (mask_async && n == CW) {
+            // lane (g, c): 16 bytes of row g's mask, cells cs + 8c .. + 7
+            __pipeline_memcpy_async(s_mt + buf*TQ_MMA_ROWS*L::SM + g*L::SM + 16*c, (const char *) (mrow + cs + 8*c), 16);
         }
         __pipeline_commit();
     };
@@ -305,26 +343,39 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     if (step0 < c1) load_step(step0, 0);   // its latency hides behind the set-up
 
     // --- set-up: queries rotated, scaled by a power of two per row, as f16 hi/lo fragments ---------
-    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
-        const int r = e / D, j = e % D, rr = r0 + r;
-        float x = 0.0f;
+    // two rounds of loads: the exact cell beside the queries, then its exact rows beside its coded rows'
+    // NaN test
+    static_assert(D <= NT, "one exact value a thread");
+    // the queries' loads all issued before any store: a store to shared memory between them would keep the
+    // compiler from moving the next load above it (it cannot tell the two apart), one round trip each
+    static_assert(TQ_MMA_ROWS*D % NT == 0, "whole query values a thread");
+    constexpr int QPT = TQ_MMA_ROWS*D / NT;
+    const int ce = p.exact_cell ? p.exact_cell[ik3] : -1;
+    float qv[QPT];
+#pragma unroll
+    for (int i = 0; i < QPT; ++i) {
+        const int e = tid + i*NT, r = e / D, j = e % D, rr = r0 + r;
+        qv[i] = 0.0f;
         if (rr < rows) {
             const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
-            x = ((const float *) (p.q + iq1*p.nbq1 + iq2*p.nbq2 + ik3*p.nbq3))[j];
+            qv[i] = __ldg((const float *) (p.q + iq1*p.nbq1 + iq2*p.nbq2 + ik3*p.nbq3) + j);
         }
-        s_q[e] = x;
     }
+#pragma unroll
+    for (int i = 0; i < QPT; ++i) s_q[tid + i*NT] = qv[i];
     int xk_cell = -1, xv_cell = -1;
-    if (p.exact_cell) {
-        const int ce = p.exact_cell[ik3];
-        if (ce >= c0 && ce < c1) {
-            if (p.k_exact && !tq_row_is_nan_dev<KT, D>((const uint8_t *) (kbase + (size_t) ce*p.nbk1))) xk_cell = ce;
-            if (p.v_exact && !tq_row_is_nan_dev<VT, D>((const uint8_t *) (vbase + (size_t) ce*p.nbv1))) xv_cell = ce;
+    float xk = 0.0f, xv = 0.0f;
+    if (ce >= c0 && ce < c1) {
+        if (tid < D) {
+            if (p.k_exact) xk = p.k_exact[ik3*(p.nbxk1/4) + ik2*D + tid];
+            if (p.v_exact) xv = p.v_exact[ik3*(p.nbxv1/4) + ik2*D + tid];
         }
+        if (p.k_exact && !tq_row_is_nan_dev<KT, D>((const uint8_t *) (kbase + (size_t) ce*p.nbk1))) xk_cell = ce;
+        if (p.v_exact && !tq_row_is_nan_dev<VT, D>((const uint8_t *) (vbase + (size_t) ce*p.nbv1))) xv_cell = ce;
     }
-    for (int j = tid; j < D; j += NT) {
-        s_xk[j] = xk_cell >= 0 ? p.k_exact[ik3*(p.nbxk1/4) + ik2*D + j] : 0.0f;
-        s_xv[j] = xv_cell >= 0 ? p.v_exact[ik3*(p.nbxv1/4) + ik2*D + j] : 0.0f;
+    if (tid < D) {
+        s_xk[tid] = xk_cell >= 0 ? xk : 0.0f;
+        s_xv[tid] = xv_cell >= 0 ? xv : 0.0f;
     }
     if (tid < TQ_MMA_ROWS) {
         const int rr = r0 + tid;
@@ -374,14 +425,6 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
 
     const tq_h16_lut<KBITS> lutk = tq_make_h16_lut<KBITS>(tab);
     const tq_h16_lut<VBITS> lutv = tq_make_h16_lut<VBITS>(tab);
-    const int rr_g = r0 + g;
-    const bool row_ok = rr_g < rows;
-    const __half * mrow = nullptr;
-    if (p.mask) {   // a dead row reads row r0's mask (its scores are -inf anyway)
-        const int rm = row_ok ? rr_g : r0;
-        const int iq1 = rm / p.gqa, iq2 = ik2*p.gqa + rm % p.gqa;
-        mrow = (const __half *) (p.mask + iq1*p.nbm1 + (iq2 % p.ne_m2)*p.nbm2 + (ik3 % p.ne_m3)*p.nbm3);
-    }
     __syncthreads();
     const float slope = s_slope[g], qscale = s_qs[g]*p.scale, xscore = s_xs[g]*p.scale;
 
@@ -403,9 +446,18 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         __syncwarp();
         const uint8_t * kt = s_kt + buf*CW*L::SK, * vt = s_vt + buf*CW*L::SV;
 
-        // the mask of this step's cells for row g, loaded first: its latency hides behind the products
+        // the mask of this step's cells for row g: from shared memory, or loaded first so that its latency
+        // hides behind the products
         float mk[NK][2];
-        if (mrow && cs + CW <= c1) {   // uniform: every lane has a row (dead rows row 0's)
+        if (mask_async && cs + CW <= c1) {
+            const uint8_t * mt = s_mt + buf*TQ_MMA_ROWS*L::SM + g*L::SM;
+#pragma unroll
+            for (int j = 0; j < NK; ++j) {
+                const float2 m2 = __half22float2(*(const __half2 *) (mt + 2*(8*j + 2*c)));
+                mk[j][0] = m2.x;
+                mk[j][1] = m2.y;
+            }
+        } else if (mrow && cs + CW <= c1) {   // uniform: every lane has a row (dead rows row 0's)
 #pragma unroll
             for (int j = 0; j < NK; ++j) {
 #pragma unroll
@@ -572,13 +624,16 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         s_ws[warp*TQ_MMA_ROWS + g] = S;
         s_wp[warp*TQ_MMA_ROWS + g] = pe;
     }
+    // only the live rows (GQA 4: half of them); the dead ones are never read
 #pragma unroll
-    for (int i = 0; i < NV/2; ++i) {
-        const int b = i / 4, t = i % 4;
+    for (int e = 0; e < 2; ++e) {
+        if (2*c + e < live) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t, g)]     = O[i][e];
-            s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t + 4, g)] = O[i][e + 2];
+            for (int i = 0; i < NV/2; ++i) {
+                const int b = i / 4, t = i % 4;
+                s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t, g)]     = O[i][e];
+                s_wo[(warp*TQ_MMA_ROWS + 2*c + e)*D + b*QK_TQ + tq_mma_v_dim(t + 4, g)] = O[i][e + 2];
+            }
         }
     }
     __syncthreads();
@@ -602,8 +657,8 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
         s_slope[r] = Ssum;
     }
     __syncthreads();
-    // s_q takes the combined output
-    for (int e = tid; e < TQ_MMA_ROWS*D; e += NT) {
+    // s_q takes the combined output of the live rows
+    for (int e = tid; e < live*D; e += NT) {
         const int r = e / D, j = e % D;
         float o = 0.0f;
 #pragma unroll

@@ -424,6 +424,7 @@ struct tq_fattn_params {
     int n_q, n_head, n_head_kv, n_kv, gqa;
     int n_split, split_cells; // cells per split: a multiple of the tile
     int copy_unit;            // 8, 4 or 2: the widest aligned unit of both caches' rows
+    bool mask_async;          // the mask rows and strides are 16-byte aligned (the mma kernel copies them so)
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;
 };
@@ -499,11 +500,10 @@ static __device__ __forceinline__ void tq_fa_store_rows(const tq_fattn_params & 
                                                         int nr, int r0, int ik2, int ik3, int split,
                                                         float * s_o, const float * s_M, const float * s_S) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, nw = blockDim.x / 32;
-    const int rows = p.gqa*p.n_q;
+    const int rows = p.gqa*p.n_q, live = max(0, min(nr, rows - r0));
     if (p.n_split > 1) {
-        for (int e = tid; e < nr*(D + 2); e += blockDim.x) {
+        for (int e = tid; e < live*(D + 2); e += blockDim.x) {
             const int r = e / (D + 2), j = e % (D + 2), rr = r0 + r;
-            if (rr >= rows) continue;
             const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
             const size_t drow = ((size_t) ik3*p.n_q + iq1)*p.n_head + iq2;
             p.part[(drow*p.n_split + split)*(D + 2) + j] = j == 0 ? s_M[r] : j == 1 ? s_S[r] : s_o[r*D + j - 2];
@@ -518,12 +518,11 @@ static __device__ __forceinline__ void tq_fa_store_rows(const tq_fattn_params & 
     }
     __syncthreads();
     if (v_tq) {
-        tq_rotate_smem(tab, s_o, max(0, min(nr, rows - r0))*D, true);
+        tq_rotate_smem(tab, s_o, live*D, true);
         __syncthreads();
     }
-    for (int e = tid; e < nr*D; e += blockDim.x) {
+    for (int e = tid; e < live*D; e += blockDim.x) {
         const int r = e / D, j = e % D, rr = r0 + r;
-        if (rr >= rows) continue;
         const int iq1 = rr / p.gqa, iq2 = ik2*p.gqa + rr % p.gqa;
         p.dst[(((size_t) ik3*p.n_q + iq1)*p.n_head + iq2)*D + j] = s_o[e];
     }
@@ -845,31 +844,54 @@ tq_fattn_vec_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
 }
 
 // The splits of one output row: weights exp(M_s - M), the sinks, 1/S, and the rotation back.
+// Every split's M and S arrive in one round of loads and the partials in rounds of eight: at 32K cells
+// a row has 32 splits, and loads issued one after another would make the kernel a chain of round
+// trips. The sums are added in split order, as one thread reading them one by one would.
 template <int D, bool V_TQ>
 __global__ void __launch_bounds__(TQ_FA_THREADS)
 tq_fattn_combine_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tables tab) {
     __shared__ float s_o[D];
     __shared__ float s_w[1024];
+    __shared__ float s_s[1024];
+    __shared__ float s_m[TQ_FA_THREADS / 32];
     const size_t drow = blockIdx.x;
-    const int iq2 = (int) (drow % p.n_head);
-    const float * part = p.part + drow*p.n_split*(D + 2);
+    const int iq2 = (int) (drow % p.n_head), tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+    const int ns = p.n_split;
+    const float * part = p.part + drow*ns*(D + 2);
 
     float M = -INFINITY;
-    for (int s = 0; s < p.n_split; ++s) M = fmaxf(M, part[s*(D + 2)]);
-    float S = 0.0f;
-    for (int s = threadIdx.x; s < p.n_split; s += blockDim.x) {
-        // M_s = -inf: the split saw no cell (S_s = 0), or only NaN scores (S_s NaN), which must carry on
+    for (int s = tid; s < ns; s += blockDim.x) {
         const float Ms = part[s*(D + 2)];
-        s_w[s] = Ms == -INFINITY ? (part[s*(D + 2) + 1] == 0.0f ? 0.0f : NAN) : expf(Ms - M);
+        s_w[s] = Ms;
+        s_s[s] = part[s*(D + 2) + 1];
+        M = fmaxf(M, Ms);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(TQ_CUDA_FULL_MASK, M, o));
+    if (lane == 0) s_m[warp] = M;
+    __syncthreads();
+    M = s_m[0];
+    for (int w = 1; w < (int) blockDim.x / 32; ++w) M = fmaxf(M, s_m[w]);
+    for (int s = tid; s < ns; s += blockDim.x) {
+        // M_s = -inf: the split saw no cell (S_s = 0), or only NaN scores (S_s NaN), which must carry on
+        const float Ms = s_w[s];
+        s_w[s] = Ms == -INFINITY ? (s_s[s] == 0.0f ? 0.0f : NAN) : expf(Ms - M);
     }
     __syncthreads();
-    for (int s = 0; s < p.n_split; ++s) S += s_w[s]*part[s*(D + 2) + 1];
+    float S = 0.0f;
+    for (int s = 0; s < ns; ++s) S += s_w[s]*s_s[s];
     const float f = tq_fa_output_factor(p, iq2, M, S);
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+    for (int j = tid; j < D; j += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < p.n_split; ++s) {
-            const float w = s_w[s];
-            if (w != 0.0f) o = fmaf(w, part[s*(D + 2) + 2 + j], o);
+        for (int s0 = 0; s0 < ns; s0 += 8) {
+            float x[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) x[k] = s0 + k < ns ? part[(s0 + k)*(D + 2) + 2 + j] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float w = s0 + k < ns ? s_w[s0 + k] : 0.0f;
+                if (w != 0.0f) o = fmaf(w, x[k], o);
+            }
         }
         s_o[j] = o*f;
     }
@@ -878,7 +900,7 @@ tq_fattn_combine_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda
         tq_rotate_smem(tab, s_o, D, true);
         __syncthreads();
     }
-    for (int j = threadIdx.x; j < D; j += blockDim.x) p.dst[drow*D + j] = s_o[j];
+    for (int j = tid; j < D; j += blockDim.x) p.dst[drow*D + j] = s_o[j];
 }
 
 // --- quantize, dequantize and rotate rows: one warp per 64-block ----------------------------------
