@@ -63,7 +63,9 @@ def stage_sources() -> Path:
         if dst.exists() and dst.read_bytes() == src.read_bytes():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        # the copy's time is now, not the source's: a source edited while an earlier build compiled
+        # its staged copy would otherwise look older than that object, and ninja would keep it
+        shutil.copy(src, dst)
     for p in list(dest.rglob("*")):
         if p.is_file() and p.relative_to(dest) not in wanted:
             p.unlink()
