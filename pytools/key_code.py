@@ -63,6 +63,9 @@ def gaussian_lloyd_max(bits: int) -> tuple[np.ndarray, np.ndarray, float]:
         jac[rows[1:], rows[1:] - 1] = -0.5 * d_lo[1:]
         jac[rows[:-1], rows[:-1] + 1] = -0.5 * d_hi[:-1]
         c = c - np.linalg.solve(jac, residual)
+    # N(0, 1) is even: exactly antisymmetric centroids, so the middle boundary is exactly 0 and not
+    # the solver's rounding (whose sign changed with the LAPACK build, and with it tq-codebooks.h)
+    c = 0.5 * (c - c[::-1])
     edges = (c[1:] + c[:-1]) / 2
     p = np.diff(ndtr(np.concatenate(([-np.inf], edges, [np.inf]))))
     # at the centroid condition, E (x - Q(x))^2 = E x^2 - E Q(x)^2
