@@ -90,7 +90,12 @@ def import_llama_cpp(cuda: bool | None = None):
                             f"{UPSTREAM.package}=={UPSTREAM.version} without its native build)") from None
         raise
     except (OSError, RuntimeError) as exc:
-        raise UserError(f"llama-cpp-python could not load {lib}/libllama.so: {exc}") from None
+        hint = ""
+        if lib == bin_dir(True) and lib != bin_dir(False):
+            # picked because a CUDA build exists: on a machine without the NVIDIA driver it cannot load
+            hint = (f"; this is the CUDA build (taken because it exists): without an NVIDIA driver, set {_CUDA_ENV}=0 "
+                    "to use the CPU build (`tq build --targets llama`)")
+        raise UserError(f"llama-cpp-python could not load {lib}/libllama.so: {exc}{hint}") from None
     version = getattr(llama_cpp, "__version__", "?")
     if version != UPSTREAM.version:
         print(f"tq: warning: llama-cpp-python {version} is installed; the library is built from "

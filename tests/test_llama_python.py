@@ -623,3 +623,25 @@ def test_agreement_file_records_its_command_and_switches(tmp_path, monkeypatch, 
     assert main(["python-agreement", "--output", str(tmp_path / "a.txt")]) == 2
     assert "give a .json file" in capsys.readouterr().err
 
+
+
+def test_cuda_build_that_cannot_load_names_the_switch(tmp_path):
+    """A CUDA build taken because it exists, on a machine where it cannot load (no NVIDIA driver: here a
+    libllama.so that is no library), fails with an error that says how to take the CPU build instead."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        _require_llama_cpp()   # skips, or fails under TQ_REQUIRE_BUILD=1, with the reason
+    (tmp_path / "build-cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "build-cuda" / "bin" / "libllama.so").write_bytes(b"not a library")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQ_CUDA", "TQ_BUILD_DIR", "LLAMA_CPP_LIB_PATH")}
+    env["TQ_CACHE_DIR"] = str(tmp_path)
+    code = ("from turboquant_llama.errors import UserError\n"
+            "from turboquant_llama.llama_python import import_llama_cpp\n"
+            "try:\n    import_llama_cpp()\nexcept UserError as e:\n    print('USERERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "USERERROR" in out.stdout, out.stdout + out.stderr
+    assert "could not load" in out.stdout and "TQ_CUDA=0" in out.stdout
