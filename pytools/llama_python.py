@@ -91,7 +91,7 @@ def import_llama_cpp(cuda: bool | None = None):
         raise
     except (OSError, RuntimeError) as exc:
         hint = ""
-        if lib == bin_dir(True) and lib != bin_dir(False):
+        if cuda is None and os.environ.get(_CUDA_ENV) is None and lib == bin_dir(True) and lib != bin_dir(False):
             # picked because a CUDA build exists: on a machine without the NVIDIA driver it cannot load
             hint = (f"; this is the CUDA build (taken because it exists): without an NVIDIA driver, set {_CUDA_ENV}=0 "
                     "to use the CPU build (`tq build --targets llama`)")

@@ -16,6 +16,9 @@ up to four prompts. The floors sit two prompts and 0.75 tokens below the lower o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -624,17 +627,10 @@ def test_agreement_file_records_its_command_and_switches(tmp_path, monkeypatch, 
     assert "give a .json file" in capsys.readouterr().err
 
 
-
 def test_cuda_build_that_cannot_load_names_the_switch(tmp_path):
     """A CUDA build taken because it exists, on a machine where it cannot load (no NVIDIA driver: here a
     libllama.so that is no library), fails with an error that says how to take the CPU build instead."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        _require_llama_cpp()   # skips, or fails under TQ_REQUIRE_BUILD=1, with the reason
+    require_llama_cpp()   # llama-cpp-python installed (skips, or fails under TQ_REQUIRE_BUILD=1)
     (tmp_path / "build-cuda" / "bin").mkdir(parents=True)
     (tmp_path / "build-cuda" / "bin" / "libllama.so").write_bytes(b"not a library")
     env = {k: v for k, v in os.environ.items() if k not in ("TQ_CUDA", "TQ_BUILD_DIR", "LLAMA_CPP_LIB_PATH")}
