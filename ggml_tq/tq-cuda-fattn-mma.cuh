@@ -228,10 +228,28 @@ static __device__ __forceinline__ void tq_mma_v_frag(const tq_h16_lut<BITS> & u,
     }
 }
 
+// Rows of at least 64 bytes (tq4 at D = 128) are copied as the 16-byte granules that hold them where the
+// cache's row strides allow (tq_warp_copy_windows: a 68-byte row in 5 copies instead of 17); shorter rows
+// in 4-byte units, whose copies cost less than the granules' extra bytes (harness, H100: tq4/tq4 0.94x-0.96x
+// the time at 32K-64K cells, tq3/tq3 1.00x, tq3/tq2 1.01x-1.02x, tq2/tq2 1.03x-1.05x with granules for all;
+// results/cuda-gpu-h100.md, session 21).
+template <int RB>
+static __host__ __device__ constexpr bool tq_row_windows() {
+    return RB >= 64;
+}
+
+// A tile's row stride: for a row copied in granules, the granules that a row starting 4-byte aligned (at
+// most 12 bytes into its first) touches; else its 4-byte words. An odd number either way, so that the eight
+// rows a lane group reads at one offset fall in distinct banks.
+template <int RB>
+static __host__ __device__ constexpr int tq_tile_stride() {
+    return tq_row_windows<RB>() ? (((12 + RB + 15) / 16) | 1)*16 : 4*(((RB + 3) / 4) | 1);
+}
+
 template <int D, int KT, int VT>
 struct tq_mma_smem {
-    static constexpr int SK = 4*(((tq_row_bytes<KT, D>() + 3) / 4) | 1);   // odd word strides
-    static constexpr int SV = 4*(((tq_row_bytes<VT, D>() + 3) / 4) | 1);
+    static constexpr int SK = tq_tile_stride<tq_row_bytes<KT, D>()>();
+    static constexpr int SV = tq_tile_stride<tq_row_bytes<VT, D>()>();
     static constexpr int warp_tiles = 2*TQ_MMA_CELLS*(SK + SV);            // double buffer
     static constexpr int off_qf    = 0;                                      // uint4 [D/16][32] Q fragments
     static constexpr int off_q     = a16(off_qf + 16*(D/16)*32);            // float [8][D] queries, then combine
@@ -280,6 +298,25 @@ static __device__ __forceinline__ void tq_warp_copy_rows(uint8_t * smem, int sst
     }
 }
 
+// n rows (<= TQ_MMA_CELLS) by one warp in 16-byte copies of the granules that hold each row's first `need`
+// bytes, from g (16-byte aligned, stride gstride, a multiple of 16) to smem (stride W). Only granules that
+// hold the row's bytes are read, so nothing past the cache's last granule.
+template <int W>
+static __device__ __forceinline__ void tq_warp_copy_windows(uint8_t * smem, const char * g, size_t gstride, int n, int need) {
+    constexpr int units = W / 16, rpp = 32 / units;
+    const int lane = threadIdx.x & 31;
+    const int r = lane / units, c = lane - r*units;
+    if (r < rpp && 16*c < need) {
+        uint8_t * d = smem + r*W + 16*c;
+        const char * s = g + r*gstride + 16*c;
+        for (int rr = r; rr < n; rr += rpp) {
+            __pipeline_memcpy_async(d, s, 16);
+            d += rpp*W;
+            s += rpp*gstride;
+        }
+    }
+}
+
 // One CTA: query rows [blockIdx.y*8, +8) of the rows that read K/V head (ik2, ik3), over the
 // cells of split blockIdx.z; warp w takes the steps of 32 cells w, w + TQ_MMA_WARPS, ... and keeps its own
 // softmax; the warps are combined at the end. Phases as in tq_fattn_vec_kernel.
@@ -321,15 +358,27 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
     uint8_t * s_mt = smem + L::off_mask + warp*2*TQ_MMA_ROWS*L::SM;
     uint8_t * s_kt = smem + L::off_tiles + warp*L::warp_tiles;
     uint8_t * s_vt = s_kt + 2*CW*L::SK;
+    // granules for the long rows where the strides allow (p.copy_unit 16); a row then starts at its offset in
+    // its granule, the same for all of a head's rows (0, 4, 8 or 12 bytes)
+    const bool kwin = tq_row_windows<KB>() && p.copy_unit == 16, vwin = tq_row_windows<VB>() && p.copy_unit == 16;
+    const int koff = kwin ? (int) ((uintptr_t) kbase & 15) : 0;
+    const int voff = vwin ? (int) ((uintptr_t) vbase & 15) : 0;
     auto load_step = [&](int cs, int buf) {
         const int n = max(0, min(CW, c1 - cs));
         uint8_t * kd = s_kt + buf*CW*L::SK, * vd = s_vt + buf*CW*L::SV;
         const char * kg = kbase + (size_t) cs*p.nbk1, * vg = vbase + (size_t) cs*p.nbv1;
-        if (p.copy_unit >= 4) {
+        if (kwin) {
+            tq_warp_copy_windows<L::SK>(kd, kg - koff, p.nbk1, n, koff + KB);
+        } else if (p.copy_unit >= 4) {
             tq_warp_copy_rows<4, KB>(kd, L::SK, kg, p.nbk1, n);
-            tq_warp_copy_rows<4, VB>(vd, L::SV, vg, p.nbv1, n);
         } else {
             tq_warp_copy_rows<2, KB>(kd, L::SK, kg, p.nbk1, n);
+        }
+        if (vwin) {
+            tq_warp_copy_windows<L::SV>(vd, vg - voff, p.nbv1, n, voff + VB);
+        } else if (p.copy_unit >= 4) {
+            tq_warp_copy_rows<4, VB>(vd, L::SV, vg, p.nbv1, n);
+        } else {
             tq_warp_copy_rows<2, VB>(vd, L::SV, vg, p.nbv1, n);
         }
         if (mask_async && n == CW) {
@@ -444,7 +493,7 @@ tq_fattn_mma_kernel(const tq_fattn_params p, const __grid_constant__ tq_cuda_tab
             __pipeline_wait_prior(0);
         }
         __syncwarp();
-        const uint8_t * kt = s_kt + buf*CW*L::SK, * vt = s_vt + buf*CW*L::SV;
+        const uint8_t * kt = s_kt + buf*CW*L::SK + koff, * vt = s_vt + buf*CW*L::SV + voff;
 
         // the mask of this step's cells for row g: from shared memory, or loaded first so that its latency
         // hides behind the products

@@ -484,6 +484,9 @@ int tq_cuda_fattn(const tq_cuda_fattn_args * a, void * work, size_t work_size, i
     p.gqa = p.n_head / p.n_head_kv;
     p.n_split = pl.n_split; p.split_cells = pl.split_cells;
     p.copy_unit = tq_fa_copy_unit(a);
+    if (pl.mma && p.copy_unit >= 4 && (p.nbk1 | p.nbv1 | (uintptr_t) p.k | (uintptr_t) p.v) % 16 == 0) {
+        p.copy_unit = 16;   // rows 16-byte granules apart: the mma kernel may copy a long row's granules
+    }
     p.mask_async = p.mask && (((uintptr_t) p.mask | p.nbm1 | p.nbm2 | p.nbm3) % 16) == 0;
     // as ggml's CPU kernel: with soft-capping the scale is divided by the cap, s = cap*tanh(s*scale)
     p.softcap = a->softcap;

@@ -423,7 +423,7 @@ struct tq_fattn_params {
     float * part;             // [dst row][split][2 + D]: M, S, unnormalised output (rotated domain)
     int n_q, n_head, n_head_kv, n_kv, gqa;
     int n_split, split_cells; // cells per split: a multiple of the tile
-    int copy_unit;            // 8, 4 or 2: the widest aligned unit of both caches' rows
+    int copy_unit;            // 8, 4 or 2: the widest aligned unit of both caches' rows; 16 (mma kernel): rows granules apart
     bool mask_async;          // the mask rows and strides are 16-byte aligned (the mma kernel copies them so)
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;

@@ -821,6 +821,15 @@ static void check_attention(int n_sm, bool quick) {
         cases.push_back({ pr[0], pr[1], 128, 1, 32, 8, 4096, 1, 1, 0.0f, 0.0f, false, true, false, 64 }); // one tile a split
         cases.push_back({ pr[0], pr[1], 128, 1, 4, 1, 33000, 1, 1, 0.0f, 0.0f, true, true, false, 0 });   // long
     }
+    // 4 and 8 K/V heads: row strides of whole 16-byte granules, so the tensor-core kernel copies granules (a
+    // head's rows 0, 4, 8 or 12 bytes into theirs): every TQ pair, NaN rows, several streams, ALiBi, D 64
+    for (int kt : TQ_TYPES) {
+        for (int vt : TQ_TYPES) {
+            cases.push_back({ kt, vt, 128, 2, 16, 4, 1000, 2, 3, 0.0f, 0.0f, false, true, true, 0 });
+        }
+    }
+    cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, 64, 1, 32, 8, 1500, 1, 2, 8.0f, 0.0f, false, true, false, 0 });
+    cases.push_back({ TQ_CUDA_TYPE_TQ4, TQ_CUDA_TYPE_TQ2, 128, 3, 32, 8, 600, 2, 1, 0.0f, 0.0f, false, true, true, 0 });
     cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, 128, 12, 8, 2, 300, 1, 1, 0.0f, 0.0f, false, true, false, 0 }); // > 8 rows a head
     cases.push_back({ TQ_CUDA_TYPE_TQ3, TQ_CUDA_TYPE_TQ2, 128, 33, 8, 1, 700, 1, 1, 0.0f, 0.0f, false, true, false, 0 }); // 264 rows, 33 CTAs a head
     // the float32 kernel on TQ pairs (the tensor-core kernel takes them at head sizes 64 and 128)
