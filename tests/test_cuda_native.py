@@ -90,6 +90,21 @@ def test_check_runs_on_gpu(built: Path) -> None:
     assert int(m.group(1)) > 300, out[-4000:]
 
 
+def test_check_times_one_length_for_a_profiler(built: Path) -> None:
+    """`--time-only --cells N` times one cache length without the checks (what ncu is pointed at); a length the
+    timings do not have is refused before any GPU work, with the lengths it takes."""
+    check = str(built / "tq_cuda_check")
+    proc = subprocess.run([check, "--time-only", "--cells", "5000"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "256, 1024, 4096, 32768, 65536" in proc.stderr, proc.stderr
+    proc = subprocess.run([check, "--bogus"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--time-only" in proc.stderr, proc.stderr
+    if _has_gpu():
+        proc = subprocess.run([check, "--time-only", "--cells", "256"], capture_output=True, text=True, timeout=TIMEOUT_S)
+        out = proc.stdout
+        assert proc.returncode == 0 and "| tq3/tq2 mma |" in out and "| 4096 |" not in out, out[-4000:]
+        assert "attention:" not in out, "the checks ran"
+
+
 def test_cuda_build_targets_the_gpus_users_have() -> None:
     """`tq build --cuda` asks for each user architecture this nvcc lists, and only those."""
     from turboquant_llama.build import cuda_architectures

@@ -889,6 +889,9 @@ static double copy_bandwidth() {
     return bw;
 }
 
+// time_attention's cache lengths: all, or the one of --cells (with --time-only, a profiler's run of one length)
+static int64_t time_cells_only = 0;
+
 static void time_attention(int n_sm, double copy_bw) {
     const int D = 128, n_head = 32, n_head_kv = 8;
     const int pairs[][2] = {
@@ -917,6 +920,7 @@ static void time_attention(int n_sm, double copy_bw) {
     CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
 
     for (int n_kv : { 256, 1024, 4096, 32768, 65536 }) {
+        if (time_cells_only && n_kv != time_cells_only) continue;
         for (int n_q : { 1, 4 }) {
             if (n_q > 1 && n_kv != 32768) continue;
             float f16_us = 0.0f;
@@ -1056,13 +1060,25 @@ static void time_attention(int n_sm, double copy_bw) {
 }
 
 int main(int argc, char ** argv) {
-    bool quick = false, timing = false;
+    bool quick = false, timing = false, time_only = false;
     int64_t rows = 131072;
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--quick")) quick = true;
         else if (!strcmp(argv[i], "--time")) timing = true;
+        else if (!strcmp(argv[i], "--time-only")) timing = time_only = true;
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows = atoll(argv[++i]);
-        else { fprintf(stderr, "usage: %s [--quick] [--time] [--rows N]\n", argv[0]); return 2; }
+        else if (!strcmp(argv[i], "--cells") && i + 1 < argc) time_cells_only = atoll(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--quick] [--time | --time-only] [--cells 256|1024|4096|32768|65536] [--rows N]\n"
+                            "  --time-only: the attention timings without the checks (for a profiler: ncu -k regex:... %s --time-only --cells N)\n",
+                    argv[0], argv[0]);
+            return 2;
+        }
+    }
+    if (time_cells_only && time_cells_only != 256 && time_cells_only != 1024 && time_cells_only != 4096 &&
+        time_cells_only != 32768 && time_cells_only != 65536) {
+        fprintf(stderr, "--cells: one of the timed lengths 256, 1024, 4096, 32768, 65536\n");
+        return 2;
     }
     int dev = 0, n_sm = 0;
     CK(cudaGetDevice(&dev));
@@ -1071,10 +1087,12 @@ int main(int argc, char ** argv) {
     CK(cudaGetDeviceProperties(&prop, dev));
     printf("device: %s, %d SMs, L2 %d MB\n", prop.name, n_sm, prop.l2CacheSize >> 20);
 
-    check_rows(quick ? std::min<int64_t>(rows, 16384) : rows);
-    check_set_rows_pair(quick ? 1024 : 8192);
-    check_fragments();
-    check_attention(n_sm, quick);
+    if (!time_only) {
+        check_rows(quick ? std::min<int64_t>(rows, 16384) : rows);
+        check_set_rows_pair(quick ? 1024 : 8192);
+        check_fragments();
+        check_attention(n_sm, quick);
+    }
     if (timing) {
         const double bw = copy_bandwidth();
         time_attention(n_sm, bw);
