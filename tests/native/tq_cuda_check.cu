@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <iterator>
 #include <cfloat>
 #include <cmath>
 #include <cstdarg>
@@ -890,6 +891,7 @@ static double copy_bandwidth() {
 }
 
 // time_attention's cache lengths: all, or the one of --cells (with --time-only, a profiler's run of one length)
+static const int TIMED_CELLS[] = { 256, 1024, 4096, 32768, 65536 };
 static int64_t time_cells_only = 0;
 
 static void time_attention(int n_sm, double copy_bw) {
@@ -919,7 +921,7 @@ static void time_attention(int n_sm, double copy_bw) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
 
-    for (int n_kv : { 256, 1024, 4096, 32768, 65536 }) {
+    for (int n_kv : TIMED_CELLS) {
         if (time_cells_only && n_kv != time_cells_only) continue;
         for (int n_q : { 1, 4 }) {
             if (n_q > 1 && n_kv != 32768) continue;
@@ -1075,9 +1077,10 @@ int main(int argc, char ** argv) {
             return 2;
         }
     }
-    if (time_cells_only && time_cells_only != 256 && time_cells_only != 1024 && time_cells_only != 4096 &&
-        time_cells_only != 32768 && time_cells_only != 65536) {
-        fprintf(stderr, "--cells: one of the timed lengths 256, 1024, 4096, 32768, 65536\n");
+    if (time_cells_only && std::find(std::begin(TIMED_CELLS), std::end(TIMED_CELLS), time_cells_only) == std::end(TIMED_CELLS)) {
+        fprintf(stderr, "--cells: one of the timed lengths");
+        for (int n : TIMED_CELLS) fprintf(stderr, "%s %d", n == TIMED_CELLS[0] ? "" : ",", n);
+        fprintf(stderr, "\n");
         return 2;
     }
     int dev = 0, n_sm = 0;
