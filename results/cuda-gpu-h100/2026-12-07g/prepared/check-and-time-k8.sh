@@ -1,5 +1,6 @@
-# next session: the int8-key branch (cuda-k-int8: int8 scores for 2- and 3-bit keys + one mask row; harness k8):
-# full check, memcheck (quick), then attention timings in CUDA graphs against main's kernels (g2), alternated
+# the int8-key branch (cuda-k-int8: int8 scores for 2- and 3-bit keys + one mask row; harness .dev/bin/k8, and
+# .dev/bin/k8c3 built with -DTQ_MMA_MIN_CTAS=3 where carried): full check, memcheck (quick), then attention timings
+# in CUDA graphs against main's kernels (.dev/bin/g2), alternated
 set -u
 s=$(date +%s); el() { echo $(( $(date +%s) - s )); }
 export PATH=/usr/local/cuda/bin:$PATH
@@ -15,6 +16,7 @@ timing() {
 for i in 1 2; do
   timing .dev/bin/g2/tq_cuda_check main-$i
   timing $K k8-$i
+  [ -x .dev/bin/k8c3/tq_cuda_check ] && timing .dev/bin/k8c3/tq_cuda_check k8c3-$i
 done
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $K --quick --rows 512 > $OUT/memcheck.log 2>&1; echo "memcheck exit $? at $(el) s"; tail -2 $OUT/memcheck.log
 echo "all $(el) s"

@@ -1,11 +1,7 @@
 # a llama.cpp build made here (LLAMA_TAR: .dev/llama-k8.tar.xz, the int8-key branch cuda-k-int8; .dev/llama-w.tar.xz, main's kernels): test-backend-ops of the TQ ops on CUDA0; llama-bench f16, q8_0, tq3/tq2, tq4/tq4 at depths 0, 32K, 64K
 set -u
-s=$(date +%s); el() { echo $(( $(date +%s) - s )); }
-source .dev/s/dev_env.sh
-B=$TQ_CACHE_DIR/build-cuda/bin
-rm -rf $B; mkdir -p $B; tar xJf ${LLAMA_TAR:-.dev/llama-k8.tar.xz} -C $B
-export LD_LIBRARY_PATH=$B:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader
+source "$(dirname "$0")/dev_env.sh"
+use_llama_build ${LLAMA_TAR:-.dev/llama-k8.tar.xz}
 timeout 150 $B/test-backend-ops -b CUDA0 -o FLASH_ATTN_EXT -p '=tq[234](,|$)' > $OUT/tbo-fattn.log 2>&1
 echo "FLASH_ATTN_EXT rc=$? $(grep -c 'OK' $OUT/tbo-fattn.log) OK, $(grep -c FAIL $OUT/tbo-fattn.log) FAIL at $(el) s"
 grep FAIL $OUT/tbo-fattn.log | head -5

@@ -1,12 +1,8 @@
-# session 22 call 2: per-kernel GPU time of decoding in llama-bench's CUDA graphs (nsys, or ncu without cache
-# flushes), f16/f16 against tq3/tq2 at depth 0 and 4096, main's build (llama-w)
+# per-kernel GPU time of decoding in llama-bench's CUDA graphs (nsys, or ncu without cache flushes), f16/f16
+# against tq3/tq2 at depths 0 and 4096, main's build (.dev/llama-w.tar.xz)
 set -u
-s=$(date +%s); el() { echo $(( $(date +%s) - s )); }
-source .dev/s/dev_env.sh
-B=$TQ_CACHE_DIR/build-cuda/bin
-rm -rf $B; mkdir -p $B; tar xJf .dev/llama-w.tar.xz -C $B
-export LD_LIBRARY_PATH=$B:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader
+source "$(dirname "$0")/dev_env.sh"
+use_llama_build .dev/llama-w.tar.xz
 NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
 echo "nsys: ${NSYS:-none} at $(el) s"
 M=$(python3 -c "from turboquant_llama import random_gguf, bench; print(random_gguf.cached(bench.GPU_MODEL))" 2>&1 | tail -1)
