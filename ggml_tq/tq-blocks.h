@@ -125,6 +125,34 @@ typedef struct {
     uint8_t   qs[24];   // 192 index bits
 } block_tq3c;           // 26 bytes: 3.25 bits per value
 
+// tq2o, tq3o: the outlier split of TurboQuant (its 2.5- and 3.5-bit settings) as
+// calibrated key types (K only). A block holds 64 key coefficients z transformed per layer and KV
+// head by the graph as tq3c's are, with the orthogonal W of the model's `tq calibrate --split` file
+// (pytools/tq_split.py): positions 0..15 are a quarter of the head's channels, those with the most
+// E[k^2] E[q^2] over the calibration text (the outliers), 16..63 the rest, each group already turned
+// by its own fixed Haar rotation. So each group is one TurboQuant_mse vector of its own dimension m
+// (16 and 48) at its own bits (tq2o: 4 and 2, tq3o: 5 and 3), coded with the Lloyd-Max codebooks of
+// a coordinate of a uniform point on the sphere in R^m (tq-codebooks.h, tq_split_*):
+//   for the group g = 0 (positions 0..15) and g = 1 (16..63):
+//   1. s = sum_j (double) z_j * z_j over the group's positions in order; if s is not finite:
+//      d[g] = 0x7E00 (fp16 NaN), the group's index bits 0. n = (float) sqrt(s); if n == 0: d[g] = 0,
+//      the group's index bits 0.
+//   2. u_j = z_j / n (float32); idx_j = number of boundaries B of the group's codebook with u_j > B.
+//   3. c = sum_j (double) C[idx_j]^2 over the group in order; d[g] = fp16(n / (float) sqrt(c))
+//      (float32 division; fp16 round to nearest even): the norm corrected to the reconstruction's.
+//   4. qs: a bit stream, LSB first within each byte, idx_j's bits (low to high) at bit offset
+//      j * bits_hi for j < 16, 16 * bits_hi + (j - 16) * bits_lo after.
+// Decoding: z~_j = d[g] * C[idx_j] (float32).
+typedef struct {
+    TQ_HALF_T d[2];     // the norms of the outlier group and of the rest
+    uint8_t   qs[20];   // 16 x 4 + 48 x 2 index bits
+} block_tq2o;           // 24 bytes: 3.0 bits per value (2.5 bits of indices)
+
+typedef struct {
+    TQ_HALF_T d[2];
+    uint8_t   qs[28];   // 16 x 5 + 48 x 3 index bits
+} block_tq3o;           // 32 bytes: 4.0 bits per value (3.5 bits of indices)
+
 // The query side of a TQ key dot product: the query rotated once per row (block_tq_q), plus its
 // QJL projections for the _qjl types (block_tq_qjl_q, fp16 so that it fits the 4 bytes per value
 // that the CPU flash-attention scratch gives the converted query).
@@ -143,6 +171,8 @@ static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
 static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
 static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
 static_assert(sizeof(block_tq3c) == 26, "block_tq3c size");
+static_assert(sizeof(block_tq2o) == 24, "block_tq2o size");
+static_assert(sizeof(block_tq3o) == 32, "block_tq3o size");
 static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
 static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
 static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");
@@ -153,6 +183,8 @@ _Static_assert(sizeof(block_tq2) == 18, "block_tq2 size");
 _Static_assert(sizeof(block_tq3) == 26, "block_tq3 size");
 _Static_assert(sizeof(block_tq4) == 34, "block_tq4 size");
 _Static_assert(sizeof(block_tq3c) == 26, "block_tq3c size");
+_Static_assert(sizeof(block_tq2o) == 24, "block_tq2o size");
+_Static_assert(sizeof(block_tq3o) == 32, "block_tq3o size");
 _Static_assert(sizeof(block_tq2_qjl) == 18, "block_tq2_qjl size");
 _Static_assert(sizeof(block_tq3_qjl) == 26, "block_tq3_qjl size");
 _Static_assert(sizeof(block_tq4_qjl) == 34, "block_tq4_qjl size");

@@ -61,6 +61,8 @@ TQ_CPU_QUANTIZE(tq2_qjl, GGML_TYPE_TQ2_QJL)
 TQ_CPU_QUANTIZE(tq3_qjl, GGML_TYPE_TQ3_QJL)
 TQ_CPU_QUANTIZE(tq4_qjl, GGML_TYPE_TQ4_QJL)
 TQ_CPU_QUANTIZE(tq3c, GGML_TYPE_TQ3C)
+TQ_CPU_QUANTIZE(tq2o, GGML_TYPE_TQ2O)
+TQ_CPU_QUANTIZE(tq3o, GGML_TYPE_TQ3O)
 void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k) { quantize_row_tq_q_ref(x, y, k); }
 void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k) { quantize_row_tq_qjl_q_ref(x, y, k); }
 
@@ -724,6 +726,96 @@ void tq_cpu_decode_rows_tq3c(int64_t n, const void * x, size_t stride, int count
     tq_kernels()->decode_tq3c(n, x, stride, count, out);
 }
 
+// --- tq2o, tq3o: outlier-split key coefficients ------------------------------------------------------
+// A faster copy of tq_split_dequantize_row (the same d * centroid products): each index (at most 5 bits
+// at a shift of at most 7) read from a 16-bit window of the block's index bits, copied with a zero byte
+// after them so that the last window stays inside.
+
+typedef struct {
+    int bits[2];
+    size_t size, qs_bytes;
+    const float * centroids[2];
+} tq_split_cpu_layout;
+
+static tq_split_cpu_layout tq_split_cpu_layout_of(enum ggml_type type) {
+    tq_split_cpu_layout l;
+    if (type == GGML_TYPE_TQ2O) {
+        l.bits[0] = 4; l.bits[1] = 2; l.size = sizeof(block_tq2o);
+        l.centroids[0] = tq_split_centroids_16_4; l.centroids[1] = tq_split_centroids_48_2;
+    } else {
+        assert(type == GGML_TYPE_TQ3O);
+        l.bits[0] = 5; l.bits[1] = 3; l.size = sizeof(block_tq3o);
+        l.centroids[0] = tq_split_centroids_16_5; l.centroids[1] = tq_split_centroids_48_3;
+    }
+    l.qs_bytes = l.size - 2*sizeof(ggml_fp16_t);
+    return l;
+}
+
+static inline void tq_split_decode_block(const tq_split_cpu_layout * l, const uint8_t * blk, float * y) {
+    uint8_t qs[32] = { 0 };   // the largest split block's 28 index bytes and the window's zero byte
+    memcpy(qs, blk + 2*sizeof(ggml_fp16_t), l->qs_bytes);
+    int off = 0;
+    for (int g = 0; g < 2; ++g) {
+        ggml_fp16_t d;
+        memcpy(&d, blk + g*sizeof(d), sizeof(d));
+        const float n = GGML_FP16_TO_FP32(d);
+        const int bits = l->bits[g];
+        const uint32_t mask = (1u << bits) - 1;
+        const float * c = l->centroids[g];
+        for (int j = g == 0 ? 0 : 16; j < (g == 0 ? 16 : QK_TQ); ++j, off += bits) {
+            const uint32_t w = (uint32_t) qs[off >> 3] | ((uint32_t) qs[(off >> 3) + 1] << 8);
+            y[j] = n * c[(w >> (off & 7)) & mask];
+        }
+    }
+}
+
+static void tq_split_decode_rows(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
+    const tq_split_cpu_layout l = tq_split_cpu_layout_of(type);
+    for (int r = 0; r < count; ++r) {
+        const uint8_t * row = (const uint8_t *) x + r*stride;
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            tq_split_decode_block(&l, row + b*l.size, out + r*n + b*QK_TQ);
+        }
+    }
+}
+
+void tq_cpu_decode_rows_calibrated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
+    if (type == GGML_TYPE_TQ3C) {
+        tq_cpu_decode_rows_tq3c(n, x, stride, count, out);
+    } else {
+        tq_split_decode_rows(type, n, x, stride, count, out);
+    }
+}
+
+static void tq_split_vec_dot(enum ggml_type type, int n, float * s, const void * x, const void * y) {
+    assert(n % QK_TQ == 0);
+    const tq_split_cpu_layout l = tq_split_cpu_layout_of(type);
+    const float * q = (const float *) y;
+    float z[QK_TQ];
+    float acc[8] = { 0 };
+    for (int b = 0; b < n / QK_TQ; ++b) {
+        tq_split_decode_block(&l, (const uint8_t *) x + b*l.size, z);
+        for (int j = 0; j < QK_TQ; j += 8) {
+            for (int i = 0; i < 8; ++i) {
+                acc[i] += z[j + i]*q[b*QK_TQ + j + i];
+            }
+        }
+    }
+    *s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+void tq_cpu_vec_dot_tq2o(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) bs; (void) bx; (void) by; (void) nrc;
+    tq_split_vec_dot(GGML_TYPE_TQ2O, n, s, x, y);
+}
+
+void tq_cpu_vec_dot_tq3o(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc) {
+    assert(nrc == 1);
+    (void) bs; (void) bx; (void) by; (void) nrc;
+    tq_split_vec_dot(GGML_TYPE_TQ3O, n, s, x, y);
+}
+
 void tq_cpu_vec_dot_tq3c(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc) {
     assert(nrc == 1 && n % QK_TQ == 0);
     (void) bs; (void) bx; (void) by; (void) nrc;
@@ -825,13 +917,13 @@ static float tq_exp_sum_row(float * p, int n, float m) {
 // The tile's rows in the rotated domain: each live cell's coded row, decoded, but the exact float32
 // row where the cell has one (and its coded row is not a NaN row, which must travel as it would in
 // an f16 cache); zeros for the cells no row attends to.
-// tq3c keys have no rotated domain: their rows, the exact row and the queries are calibrated
-// coefficients as they are.
+// Calibrated keys (tq3c, tq2o, tq3o) have no rotated domain: their rows, the exact row and the
+// queries are calibrated coefficients as they are.
 static void tq_attn_decode_tile(enum ggml_type type, int64_t n, const char * rows, size_t stride, int64_t it, int nt,
                                 const bool * live, int64_t exact_cell, const float * exact, float * out) {
     const bool calibrated = tq_is_calibrated_type(type);
     if (calibrated) {
-        tq_cpu_decode_rows_tq3c(n, rows + it*stride, stride, nt, out);
+        tq_cpu_decode_rows_calibrated(type, n, rows + it*stride, stride, nt, out);
     } else {
         tq_cpu_decode_rows_rotated(type, n, rows + it*stride, stride, nt, out);
     }

@@ -63,11 +63,15 @@ const tq_measurement_knobs * tq_knobs(void) {
 }
 
 bool tq_is_kv_type(enum ggml_type type) {
-    return (type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL) || type == GGML_TYPE_TQ3C;
+    return (type >= GGML_TYPE_TQ2 && type <= GGML_TYPE_TQ4_QJL) || tq_is_calibrated_type(type);
 }
 
 bool tq_is_calibrated_type(enum ggml_type type) {
-    return type == GGML_TYPE_TQ3C;
+    return type == GGML_TYPE_TQ3C || tq_is_split_type(type);
+}
+
+bool tq_is_split_type(enum ggml_type type) {
+    return type == GGML_TYPE_TQ2O || type == GGML_TYPE_TQ3O;
 }
 
 bool tq_is_qjl_type(enum ggml_type type) {
@@ -77,10 +81,13 @@ bool tq_is_qjl_type(enum ggml_type type) {
 bool tq_row_is_nan(enum ggml_type type, const void * x, int64_t n) {
     const size_t bsz = ggml_type_size(type);
     for (int64_t b = 0; b < n / QK_TQ; ++b) {
-        uint16_t d; // every block starts with its fp16 norm
-        memcpy(&d, (const char *) x + b*bsz, sizeof(d));
-        if ((d & 0x7C00) == 0x7C00 && (d & 0x03FF) != 0) {
-            return true;
+        // every block starts with its fp16 norm (a split block with its two groups' norms)
+        for (int g = 0; g < (tq_is_split_type(type) ? 2 : 1); ++g) {
+            uint16_t d;
+            memcpy(&d, (const char *) x + b*bsz + g*sizeof(d), sizeof(d));
+            if ((d & 0x7C00) == 0x7C00 && (d & 0x03FF) != 0) {
+                return true;
+            }
         }
     }
     return false;
@@ -293,6 +300,10 @@ void tq_quantize_row_with(enum ggml_type type, const float * x, void * y, int64_
     assert(k % QK_TQ == 0);
     if (type == GGML_TYPE_TQ3C) {
         quantize_row_tq3c_ref(x, (block_tq3c *) y, k);   // no scale search or norm correction to turn off
+        return;
+    }
+    if (tq_is_split_type(type)) {
+        tq_split_quantize_row(type, x, y, k);             // likewise
         return;
     }
     const tq_block_layout l = tq_layout(type);
@@ -610,3 +621,102 @@ void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k) {
         }
     }
 }
+
+// --- tq2o, tq3o: the outlier split (tq-blocks.h) ------------------------------------------------
+
+typedef struct {
+    size_t size;            // bytes a block
+    int bits[2];            // of the outlier group (positions 0..15) and of the rest (16..63)
+    const float * centroids[2];
+    const float * boundaries[2];
+} tq_split_layout;
+
+#define TQ_SPLIT_HI 16
+
+static tq_split_layout tq_split_layout_of(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_TQ2O: {
+            const tq_split_layout l = { sizeof(block_tq2o), { 4, 2 }, { tq_split_centroids_16_4, tq_split_centroids_48_2 },
+                                        { tq_split_boundaries_16_4, tq_split_boundaries_48_2 } };
+            return l;
+        }
+        case GGML_TYPE_TQ3O: {
+            const tq_split_layout l = { sizeof(block_tq3o), { 5, 3 }, { tq_split_centroids_16_5, tq_split_centroids_48_3 },
+                                        { tq_split_boundaries_16_5, tq_split_boundaries_48_3 } };
+            return l;
+        }
+        default: GGML_ABORT("%s is not an outlier-split type", ggml_type_name(type));
+    }
+}
+
+// bit offset of position j's index in qs
+static inline int tq_split_offset(const tq_split_layout * l, int j) {
+    return j < TQ_SPLIT_HI ? j*l->bits[0] : TQ_SPLIT_HI*l->bits[0] + (j - TQ_SPLIT_HI)*l->bits[1];
+}
+
+void tq_split_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    const tq_split_layout l = tq_split_layout_of(type);
+    for (int64_t b = 0; b < k / QK_TQ; ++b) {
+        const float * z = x + b*QK_TQ;
+        uint8_t * blk = (uint8_t *) y + b*l.size;
+        memset(blk, 0, l.size);
+        uint8_t * qs = blk + 2*sizeof(ggml_fp16_t);
+        for (int g = 0; g < 2; ++g) {
+            const int j0 = g == 0 ? 0 : TQ_SPLIT_HI, j1 = g == 0 ? TQ_SPLIT_HI : QK_TQ;
+            ggml_fp16_t d = 0;
+            double s = 0.0;
+            for (int j = j0; j < j1; ++j) {
+                s += (double) z[j] * (double) z[j];
+            }
+            const float n = (float) sqrt(s);
+            if (!isfinite(s)) {
+                d = TQ_FP16_NAN;
+            } else if (n != 0.0f) {
+                double c = 0.0;
+                for (int j = j0; j < j1; ++j) {
+                    const float u = z[j] / n;
+                    uint32_t idx = 0;
+                    for (int i = 0; i < (1 << l.bits[g]) - 1; ++i) {
+                        idx += u > l.boundaries[g][i];
+                    }
+                    c += (double) l.centroids[g][idx] * (double) l.centroids[g][idx];
+                    const int off = tq_split_offset(&l, j);
+                    for (int i = 0; i < l.bits[g]; ++i) {
+                        qs[(off + i) / 8] |= (uint8_t) (((idx >> i) & 1u) << ((off + i) % 8));
+                    }
+                }
+                d = GGML_FP32_TO_FP16(n / (float) sqrt(c));
+            }
+            memcpy(blk + g*sizeof(d), &d, sizeof(d));
+        }
+    }
+}
+
+void tq_split_dequantize_row(enum ggml_type type, const void * x, float * y, int64_t k) {
+    assert(k % QK_TQ == 0);
+    const tq_split_layout l = tq_split_layout_of(type);
+    for (int64_t b = 0; b < k / QK_TQ; ++b) {
+        const uint8_t * blk = (const uint8_t *) x + b*l.size;
+        const uint8_t * qs = blk + 2*sizeof(ggml_fp16_t);
+        for (int g = 0; g < 2; ++g) {
+            ggml_fp16_t d;
+            memcpy(&d, blk + g*sizeof(d), sizeof(d));
+            const float n = GGML_FP16_TO_FP32(d);
+            const int j0 = g == 0 ? 0 : TQ_SPLIT_HI, j1 = g == 0 ? TQ_SPLIT_HI : QK_TQ;
+            for (int j = j0; j < j1; ++j) {
+                const int off = tq_split_offset(&l, j);
+                uint32_t idx = 0;
+                for (int i = 0; i < l.bits[g]; ++i) {
+                    idx |= (uint32_t) ((qs[(off + i) / 8] >> ((off + i) % 8)) & 1u) << i;
+                }
+                y[b*QK_TQ + j] = n * l.centroids[g][idx];
+            }
+        }
+    }
+}
+
+void quantize_row_tq2o_ref(const float * x, block_tq2o * y, int64_t k) { tq_split_quantize_row(GGML_TYPE_TQ2O, x, y, k); }
+void quantize_row_tq3o_ref(const float * x, block_tq3o * y, int64_t k) { tq_split_quantize_row(GGML_TYPE_TQ3O, x, y, k); }
+void dequantize_row_tq2o(const block_tq2o * x, float * y, int64_t k) { tq_split_dequantize_row(GGML_TYPE_TQ2O, x, y, k); }
+void dequantize_row_tq3o(const block_tq3o * x, float * y, int64_t k) { tq_split_dequantize_row(GGML_TYPE_TQ3O, x, y, k); }

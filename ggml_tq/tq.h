@@ -44,6 +44,14 @@ GGML_API void dequantize_row_tq_qjl_q(const block_tq_qjl_q * x, float * y, int64
 GGML_API void quantize_row_tq3c_ref(const float * x, block_tq3c * y, int64_t k);
 GGML_API void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k);
 
+// tq2o / tq3o blocks (tq-blocks.h): outlier-split key coefficients, k a multiple of 64
+GGML_API void quantize_row_tq2o_ref(const float * x, block_tq2o * y, int64_t k);
+GGML_API void quantize_row_tq3o_ref(const float * x, block_tq3o * y, int64_t k);
+GGML_API void dequantize_row_tq2o(const block_tq2o * x, float * y, int64_t k);
+GGML_API void dequantize_row_tq3o(const block_tq3o * x, float * y, int64_t k);
+GGML_API void tq_split_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k);
+GGML_API void tq_split_dequantize_row(enum ggml_type type, const void * x, float * y, int64_t k);
+
 // The quantizer with step 3's scale search or step 4's norm correction off (tq-blocks.h): variants
 // kept for measurements (results/ rows marked "search off"), reached through the measurement knobs
 // (tq_knobs below, in the CPU quantizer) and pytools/ggml_lib.py. {true, true} is quantize_row_*_ref. The
@@ -70,10 +78,11 @@ GGML_API void tq_mad_row_rotated_ref(enum ggml_type type, int64_t n, float * acc
 // (or quantize_row_tq_qjl_q_ref for the _qjl types).
 GGML_API float tq_vec_dot_ref(enum ggml_type type, int64_t n, const void * x, const void * q);
 
-GGML_API bool tq_is_kv_type(enum ggml_type type);    // tq2 .. tq4_qjl, tq3c
-// tq3c: the cache holds calibrated key coefficients (the graph transforms keys and queries with the
+GGML_API bool tq_is_kv_type(enum ggml_type type);    // tq2 .. tq4_qjl, tq3c, tq2o, tq3o
+// tq3c, tq2o, tq3o: the cache holds calibrated key coefficients (the graph transforms keys and queries with the
 // model's calibration file), not rotated blocks: attention neither rotates the query nor the keys
 GGML_API bool tq_is_calibrated_type(enum ggml_type type);
+GGML_API bool tq_is_split_type(enum ggml_type type);      // tq2o, tq3o
 GGML_API bool tq_is_qjl_type(enum ggml_type type);   // tq2_qjl .. tq4_qjl
 // Whether a coded row holds a NaN block (NaN or Inf in its input, step 1 of tq-blocks.h): the exact
 // sink row of the CPU flash-attention kernel defers to such a row, so NaN travels as in an f16 cache.
@@ -109,6 +118,8 @@ TQ_CPU_API void tq_cpu_quantize_row_tq2_qjl(const float * x, void * y, int64_t k
 TQ_CPU_API void tq_cpu_quantize_row_tq3_qjl(const float * x, void * y, int64_t k);
 TQ_CPU_API void tq_cpu_quantize_row_tq4_qjl(const float * x, void * y, int64_t k);
 TQ_CPU_API void tq_cpu_quantize_row_tq3c(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq2o(const float * x, void * y, int64_t k);
+TQ_CPU_API void tq_cpu_quantize_row_tq3o(const float * x, void * y, int64_t k);
 TQ_CPU_API void tq_cpu_quantize_row_tq_q(const float * x, void * y, int64_t k);
 TQ_CPU_API void tq_cpu_quantize_row_tq_qjl_q(const float * x, void * y, int64_t k);
 
@@ -122,6 +133,11 @@ TQ_CPU_API void tq_cpu_vec_dot_tq4_qjl(int n, float * s, size_t bs, const void *
 TQ_CPU_API void tq_cpu_vec_dot_tq3c(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
 // out[r*n .. r*n + n) = tq3c row r (at x + r*stride) decoded: the values of dequantize_row_tq3c
 TQ_CPU_API void tq_cpu_decode_rows_tq3c(int64_t n, const void * x, size_t stride, int count, float * out);
+// tq2o / tq3o keys against a float32 query already in the calibrated coefficients (vec_dot_type F32)
+TQ_CPU_API void tq_cpu_vec_dot_tq2o(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+TQ_CPU_API void tq_cpu_vec_dot_tq3o(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc);
+// out[r*n .. r*n + n) = row r of a calibrated key type (tq3c, tq2o, tq3o) decoded: the reference's values
+TQ_CPU_API void tq_cpu_decode_rows_calibrated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out);
 
 // Flash attention, V side: acc[0..n) += scale * (row decoded in the rotated domain); after the
 // last row, tq_cpu_unrotate_row(acc, n) brings the accumulator back once per query row.

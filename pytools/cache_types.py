@@ -28,12 +28,14 @@ CACHE_TYPES: dict[str, CacheType] = {
         CacheType("q4_1", 3, 32, 20), CacheType("q4_0", 2, 32, 18), CacheType("iq4_nl", 20, 32, 18),
         CacheType("tq4", 45, 64, 34), CacheType("tq3", 44, 64, 26), CacheType("tq2", 43, 64, 18),
         CacheType("tq4_qjl", 48, 64, 34), CacheType("tq3_qjl", 47, 64, 26), CacheType("tq2_qjl", 46, 64, 18),
-        CacheType("tq3c", 51, 64, 26),
+        CacheType("tq3c", 51, 64, 26), CacheType("tq2o", 52, 64, 24), CacheType("tq3o", 53, 64, 32),
     )
 }
-TQ_NAMES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl", "tq3c")
-# calibrated key types: K only, with the model's `tq calibrate --tq3c` file
-KEY_ONLY_NAMES = ("tq3c",)
+TQ_NAMES = ("tq2", "tq3", "tq4", "tq2_qjl", "tq3_qjl", "tq4_qjl", "tq3c", "tq2o", "tq3o")
+# calibrated key types: K only, with the model's `tq calibrate --tq3c` file (tq3c) or `--split` file
+# (tq2o, tq3o: the outlier split)
+KEY_ONLY_NAMES = ("tq3c", "tq2o", "tq3o")
+SPLIT_NAMES = ("tq2o", "tq3o")
 
 
 def cache_type(name: str) -> CacheType:

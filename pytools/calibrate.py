@@ -32,6 +32,7 @@ TQ3C_CTX = 4096
 TQ3C_CHUNK = 1024
 TQ3C_MAX_CHUNKS = 8
 TQ3C_VERSION = 3         # 1: one decode of the first 1024 tokens (positions 0-1023); 2: chunks end to end
+SPLIT_VERSION = 1        # the outlier split (tq2o, tq3o): channels ranked over chunks spread over TQ3C_CTX
 
 
 def calibration_text() -> str:
@@ -159,6 +160,51 @@ def write_tq3c(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.n
     _write_calibration(path, model, n_tokens, tensors)
 
 
+def split_file(model: Path) -> Path:
+    """Where the outlier-split transforms of a model (tq2o, tq3o keys) are cached."""
+    return cache_dir() / "calibration" / f"{_model_sha256(model)}-split-v{SPLIT_VERSION}.gguf"
+
+
+def measure_split(model: Path) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]:
+    """Per layer: the key mean [n_head_kv * d] and per KV head the orthogonal outlier-split transform
+    (tq_split.split_transform of the channels ranked by tq_split.outlier_channels) [n_head_kv, d, d],
+    float32, from the same calibration chunks as tq3c's for TQ3C_CTX positions (each chunk's first row
+    left out); and how many rows that was."""
+    from .tq_split import QK_SPLIT, outlier_channels, split_transform
+
+    dumps = tq3c_calibration_dumps(model, TQ3C_CTX)
+    n_rows = sum(d["n_tokens"] for d in dumps)
+    if n_rows < 256:
+        raise UserError(f"the calibration text gave only {n_rows} tokens (the outlier split needs 256)")
+    out = {}
+    for il in range(len(dumps[0]["Kcur"])):
+        k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
+        q_all = np.concatenate([np.asarray(d["Qcur"][il], dtype=np.float64)[1:] for d in dumps])
+        hkv, d = k_all.shape[1], k_all.shape[2]
+        if d % QK_SPLIT != 0:
+            raise UserError(f"layer {il}: head size {d} is not a multiple of {QK_SPLIT}, which tq2o/tq3o blocks need")
+        g = q_all.shape[1] // hkv
+        mean = k_all.mean(axis=0)
+        w = [split_transform(outlier_channels(k_all[:, h] - mean[h], q_all[:, h * g:(h + 1) * g])) for h in range(hkv)]
+        out[il] = (mean.reshape(-1).astype(np.float32), np.stack(w).astype(np.float32))
+        if not all(np.all(np.isfinite(a)) for a in out[il]):
+            raise UserError(f"the outlier-split transforms of layer {il} are not finite over the calibration text")
+    return out, n_rows
+
+
+def write_split(path: Path, model: Path, layers: dict[int, tuple[np.ndarray, np.ndarray]], n_tokens: int) -> None:
+    from .tq_split import N_HI
+
+    def tensors(writer) -> None:
+        writer.add_uint32("tq.split.n_hi", N_HI)
+        for il, (mean, w) in sorted(layers.items()):
+            writer.add_tensor(f"tq_split_k_mean.{il}", mean)
+            writer.add_tensor(f"tq_split_k_transform.{il}", w)
+            writer.add_tensor(f"tq_split_q_transform.{il}", w)    # orthogonal: (q W) . (k W) = q . k
+
+    _write_calibration(path, model, n_tokens, tensors)
+
+
 def _write_calibration(path: Path, model: Path, n_tokens: int, add) -> None:
     from gguf import GGUFReader, GGUFWriter
 
@@ -190,16 +236,24 @@ def tq3c_transforms(model: str | Path, n_ctx: int = TQ3C_CTX, force: bool = Fals
     return _calibrated(model, "tq3c", n_ctx, force, quiet)
 
 
+def split_transforms(model: str | Path, force: bool = False, quiet: bool = False) -> Path:
+    """The outlier-split transforms GGUF of a model (a short name or a path) for tq2o and tq3o keys,
+    calibrated on first use."""
+    return _calibrated(model, "split", TQ3C_CTX, force, quiet)
+
+
 def _calibrated(model: str | Path, kind: str, n: int, force: bool, quiet: bool) -> Path:
-    """n: tokens (key means) or the positions the cache serves (tq3c)."""
+    """n: tokens (key means) or the positions the cache serves (tq3c; the split's chunks)."""
     from .models import model_path
 
     gguf = model_path(str(model))
-    path = (key_means_file if kind == "key-means" else tq3c_file)(gguf, n)
+    path = {"key-means": lambda: key_means_file(gguf, n), "tq3c": lambda: tq3c_file(gguf, n),
+            "split": lambda: split_file(gguf)}[kind]()
     if path.exists() and not force:
         return path
-    what = "mean keys" if kind == "key-means" else "tq3c key transforms"
-    over = f"{n} tokens of" if kind == "key-means" else f"caches of up to {n} positions, with chunks of"
+    what = {"key-means": "mean keys", "tq3c": "tq3c key transforms", "split": "outlier-split key transforms"}[kind]
+    over = {"key-means": f"{n} tokens of", "tq3c": f"caches of up to {n} positions, with chunks of",
+            "split": f"chunks over {n} positions of"}[kind]
     if not quiet:
         print(f"tq: calibrating the {what} of {gguf.name} for {over} {CALIBRATION_TEXT.name} "
               f"(once; cached in {path.parent}) ...", file=sys.stderr)
@@ -222,6 +276,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help=f"mean keys: calibration tokens (default {DEFAULT_TOKENS})")
     p.add_argument("--force", action="store_true", help="measure again even if a cached file exists")
     p.add_argument("--tq3c", action="store_true", help="the tq3c key transforms instead of the mean keys")
+    p.add_argument("--split", action="store_true",
+                   help="the outlier-split key transforms (tq2o and tq3o keys) instead of the mean keys")
     p.add_argument("--ctx", type=int, default=None,
                    help=f"--tq3c: the longest cache (positions) the transforms serve (default {TQ3C_CTX}); "
                         "llama.cpp refuses longer tq3c caches with them")
@@ -229,6 +285,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.split:
+        if args.tq3c or args.tokens is not None or args.ctx is not None:
+            raise UserError("--split takes no --tq3c, --tokens or --ctx (its transforms serve caches of any length)")
+        print(split_transforms(args.model, force=args.force))
+        return 0
     flag, wrong = ("--ctx", args.tokens) if args.tq3c else ("--tokens", args.ctx)
     if wrong is not None:
         raise UserError("--tokens is for the mean keys, --ctx for --tq3c (the positions its caches hold)")
@@ -247,5 +308,8 @@ if __name__ == "__main__":   # the child of _calibrated: GGUF, token count, outp
     if kind_arg == "tq3c":
         tq3c_layers, n_rows = measure_tq3c(model_file, n)
         write_tq3c(Path(out_arg), model_file, tq3c_layers, n_rows, n)
+    elif kind_arg == "split":
+        split_layers, n_rows = measure_split(model_file)
+        write_split(Path(out_arg), model_file, split_layers, n_rows)
     else:
         write_key_means(Path(out_arg), model_file, measure_key_means(model_file, n), n)

@@ -29,7 +29,7 @@ from .kv_dump import GGML_TYPE_F16, LLAMA_FLASH_ATTN_TYPE_ENABLED, GgmlTensor, d
 
 GGML_OP_ROPE = 48          # enum ggml_op of the pinned ggml.h: the K rows a cache stores come out of RoPE
 OUTLIER_SPLITS = {"outlier-2.5": (4, 2), "outlier-3.5": (5, 3)}   # bits of the outlier quarter, of the rest
-REAL_KEYS = ("f16", "q8_0", "q4_0", "tq2", "tq3", "tq4", "tq3c")   # cache types, measured as they are
+REAL_KEYS = ("f16", "q8_0", "q4_0", "tq2", "tq3", "tq4", "tq3c", "tq2o", "tq3o")   # cache types, measured as they are
 KEY_CODES = (*REAL_KEYS, "fake-tq3", *OUTLIER_SPLITS)
 
 
@@ -125,7 +125,7 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
     """KL divergence, top-1 agreement and perplexity against an f16 cache, with keys by each code of
     KEY_CODES and values in `values`, over n_chunks chunks of n_ctx tokens of the evaluation text
     (WikiText-2 test), scoring each chunk's second half as llama-perplexity does."""
-    from .calibrate import key_means, tq3c_ctx_for, tq3c_transforms
+    from .calibrate import key_means, split_transforms, tq3c_ctx_for, tq3c_transforms
     from .key_code import wikitext_text
     from .llama_python import cache_type_id, import_llama_cpp
     from .models import model_path
@@ -177,6 +177,8 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
         for code in codes:
             if code == "tq3c":
                 context(code, cache_type_id("tq3c"), tv, str(tq3c_transforms(path, tq3c_ctx_for(n_ctx), quiet=True)))
+            elif code in ("tq2o", "tq3o"):   # the outlier split as cache types (their own mean and transforms)
+                context(code, cache_type_id(code), tv, str(split_transforms(path, quiet=True)))
             elif code in ("tq2", "tq3", "tq4"):
                 context(code, cache_type_id(code), tv, str(key_means(path, quiet=True)) if center else None)
             elif code in REAL_KEYS:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .arguments import int_arg
-from .cache_types import is_tq
+from .cache_types import KEY_ONLY_NAMES, SPLIT_NAMES, is_tq
 
 Value = int | bool | str | None
 
@@ -101,7 +101,7 @@ SWITCHES: tuple[Switch, ...] = (
            "the reference quantizer rescales a block's norm to its reconstruction's"),
     Switch("scale_search", "TQ_SCALE_SEARCH", True, "on", False, lambda k, v, s: _has_mse_tq(k, v),
            "the reference quantizer searches the block scale"),
-    Switch("key_center", None, True, "on", True, lambda k, v, s: is_tq(k) and k != "tq3c",
+    Switch("key_center", None, True, "on", True, lambda k, v, s: is_tq(k) and k not in KEY_ONLY_NAMES,
            "TQ K layers store k - m, m the model's mean key (`tq calibrate`)"),
     Switch("exact_sink", None, True, "on", True, lambda k, v, s: _has_tq(k, v),
            "TQ layers keep each stream's first K and V rows in float32"),
@@ -202,11 +202,13 @@ def _key_means(setting: Mapping[str, Value], model: str | Path | None, k: str | 
                n_ctx: int | None = None) -> Path | None:
     """The calibration file a TQ K cache of this model uses under this setting (None: not centred):
     the key means, or for tq3c keys (which need theirs, centering or not) the tq3c transforms for a
-    cache of n_ctx positions (None: calibrate.TQ3C_CTX)."""
-    from .calibrate import key_means, tq3c_ctx_for, tq3c_transforms
+    cache of n_ctx positions (None: calibrate.TQ3C_CTX), for tq2o/tq3o keys the outlier-split ones."""
+    from .calibrate import key_means, split_transforms, tq3c_ctx_for, tq3c_transforms
 
     if model is not None and k == "tq3c":
         return tq3c_transforms(model, tq3c_ctx_for(n_ctx))
+    if model is not None and k in SPLIT_NAMES:
+        return split_transforms(model)
     if not setting.get("key_center", True) or model is None or (k is not None and not is_tq(k)):
         return None
     return key_means(model)

@@ -29,6 +29,8 @@ const char * ggml_type_name(enum ggml_type type) {
         case GGML_TYPE_TQ_Q:     return "tq_q";
         case GGML_TYPE_TQ_QJL_Q: return "tq_qjl_q";
         case GGML_TYPE_TQ3C:     return "tq3c";
+        case GGML_TYPE_TQ2O:     return "tq2o";
+        case GGML_TYPE_TQ3O:     return "tq3o";
         default:                 return "NONE";
     }
 }
@@ -46,6 +48,8 @@ size_t ggml_type_size(enum ggml_type type) {
         case GGML_TYPE_TQ_Q:     return sizeof(block_tq_q);
         case GGML_TYPE_TQ_QJL_Q: return sizeof(block_tq_qjl_q);
         case GGML_TYPE_TQ3C:     return sizeof(block_tq3c);
+        case GGML_TYPE_TQ2O:     return sizeof(block_tq2o);
+        case GGML_TYPE_TQ3O:     return sizeof(block_tq3o);
         default: GGML_ABORT("ggml_type_size: unknown type %d", (int) type);
     }
 }

@@ -23,7 +23,9 @@ enum ggml_type {
     GGML_TYPE_TQ_Q       = 49,
     GGML_TYPE_TQ_QJL_Q   = 50,
     GGML_TYPE_TQ3C       = 51,
-    GGML_TYPE_COUNT      = 52,
+    GGML_TYPE_TQ2O       = 52,
+    GGML_TYPE_TQ3O       = 53,
+    GGML_TYPE_COUNT      = 54,
 };
 
 #define GGML_MAX_DIMS      4
