@@ -43,9 +43,9 @@ RPC_CMD_HELLO = 14
 RPC_CONN_CAPS_SIZE = 24
 RPC_PROTO_MAJOR = 7
 RPC_PROTO_MINOR = 0
-# GGML_TYPE_COUNT of the patched tree (the last patch that sets it, patches/0015; tests/test_rpc.py
+# GGML_TYPE_COUNT of the patched tree (the last patch that sets it, patches/0017; tests/test_rpc.py
 # reads it there). Written out rather than taken from ggml_lib, which needs numpy: tq run/serve do not.
-GGML_TYPE_COUNT = 52
+GGML_TYPE_COUNT = 54
 
 DEFAULT_PORT = 50052      # ggml-rpc-server's default
 PROBE_TIMEOUT = 10.0      # seconds for a server to answer the handshake

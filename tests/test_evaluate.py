@@ -113,7 +113,7 @@ def test_parse_type_specs_malformed(spec):
 def test_bits_per_value():
     expected = {"f16": 16, "bf16": 16, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6, "q4_0": 4.5, "q4_1": 5,
                 "iq4_nl": 4.5, "tq2": 2.25, "tq3": 3.25, "tq4": 4.25, "tq2_qjl": 2.25, "tq3_qjl": 3.25,
-                "tq4_qjl": 4.25, "tq3c": 3.25}
+                "tq4_qjl": 4.25, "tq3c": 3.25, "tq2o": 3.0, "tq3o": 4.0}
     assert set(expected) == set(ev.VALID_TYPES)
     for name, bpv in expected.items():
         assert bits_per_value(name) == pytest.approx(bpv), name
