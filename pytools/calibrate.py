@@ -117,6 +117,27 @@ def tq3c_calibration_dumps(model: Path, n_ctx: int = TQ3C_CTX) -> list[dict]:
                           lambda n: tq3c_positions(n_ctx, n), n_threads=2)
 
 
+def _calibration_layers(model: Path, n_ctx: int, what: str, block: int):
+    """The tokens of the calibration chunks for caches of n_ctx positions (tq3c_positions), and per
+    layer (layer, keys [n, n_head_kv, d], queries [n, n_head, d]) float64, each chunk's first row left
+    out (a chunk's first token draws attention as a sink does; the cache keeps the real sink, position
+    0, exactly). The caller's code (what) needs 256 tokens and head sizes that are multiples of block."""
+    dumps = tq3c_calibration_dumps(model, n_ctx)
+    n_rows = sum(d["n_tokens"] for d in dumps)
+    if n_rows < 256:
+        raise UserError(f"the calibration text gave only {n_rows} tokens ({what} needs 256)")
+
+    def layers():
+        for il in range(len(dumps[0]["Kcur"])):
+            k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
+            q_all = np.concatenate([np.asarray(d["Qcur"][il], dtype=np.float64)[1:] for d in dumps])
+            if k_all.shape[2] % block != 0:
+                raise UserError(f"layer {il}: head size {k_all.shape[2]} is not a multiple of {block}, which {what} blocks need")
+            yield il, k_all, q_all
+
+    return n_rows, layers()
+
+
 def measure_tq3c(model: Path, n_ctx: int = TQ3C_CTX) -> tuple[dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], int]:
     """Per layer: the key mean [n_head_kv * d] and, per KV head, the tq3c transforms of the centred
     keys and of the queries (tq3c.key_transforms) [n_head_kv, d, d], all float32, from the rows of the
@@ -125,17 +146,10 @@ def measure_tq3c(model: Path, n_ctx: int = TQ3C_CTX) -> tuple[dict[int, tuple[np
     how many rows that was."""
     from .tq3c import key_transforms
 
-    dumps = tq3c_calibration_dumps(model, n_ctx)
-    n_rows = sum(d["n_tokens"] for d in dumps)
-    if n_rows < 256:
-        raise UserError(f"the calibration text gave only {n_rows} tokens (tq3c needs 256)")
     out = {}
-    for il in range(len(dumps[0]["Kcur"])):
-        k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
-        q_all = np.concatenate([np.asarray(d["Qcur"][il], dtype=np.float64)[1:] for d in dumps])
-        hkv, d = k_all.shape[1], k_all.shape[2]
-        if d % 64 != 0:
-            raise UserError(f"layer {il}: head size {d} is not a multiple of 64, which tq3c blocks need")
+    n_rows, layers = _calibration_layers(model, n_ctx, "tq3c", 64)
+    for il, k_all, q_all in layers:
+        hkv = k_all.shape[1]
         g = q_all.shape[1] // hkv
         mean = k_all.mean(axis=0)
         wk, wq = zip(*(key_transforms(k_all[:, h] - mean[h], q_all[:, h * g:(h + 1) * g]) for h in range(hkv)))
@@ -172,17 +186,10 @@ def measure_split(model: Path) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]]
     left out); and how many rows that was."""
     from .tq_split import QK_SPLIT, outlier_channels, split_transform
 
-    dumps = tq3c_calibration_dumps(model, TQ3C_CTX)
-    n_rows = sum(d["n_tokens"] for d in dumps)
-    if n_rows < 256:
-        raise UserError(f"the calibration text gave only {n_rows} tokens (the outlier split needs 256)")
     out = {}
-    for il in range(len(dumps[0]["Kcur"])):
-        k_all = np.concatenate([np.asarray(d["Kcur"][il], dtype=np.float64)[1:] for d in dumps])
-        q_all = np.concatenate([np.asarray(d["Qcur"][il], dtype=np.float64)[1:] for d in dumps])
-        hkv, d = k_all.shape[1], k_all.shape[2]
-        if d % QK_SPLIT != 0:
-            raise UserError(f"layer {il}: head size {d} is not a multiple of {QK_SPLIT}, which tq2o/tq3o blocks need")
+    n_rows, layers = _calibration_layers(model, TQ3C_CTX, "tq2o/tq3o", QK_SPLIT)
+    for il, k_all, q_all in layers:
+        hkv = k_all.shape[1]
         g = q_all.shape[1] // hkv
         mean = k_all.mean(axis=0)
         w = [split_transform(outlier_channels(k_all[:, h] - mean[h], q_all[:, h * g:(h + 1) * g])) for h in range(hkv)]

@@ -20,6 +20,17 @@ def require_build() -> None:
         pytest.skip("the patched llama.cpp is not built (run `tq build`)")
 
 
+def llama_completion(args: list[str]):
+    """llama-completion of the build, greedy, two threads, no warm-up, not interactive: the completed
+    process (stdout, stderr as text)."""
+    import subprocess
+
+    from turboquant_llama.build import find_binary
+
+    return subprocess.run([str(find_binary("llama-completion")), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
+                          capture_output=True, text=True, errors="replace", timeout=600)
+
+
 def require_binary(name: str):
     """A program `tq build` makes (llama-bench, llama-server, ...), with the same skip/fail rule."""
     require_build()

@@ -11,7 +11,7 @@ import pytest
 from turboquant_llama.build import find_binary
 from turboquant_llama.generate import parse_kv_memory, run_completion
 
-from .conftest import require_build, require_model
+from .conftest import llama_completion, require_build, require_model
 
 PROMPT = "The capital of Germany is"
 
@@ -49,20 +49,14 @@ def test_kv_memory_matches_block_sizes(smollm2, protect):
     assert mem.f16_mib == pytest.approx(30 * 1024 * 2 * 192 * 2 / 2**20)
 
 
-def _completion(args: list[str]) -> subprocess.CompletedProcess:
-    exe = find_binary("llama-completion")
-    return subprocess.run([str(exe), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
-                          capture_output=True, text=True, errors="replace", timeout=600)
-
-
 def test_context_shift_keeps_generating(smollm2):
     """Generate past a full 256-token context: with context shift llama.cpp drops half the cells and
     re-rotates the kept K rows (dequantize, RoPE, quantize again) in the TQ cache and goes on;
     without it, generation stops at the end of the context."""
     common = ["-m", str(smollm2), "-p", PROMPT, "-n", "400", "-c", "256", "-fa", "on", "-ctk", "tq3", "-ctv", "tq2",
               "--ignore-eos"]
-    stopped = _completion(common + ["--no-context-shift"])
-    shifted = _completion(common + ["--context-shift"])
+    stopped = llama_completion(common + ["--no-context-shift"])
+    shifted = llama_completion(common + ["--context-shift"])
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     assert len(shifted.stdout) > len(stopped.stdout) + 100
@@ -74,10 +68,10 @@ def test_session_file_roundtrip(smollm2, tmp_path):
     session = tmp_path / "session.bin"
     args = ["-m", str(smollm2), "-p", PROMPT, "-n", "16", "-c", "256", "-fa", "on", "-ctk", "tq3", "-ctv", "tq2",
             "--prompt-cache", str(session), "--seed", "1"]
-    first = _completion(args)
+    first = llama_completion(args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert session.exists() and session.stat().st_size > 0
-    second = _completion(args)
+    second = llama_completion(args)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "loaded a session" in second.stderr or "attempting to load saved session" in second.stderr
     assert second.stdout == first.stdout
@@ -115,7 +109,7 @@ def test_backend_ops_tq_cases():
 def test_tq_keys_without_flash_attention(smollm2):
     """Without flash attention the K cache is read by MUL_MAT: the query is converted once to the
     keys' vec_dot_type (the rotated query) and dotted with each cached row."""
-    proc = _completion(["-m", str(smollm2), "-p", PROMPT, "-n", "6", "-c", "256", "-fa", "off",
+    proc = llama_completion(["-m", str(smollm2), "-p", PROMPT, "-n", "6", "-c", "256", "-fa", "off",
                         "-ctk", "tq3", "-ctv", "f16"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Berlin" in proc.stdout

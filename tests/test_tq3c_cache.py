@@ -13,7 +13,7 @@ import pytest
 from turboquant_llama import tq3c
 from turboquant_llama.build import find_binary
 
-from .conftest import require_build, require_model
+from .conftest import llama_completion, require_build, require_model
 
 PROMPT = "The capital of Germany is"
 
@@ -29,11 +29,6 @@ def smollm2_tq3c(smollm2):
     from turboquant_llama.calibrate import tq3c_transforms
 
     return tq3c_transforms("smollm2")
-
-
-def _completion(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(find_binary("llama-completion")), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
-                          capture_output=True, text=True, errors="replace", timeout=600)
 
 
 def _rows(rng: np.random.Generator, n_rows: int, n: int) -> np.ndarray:
@@ -113,7 +108,7 @@ def test_tq3c_keys_attend_through_their_transforms(smollm2, tmp_path):
 def test_tq3c_cannot_shift_and_says_so(smollm2, smollm2_tq3c):
     """A full context with context shift on: RoPE does not act on calibrated coefficients, so
     llama.cpp turns shifting off with a warning and stops at the end of the context (no abort)."""
-    proc = _completion(["-m", str(smollm2), "-p", PROMPT, "-n", "400", "-c", "256", "-fa", "on", "-ctk", "tq3c", "-ctv", "tq3",
+    proc = llama_completion(["-m", str(smollm2), "-p", PROMPT, "-n", "400", "-c", "256", "-fa", "on", "-ctk", "tq3c", "-ctv", "tq3",
                         "--tq-key-means", str(smollm2_tq3c), "--ignore-eos", "--context-shift"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "shifting is not supported" in proc.stderr
@@ -143,7 +138,7 @@ def test_tq3c_errors_are_clear(smollm2, smollm2_tq3c, tmp_path, case):
         expect = "calibrated for caches of up to 4096 positions"
     else:
         expect = "tq calibrate --tq3c"
-    proc = _completion(["-m", str(model), "-p", "hi", "-n", "1", "-c", ctx, "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
+    proc = llama_completion(["-m", str(model), "-p", "hi", "-n", "1", "-c", ctx, "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
     assert proc.returncode > 0, "must fail cleanly, not crash"
     assert expect in proc.stderr, proc.stderr[-1500:]
 

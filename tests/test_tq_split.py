@@ -14,7 +14,7 @@ from turboquant_llama import tq_split
 from turboquant_llama.build import find_binary
 from turboquant_llama.codebook import lloyd_max_codebook
 
-from .conftest import require_build, require_model
+from .conftest import llama_completion, require_build, require_model
 
 SPLIT = ("tq2o", "tq3o")
 PROMPT = "The capital of Germany is"
@@ -177,11 +177,6 @@ def smollm2_split(smollm2):
     return split_transforms("smollm2")
 
 
-def _completion(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(find_binary("llama-completion")), "-no-cnv", "--no-warmup", "--temp", "0", "-t", "2", *args],
-                          capture_output=True, text=True, errors="replace", timeout=600)
-
-
 def test_calibration_file_holds_orthogonal_split_transforms(smollm2_split):
     """`tq calibrate --split` writes, per layer, the mean key and per KV head one orthogonal W as both
     the key and the query transform, with the outlier group's size the types are built for."""
@@ -249,6 +244,6 @@ def test_split_errors_are_clear(smollm2, smollm2_split, tmp_path, case):
         expect = "tq3o is a key type"
     else:
         expect = "tq calibrate --split"
-    proc = _completion(["-m", str(smollm2), "-p", "hi", "-n", "1", "-c", "256", "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
+    proc = llama_completion(["-m", str(smollm2), "-p", "hi", "-n", "1", "-c", "256", "-fa", "on", "-ctk", ctk, "-ctv", ctv, *extra])
     assert proc.returncode > 0, "must fail cleanly, not crash"
     assert expect in proc.stderr, proc.stderr[-1500:]
