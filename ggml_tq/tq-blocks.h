@@ -143,6 +143,8 @@ typedef struct {
 //   4. qs: a bit stream, LSB first within each byte, idx_j's bits (low to high) at bit offset
 //      j * bits_hi for j < 16, 16 * bits_hi + (j - 16) * bits_lo after.
 // Decoding: z~_j = d[g] * C[idx_j] (float32).
+#define TQ_SPLIT_HI 16  // positions 0..15 of a tq2o/tq3o block: the outlier group
+
 typedef struct {
     TQ_HALF_T d[2];     // the norms of the outlier group and of the rest
     uint8_t   qs[20];   // 16 x 4 + 48 x 2 index bits

@@ -731,29 +731,9 @@ void tq_cpu_decode_rows_tq3c(int64_t n, const void * x, size_t stride, int count
 // at a shift of at most 7) read from a 16-bit window of the block's index bits, copied with a zero byte
 // after them so that the last window stays inside.
 
-typedef struct {
-    int bits[2];
-    size_t size, qs_bytes;
-    const float * centroids[2];
-} tq_split_cpu_layout;
-
-static tq_split_cpu_layout tq_split_cpu_layout_of(enum ggml_type type) {
-    tq_split_cpu_layout l;
-    if (type == GGML_TYPE_TQ2O) {
-        l.bits[0] = 4; l.bits[1] = 2; l.size = sizeof(block_tq2o);
-        l.centroids[0] = tq_split_centroids_16_4; l.centroids[1] = tq_split_centroids_48_2;
-    } else {
-        assert(type == GGML_TYPE_TQ3O);
-        l.bits[0] = 5; l.bits[1] = 3; l.size = sizeof(block_tq3o);
-        l.centroids[0] = tq_split_centroids_16_5; l.centroids[1] = tq_split_centroids_48_3;
-    }
-    l.qs_bytes = l.size - 2*sizeof(ggml_fp16_t);
-    return l;
-}
-
-static inline void tq_split_decode_block(const tq_split_cpu_layout * l, const uint8_t * blk, float * y) {
+static inline void tq_split_decode_block(const tq_split_layout * l, const uint8_t * blk, float * y) {
     uint8_t qs[32] = { 0 };   // the largest split block's 28 index bytes and the window's zero byte
-    memcpy(qs, blk + 2*sizeof(ggml_fp16_t), l->qs_bytes);
+    memcpy(qs, blk + 2*sizeof(ggml_fp16_t), l->size - 2*sizeof(ggml_fp16_t));
     int off = 0;
     for (int g = 0; g < 2; ++g) {
         ggml_fp16_t d;
@@ -762,7 +742,7 @@ static inline void tq_split_decode_block(const tq_split_cpu_layout * l, const ui
         const int bits = l->bits[g];
         const uint32_t mask = (1u << bits) - 1;
         const float * c = l->centroids[g];
-        for (int j = g == 0 ? 0 : 16; j < (g == 0 ? 16 : QK_TQ); ++j, off += bits) {
+        for (int j = g == 0 ? 0 : TQ_SPLIT_HI; j < (g == 0 ? TQ_SPLIT_HI : QK_TQ); ++j, off += bits) {
             const uint32_t w = (uint32_t) qs[off >> 3] | ((uint32_t) qs[(off >> 3) + 1] << 8);
             y[j] = n * c[(w >> (off & 7)) & mask];
         }
@@ -770,7 +750,7 @@ static inline void tq_split_decode_block(const tq_split_cpu_layout * l, const ui
 }
 
 static void tq_split_decode_rows(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
-    const tq_split_cpu_layout l = tq_split_cpu_layout_of(type);
+    const tq_split_layout l = tq_split_layout_of(type);
     for (int r = 0; r < count; ++r) {
         const uint8_t * row = (const uint8_t *) x + r*stride;
         for (int64_t b = 0; b < n / QK_TQ; ++b) {
@@ -789,7 +769,7 @@ void tq_cpu_decode_rows_calibrated(enum ggml_type type, int64_t n, const void * 
 
 static void tq_split_vec_dot(enum ggml_type type, int n, float * s, const void * x, const void * y) {
     assert(n % QK_TQ == 0);
-    const tq_split_cpu_layout l = tq_split_cpu_layout_of(type);
+    const tq_split_layout l = tq_split_layout_of(type);
     const float * q = (const float *) y;
     float z[QK_TQ];
     float acc[8] = { 0 };

@@ -624,16 +624,7 @@ void dequantize_row_tq3c(const block_tq3c * x, float * y, int64_t k) {
 
 // --- tq2o, tq3o: the outlier split (tq-blocks.h) ------------------------------------------------
 
-typedef struct {
-    size_t size;            // bytes a block
-    int bits[2];            // of the outlier group (positions 0..15) and of the rest (16..63)
-    const float * centroids[2];
-    const float * boundaries[2];
-} tq_split_layout;
-
-#define TQ_SPLIT_HI 16
-
-static tq_split_layout tq_split_layout_of(enum ggml_type type) {
+tq_split_layout tq_split_layout_of(enum ggml_type type) {
     switch (type) {
         case GGML_TYPE_TQ2O: {
             const tq_split_layout l = { sizeof(block_tq2o), { 4, 2 }, { tq_split_centroids_16_4, tq_split_centroids_48_2 },

@@ -49,6 +49,14 @@ GGML_API void quantize_row_tq2o_ref(const float * x, block_tq2o * y, int64_t k);
 GGML_API void quantize_row_tq3o_ref(const float * x, block_tq3o * y, int64_t k);
 GGML_API void dequantize_row_tq2o(const block_tq2o * x, float * y, int64_t k);
 GGML_API void dequantize_row_tq3o(const block_tq3o * x, float * y, int64_t k);
+// The bytes, bits and codebooks of a split type's two groups (positions 0..TQ_SPLIT_HI-1, then the rest)
+typedef struct {
+    size_t size;            // bytes a block
+    int bits[2];
+    const float * centroids[2];
+    const float * boundaries[2];
+} tq_split_layout;
+GGML_API tq_split_layout tq_split_layout_of(enum ggml_type type);
 GGML_API void tq_split_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k);
 GGML_API void tq_split_dequantize_row(enum ggml_type type, const void * x, float * y, int64_t k);
 

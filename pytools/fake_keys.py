@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .cache_types import SPLIT_NAMES
 from .errors import UserError
 from .kv_dump import GGML_TYPE_F16, LLAMA_FLASH_ATTN_TYPE_ENABLED, GgmlTensor, dump_kv, load_cpu_model
 
@@ -177,7 +178,7 @@ def measure(model: str | Path, codes: list[str], values: str = "tq3", n_ctx: int
         for code in codes:
             if code == "tq3c":
                 context(code, cache_type_id("tq3c"), tv, str(tq3c_transforms(path, tq3c_ctx_for(n_ctx), quiet=True)))
-            elif code in ("tq2o", "tq3o"):   # the outlier split as cache types (their own mean and transforms)
+            elif code in SPLIT_NAMES:   # the outlier split as cache types (their own mean and transforms)
                 context(code, cache_type_id(code), tv, str(split_transforms(path, quiet=True)))
             elif code in ("tq2", "tq3", "tq4"):
                 context(code, cache_type_id(code), tv, str(key_means(path, quiet=True)) if center else None)
