@@ -633,6 +633,157 @@ static void tq3c_decode_rows_avx2(int64_t n, const void * x, size_t stride, int 
 }
 #endif
 
+// --- tq2o, tq3o: outlier-split key coefficients ------------------------------------------------------
+// A faster copy of tq_split_dequantize_row (the same d * centroid products): each index (at most 5 bits
+// at a shift of at most 7) read from a 16-bit window of the block's index bits, copied with a zero byte
+// after them so that the last window stays inside.
+
+static inline void tq_split_decode_block(const tq_split_layout * l, const uint8_t * blk, float * y) {
+    uint8_t qs[32] = { 0 };   // the largest split block's 28 index bytes and the window's zero byte
+    memcpy(qs, blk + 2*sizeof(ggml_fp16_t), l->size - 2*sizeof(ggml_fp16_t));
+    int off = 0;
+    for (int g = 0; g < 2; ++g) {
+        ggml_fp16_t d;
+        memcpy(&d, blk + g*sizeof(d), sizeof(d));
+        const float n = GGML_FP16_TO_FP32(d);
+        const int bits = l->bits[g];
+        const uint32_t mask = (1u << bits) - 1;
+        const float * c = l->centroids[g];
+        for (int j = g == 0 ? 0 : TQ_SPLIT_HI; j < (g == 0 ? TQ_SPLIT_HI : QK_TQ); ++j, off += bits) {
+            const uint32_t w = (uint32_t) qs[off >> 3] | ((uint32_t) qs[(off >> 3) + 1] << 8);
+            y[j] = n * c[(w >> (off & 7)) & mask];
+        }
+    }
+}
+
+static void tq_split_decode_rows_scalar(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
+    const tq_split_layout l = tq_split_layout_of(type);
+    for (int r = 0; r < count; ++r) {
+        const uint8_t * row = (const uint8_t *) x + r*stride;
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            tq_split_decode_block(&l, row + b*l.size, out + r*n + b*QK_TQ);
+        }
+    }
+}
+
+#if defined(TQ_X86) && defined(__GNUC__)
+// The same 16-bit windows, eight at a time. Eight consecutive positions share a group (16 and 48 are
+// multiples of 8), so their indices lie in at most 5 bytes: the eight take one 64-bit window of the
+// block's own bytes, byte shuffles put each position's two window bytes in its 32-bit lane, and a
+// per-lane shift and the group's mask leave the index. A window that would run past the block starts
+// 8 bytes before its end instead (the shuffle reaches further into it; a byte past the window reads as
+// zero, the scalar decoder's zero byte). Centroids come from registers: 2- and 3-bit codebooks from one,
+// 4 bits from two and a blend, 5 bits from four and three blends (no gather, no table in memory).
+typedef struct {
+    int32_t window[QK_TQ/8];           // eight e's window: its first byte in the block (at most size - 8)
+    uint8_t bytes[QK_TQ/8][32];        // eight e's shuffle: lane i = its window bytes k, k + 1 (0x80: zero)
+    int32_t shift[QK_TQ/8][8];         // position 8e + i's index in lane i starts at this bit
+    float   centroids[2][32];          // group g's codebook, zero-padded
+} tq_split_windows;
+
+// Both types' windows (tq2o at 0, tq3o at 1), built once from tq_split_layout_of.
+static const tq_split_windows * tq_split_window_table(enum ggml_type type) {
+    // racing threads build the same tables; the flag is published after them, as tq3c's
+    static tq_split_windows t[2];
+    static volatile int ready = 0;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
+        for (int k = 0; k < 2; ++k) {
+            const tq_split_layout l = tq_split_layout_of(k == 0 ? GGML_TYPE_TQ2O : GGML_TYPE_TQ3O);
+            const int qs0 = 2*sizeof(ggml_fp16_t);   // the index bits' first byte in the block
+            // no memset: a racing builder must write only the values already there (the padding is static zeros)
+            tq_split_windows * w = &t[k];
+            for (int g = 0; g < 2; ++g) {
+                memcpy(w->centroids[g], l.centroids[g], sizeof(float) << l.bits[g]);
+            }
+            int off = 0;
+            for (int e = 0; e < QK_TQ/8; ++e) {
+                const int bits = l.bits[8*e < TQ_SPLIT_HI ? 0 : 1];
+                const int first = qs0 + off/8;
+                const int window = first < (int) l.size - 8 ? first : (int) l.size - 8;
+                w->window[e] = window;
+                for (int i = 0; i < 8; ++i, off += bits) {
+                    const int k0 = qs0 + off/8 - window;   // the lane's first byte in the window
+                    assert(k0 >= 0 && 8*k0 + off%8 + bits <= 64);
+                    w->bytes[e][4*i]     = (uint8_t) k0;
+                    w->bytes[e][4*i + 1] = k0 + 1 < 8 ? (uint8_t) (k0 + 1) : 0x80;
+                    w->bytes[e][4*i + 2] = w->bytes[e][4*i + 3] = 0x80;
+                    w->shift[e][i] = off % 8;
+                }
+            }
+            assert(off == 16*l.bits[0] + 48*l.bits[1]);
+        }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    return &t[type == GGML_TYPE_TQ3O];
+}
+
+// Centroids of eight indices of a `bits`-bit codebook held in c[0..3] (entries 8k .. 8k + 7 in c[k]):
+// permutes take the index's low 3 bits; bits 3 and 4, moved to the sign bit, pick among them.
+__attribute__((target("avx2,fma")))
+static inline __m256 tq_avx2_lookup32(__m256i idx, const __m256 * c, int bits) {
+    const __m256 v0 = _mm256_permutevar8x32_ps(c[0], idx);
+    if (bits <= 3) {
+        return v0;
+    }
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    const __m256 v01 = _mm256_blendv_ps(v0, _mm256_permutevar8x32_ps(c[1], idx), bit3);
+    if (bits == 4) {
+        return v01;
+    }
+    const __m256 v23 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c[2], idx), _mm256_permutevar8x32_ps(c[3], idx), bit3);
+    return _mm256_blendv_ps(v01, v23, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
+}
+
+// The indices of eight e of a block, as 32-bit lanes.
+__attribute__((target("avx2,fma")))
+static inline __m256i tq_split_avx2_idx8(const tq_split_windows * t, const uint8_t * blk, int e, __m256i mask) {
+    uint64_t w;
+    memcpy(&w, blk + t->window[e], sizeof(w));
+    const __m256i lanes = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long) w), _mm256_loadu_si256((const __m256i *) t->bytes[e]));
+    return _mm256_and_si256(_mm256_srlv_epi32(lanes, _mm256_loadu_si256((const __m256i *) t->shift[e])), mask);
+}
+
+// bits_hi, bits_lo: the type's (constants where it is inlined, so the lookups lose their branches)
+__attribute__((target("avx2,fma"), always_inline))
+static inline void tq_split_decode_rows_avx2_bits(const tq_split_windows * t, size_t size, int bits_hi, int bits_lo,
+                                                  int64_t n, const void * x, size_t stride, int count, float * out) {
+    __m256 c_hi[4], c_lo[4];
+    for (int k = 0; k < 4; ++k) {
+        c_hi[k] = _mm256_loadu_ps(t->centroids[0] + 8*k);
+        c_lo[k] = _mm256_loadu_ps(t->centroids[1] + 8*k);
+    }
+    const __m256i mask_hi = _mm256_set1_epi32((1 << bits_hi) - 1), mask_lo = _mm256_set1_epi32((1 << bits_lo) - 1);
+    for (int r = 0; r < count; ++r) {
+        const uint8_t * row = (const uint8_t *) x + r*stride;
+        for (int64_t b = 0; b < n / QK_TQ; ++b) {
+            const uint8_t * blk = row + b*size;
+            float * y = out + r*n + b*QK_TQ;
+            ggml_fp16_t d[2];
+            memcpy(d, blk, sizeof(d));
+            const __m256 n_hi = _mm256_set1_ps(GGML_FP16_TO_FP32(d[0])), n_lo = _mm256_set1_ps(GGML_FP16_TO_FP32(d[1]));
+            for (int e = 0; e < TQ_SPLIT_HI/8; ++e) {
+                const __m256 c = tq_avx2_lookup32(tq_split_avx2_idx8(t, blk, e, mask_hi), c_hi, bits_hi);
+                _mm256_storeu_ps(y + 8*e, _mm256_mul_ps(n_hi, c));
+            }
+            for (int e = TQ_SPLIT_HI/8; e < QK_TQ/8; ++e) {
+                const __m256 c = tq_avx2_lookup32(tq_split_avx2_idx8(t, blk, e, mask_lo), c_lo, bits_lo);
+                _mm256_storeu_ps(y + 8*e, _mm256_mul_ps(n_lo, c));
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void tq_split_decode_rows_avx2(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
+    const tq_split_windows * t = tq_split_window_table(type);
+    if (type == GGML_TYPE_TQ2O) {
+        tq_split_decode_rows_avx2_bits(t, sizeof(block_tq2o), 4, 2, n, x, stride, count, out);
+    } else {
+        tq_split_decode_rows_avx2_bits(t, sizeof(block_tq3o), 5, 3, n, x, stride, count, out);
+    }
+}
+#endif
+
 // --- dispatch: one table of kernels per level, the level chosen once ---------------------------------
 
 typedef struct {
@@ -641,17 +792,18 @@ typedef struct {
     float (*vec_dot)(enum ggml_type type, int n, const void * x, const block_tq_q * q);
     void  (*mad_rows)(enum ggml_type type, int64_t n, float * acc, const char * x, size_t stride, int count, float scale);
     void  (*unrotate_block)(float * x);
-    // tq3c keys: rows decoded to calibrated coefficients
+    // calibrated keys: rows decoded to calibrated coefficients (tq3c; tq2o and tq3o)
     void  (*decode_tq3c)(int64_t n, const void * x, size_t stride, int count, float * out);
+    void  (*decode_split)(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out);
 } tq_simd_kernels;
 
 static const tq_simd_kernels tq_levels[] = {
-    { "scalar", tq_vec_dot_scalar, tq_mad_rows_scalar, tq_unrotate_block, tq3c_decode_rows_scalar },
+    { "scalar", tq_vec_dot_scalar, tq_mad_rows_scalar, tq_unrotate_block, tq3c_decode_rows_scalar, tq_split_decode_rows_scalar },
 #if defined(TQ_X86) && defined(__GNUC__)
-    { "avx2",   tq_vec_dot_mse_avx2,   tq_mad_rows_mse_avx2,   tq_unrotate_block_avx2,   tq3c_decode_rows_avx2 },
-    { "avx512", tq_vec_dot_mse_avx512, tq_mad_rows_mse_avx512, tq_unrotate_block_avx512, tq3c_decode_rows_avx2 },
+    { "avx2",   tq_vec_dot_mse_avx2,   tq_mad_rows_mse_avx2,   tq_unrotate_block_avx2,   tq3c_decode_rows_avx2,   tq_split_decode_rows_avx2 },
+    { "avx512", tq_vec_dot_mse_avx512, tq_mad_rows_mse_avx512, tq_unrotate_block_avx512, tq3c_decode_rows_avx2,   tq_split_decode_rows_avx2 },
 #elif defined(TQ_NEON)
-    { "neon",   tq_vec_dot_mse_neon,   tq_mad_rows_mse_neon,   tq_unrotate_block_neon,   tq3c_decode_rows_scalar },
+    { "neon",   tq_vec_dot_mse_neon,   tq_mad_rows_mse_neon,   tq_unrotate_block_neon,   tq3c_decode_rows_scalar, tq_split_decode_rows_scalar },
 #endif
 };
 
@@ -726,55 +878,25 @@ void tq_cpu_decode_rows_tq3c(int64_t n, const void * x, size_t stride, int count
     tq_kernels()->decode_tq3c(n, x, stride, count, out);
 }
 
-// --- tq2o, tq3o: outlier-split key coefficients ------------------------------------------------------
-// A faster copy of tq_split_dequantize_row (the same d * centroid products): each index (at most 5 bits
-// at a shift of at most 7) read from a 16-bit window of the block's index bits, copied with a zero byte
-// after them so that the last window stays inside.
-
-static inline void tq_split_decode_block(const tq_split_layout * l, const uint8_t * blk, float * y) {
-    uint8_t qs[32] = { 0 };   // the largest split block's 28 index bytes and the window's zero byte
-    memcpy(qs, blk + 2*sizeof(ggml_fp16_t), l->size - 2*sizeof(ggml_fp16_t));
-    int off = 0;
-    for (int g = 0; g < 2; ++g) {
-        ggml_fp16_t d;
-        memcpy(&d, blk + g*sizeof(d), sizeof(d));
-        const float n = GGML_FP16_TO_FP32(d);
-        const int bits = l->bits[g];
-        const uint32_t mask = (1u << bits) - 1;
-        const float * c = l->centroids[g];
-        for (int j = g == 0 ? 0 : TQ_SPLIT_HI; j < (g == 0 ? TQ_SPLIT_HI : QK_TQ); ++j, off += bits) {
-            const uint32_t w = (uint32_t) qs[off >> 3] | ((uint32_t) qs[(off >> 3) + 1] << 8);
-            y[j] = n * c[(w >> (off & 7)) & mask];
-        }
-    }
-}
-
-static void tq_split_decode_rows(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
-    const tq_split_layout l = tq_split_layout_of(type);
-    for (int r = 0; r < count; ++r) {
-        const uint8_t * row = (const uint8_t *) x + r*stride;
-        for (int64_t b = 0; b < n / QK_TQ; ++b) {
-            tq_split_decode_block(&l, row + b*l.size, out + r*n + b*QK_TQ);
-        }
-    }
-}
-
 void tq_cpu_decode_rows_calibrated(enum ggml_type type, int64_t n, const void * x, size_t stride, int count, float * out) {
     if (type == GGML_TYPE_TQ3C) {
         tq_cpu_decode_rows_tq3c(n, x, stride, count, out);
     } else {
-        tq_split_decode_rows(type, n, x, stride, count, out);
+        tq_kernels()->decode_split(type, n, x, stride, count, out);
     }
 }
 
+// The level's decoder, block by block, then one sum for every level: each level's blocks decode to
+// the same floats, so each level returns the same bits.
 static void tq_split_vec_dot(enum ggml_type type, int n, float * s, const void * x, const void * y) {
     assert(n % QK_TQ == 0);
-    const tq_split_layout l = tq_split_layout_of(type);
+    void (*decode)(enum ggml_type, int64_t, const void *, size_t, int, float *) = tq_kernels()->decode_split;
+    const size_t size = type == GGML_TYPE_TQ2O ? sizeof(block_tq2o) : sizeof(block_tq3o);
     const float * q = (const float *) y;
     float z[QK_TQ];
     float acc[8] = { 0 };
     for (int b = 0; b < n / QK_TQ; ++b) {
-        tq_split_decode_block(&l, (const uint8_t *) x + b*l.size, z);
+        decode(type, QK_TQ, (const uint8_t *) x + b*size, 0, 1, z);
         for (int j = 0; j < QK_TQ; j += 8) {
             for (int i = 0; i < 8; ++i) {
                 acc[i] += z[j + i]*q[b*QK_TQ + j + i];

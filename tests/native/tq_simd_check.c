@@ -21,6 +21,10 @@
 //                  attend to its cell: the others are bit-identical to a run without it, as with f16
 //   flash_attn op: tq_cpu_flash_attn_ext_rows keeps to its share of the op's work buffer, and dst does
 //                  not depend on how the rows are split between threads
+//   tq3c, split:   each level's decoder of the calibrated key types (tq3c; tq2o, tq3o) gives the
+//                  reference's floats bit for bit (the split: also on random bytes with extreme norms,
+//                  every index value, and a row that ends at an unreadable page); each level's split
+//                  vec_dot gives the scalar level's bits
 //
 // The data come from splitmix64 with exact arithmetic only (no libm), so every platform sees the
 // same rows; the "reference checksum" line hashes what the scalar reference in tq.c (built with
@@ -36,6 +40,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__)
+#    include <sys/mman.h>
+#    include <unistd.h>
+#endif
 
 #define N_ROW 256   // values per row: 4 blocks
 #define N_ROWS 48   // rows per (type, kind)
@@ -625,6 +633,133 @@ static void check_tq3c_decode(void) {
     }
 }
 
+// Index j of a split block, bit by bit as the reference reads it (for the test's own coverage check).
+static uint32_t split_index(const tq_split_layout * l, const uint8_t * blk, int j) {
+    const int off = j < TQ_SPLIT_HI ? j*l->bits[0] : TQ_SPLIT_HI*l->bits[0] + (j - TQ_SPLIT_HI)*l->bits[1];
+    const int bits = l->bits[j < TQ_SPLIT_HI ? 0 : 1];
+    uint32_t idx = 0;
+    for (int i = 0; i < bits; ++i) {
+        idx |= (uint32_t) ((blk[4 + (off + i)/8] >> ((off + i) % 8)) & 1u) << i;
+    }
+    return idx;
+}
+
+// tq2o, tq3o: each level's tile decoder (tq_cpu_decode_rows_calibrated) gives the reference's floats
+// (tq_split_dequantize_row) bit for bit, and each level's vec_dot the scalar level's bits, on blocks
+// the quantizer wrote from rows of every kind (a NaN group and zero groups included) and on blocks of
+// random bytes with extreme norms (zeros of both signs, NaN, infinities, the largest and subnormal
+// fp16), which hold every index value of both groups; rows are read with a stride (other bytes in
+// between), and a row that ends where an unreadable page starts checks that no level reads past a block.
+static void check_split_decode(void) {
+    enum { NB = N_ROW/QK_TQ, GAP = 40 };
+    static const ggml_fp16_t norms[] = { 0x0000, 0x8000, 0x7E00, 0x7C00, 0xFC00, 0x7BFF, 0xFBFF, 0x0001, 0x83FF, 0x3C00 };
+    const int n_norms = (int) (sizeof(norms)/sizeof(norms[0]));
+    const enum ggml_type types[2] = { GGML_TYPE_TQ2O, GGML_TYPE_TQ3O };
+    static float z[N_ROWS*N_ROW], q[N_ROW], ref[N_ROWS*N_ROW], dec[N_ROWS*N_ROW];
+    static uint8_t rows[N_ROWS*(NB*sizeof(block_tq3o) + GAP)];
+    seed_section(3);
+    for (int t = 0; t < 2; ++t) {
+        const enum ggml_type type = types[t];
+        const char * tname = ggml_type_name(type);
+        const tq_split_layout l = tq_split_layout_of(type);
+        const size_t rs = NB*l.size, stride = rs + GAP;
+        for (int i = 0; i < (int) sizeof(rows); ++i) {
+            rows[i] = (uint8_t) splitmix64();   // the gaps hold bytes no decoder may use
+        }
+        for (int r = 0; r < N_ROWS; ++r) {
+            uint8_t * row = rows + r*stride;
+            if (r % 2 == 0) {                   // the quantizer's blocks
+                make_row((r/2) % N_KINDS, z + r*N_ROW, N_ROW);
+                if (r == 2) {
+                    z[r*N_ROW + 70] = NAN;      // block 1's outlier group
+                }
+                tq_split_quantize_row(type, z + r*N_ROW, row, N_ROW);
+                hash_bytes(row, rs);
+                continue;
+            }
+            for (int b = 0; b < NB; ++b) {      // random bytes, the norms from the list or random
+                uint8_t * blk = row + b*l.size;
+                for (int g = 0; g < 2; ++g) {
+                    const uint64_t c = splitmix64() % (uint64_t) (2*n_norms);
+                    const ggml_fp16_t d = c < (uint64_t) n_norms ? norms[c] : (ggml_fp16_t) splitmix64();
+                    memcpy(blk + g*sizeof(d), &d, sizeof(d));
+                }
+            }
+            if (r == 1) {                       // every index bit set: the largest index everywhere
+                for (int b = 0; b < NB; ++b) {
+                    memset(row + b*l.size + 4, 0xFF, l.size - 4);
+                }
+            }
+        }
+        int seen[2][32] = { { 0 } };
+        for (int r = 0; r < N_ROWS; ++r) {
+            tq_split_dequantize_row(type, rows + r*stride, ref + r*N_ROW, N_ROW);
+            for (int b = 0; b < NB; ++b) {
+                for (int j = 0; j < QK_TQ; ++j) {
+                    seen[j < TQ_SPLIT_HI ? 0 : 1][split_index(&l, rows + r*stride + b*l.size, j)] = 1;
+                }
+            }
+        }
+        int all = 1;
+        for (int g = 0; g < 2; ++g) {
+            for (int i = 0; i < (1 << l.bits[g]); ++i) {
+                all &= seen[g][i];
+            }
+        }
+        check(all, "split %s: the test blocks miss an index value", tname);
+
+        make_row(0, q, N_ROW);
+        float dot_scalar[N_ROWS];
+        for (int level = 0; level < n_levels; ++level) {
+            set_level(level);
+            memset(dec, 0xff, sizeof(dec));
+            tq_cpu_decode_rows_calibrated(type, N_ROW, rows, stride, N_ROWS, dec);
+            int first = -1;
+            for (int i = 0; i < N_ROWS*N_ROW && first < 0; ++i) {
+                if (memcmp(&dec[i], &ref[i], sizeof(float)) != 0) {
+                    first = i;
+                }
+            }
+            check(first < 0, "decode_rows %s %s: differs from the reference decode (first at row %d, value %d: %a vs %a)",
+                  level_names[level], tname, first / N_ROW, first % N_ROW,
+                  first < 0 ? 0.0 : (double) dec[first], first < 0 ? 0.0 : (double) ref[first]);
+            int same = 1;
+            for (int r = 0; r < N_ROWS; ++r) {
+                float s = 0.0f;
+                if (type == GGML_TYPE_TQ2O) {
+                    tq_cpu_vec_dot_tq2o(N_ROW, &s, 0, rows + r*stride, 0, q, 0, 1);
+                } else {
+                    tq_cpu_vec_dot_tq3o(N_ROW, &s, 0, rows + r*stride, 0, q, 0, 1);
+                }
+                if (level == 0) {
+                    dot_scalar[r] = s;
+                }
+                same &= memcmp(&s, &dot_scalar[r], sizeof(float)) == 0;
+            }
+            check(same, "vec_dot %s %s: not the scalar level's bits", level_names[level], tname);
+        }
+
+#if defined(__unix__)
+        // the last row of random bytes again, its end at an unreadable page
+        const size_t page = (size_t) sysconf(_SC_PAGESIZE);
+        uint8_t * map = mmap(NULL, 2*page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (map == MAP_FAILED || mprotect(map + page, page, PROT_NONE) != 0) {
+            check(0, "split %s: no guard page (mmap)", tname);
+            continue;
+        }
+        uint8_t * edge = map + page - rs;
+        memcpy(edge, rows + (N_ROWS - 1)*stride, rs);
+        for (int level = 0; level < n_levels; ++level) {
+            set_level(level);
+            tq_cpu_decode_rows_calibrated(type, N_ROW, edge, rs, 1, dec);
+            check(memcmp(dec, ref + (N_ROWS - 1)*N_ROW, N_ROW*sizeof(float)) == 0,
+                  "decode_rows %s %s: the row before a guard page differs from the reference decode", level_names[level], tname);
+        }
+        munmap(map, 2*page);
+#endif
+    }
+}
+
 int main(int argc, char ** argv) {
     const char * expect[8];
     int n_expect = 0;
@@ -664,6 +799,7 @@ int main(int argc, char ** argv) {
     check_attn_nan_containment();
     check_flash_attn_op();
     check_tq3c_decode();
+    check_split_decode();
 
     printf("reference checksum: %016llx\n", (unsigned long long) checksum);
     printf("%d passed, %d failed\n", n_pass, n_fail);
