@@ -9,8 +9,10 @@
 // error (other summation order, fused multiply-add); a row decoded with weight 1 and the inverse
 // rotation are bit-identical (the same d * c products, a + b / a - b butterflies, multiplication by
 // 0.125f and sign flips); tests/native/tq_simd_check.c checks every level against the reference.
-// The _qjl types use the reference at every level. Quantization is the reference: it runs once per
-// cached token and its bytes must equal the NumPy reference's.
+// The _qjl types use the reference at every level. The calibrated key types (tq3c; tq2o, tq3o) have
+// an AVX2 decoder (the AVX-512 level takes it too) that gives the reference's floats bit for bit.
+// Quantization is the reference: it runs once per cached token and its bytes must equal the NumPy
+// reference's.
 // Then the flash-attention rows (tq_cpu_attn_rows, tq_cpu_flash_attn_ext_rows): one C path for all
 // levels, decoding through the level's kernels.
 #include "tq.h"
