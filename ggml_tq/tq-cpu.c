@@ -893,7 +893,7 @@ void tq_cpu_decode_rows_calibrated(enum ggml_type type, int64_t n, const void * 
 static void tq_split_vec_dot(enum ggml_type type, int n, float * s, const void * x, const void * y) {
     assert(n % QK_TQ == 0);
     void (*decode)(enum ggml_type, int64_t, const void *, size_t, int, float *) = tq_kernels()->decode_split;
-    const size_t size = type == GGML_TYPE_TQ2O ? sizeof(block_tq2o) : sizeof(block_tq3o);
+    const size_t size = tq_split_layout_of(type).size;
     const float * q = (const float *) y;
     float z[QK_TQ];
     float acc[8] = { 0 };
